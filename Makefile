@@ -1,0 +1,27 @@
+# Two commands from a fresh clone: `make run` (the demo workflow) and `make test` (the test suite).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+
+.PHONY: install run test test-fast clean
+
+install: $(BIN)/lesion
+
+$(BIN)/lesion: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch/torchvision are pinned only here: these releases install from this machine's disk.
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/lesion
+
+run: install
+	$(BIN)/lesion run --run $(RUN)
+
+test: install
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1 \
+	$(BIN)/python -m pytest -q -rs
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Data sources, splits, preprocessing, augmentation and the ingested shard format."""

@@ -1,0 +1,67 @@
+"""The ``lesion`` command line: one sub-command per stage, each defined next to the stage it runs.
+
+Every stage module in ``pipelines/`` that appears in ``COMMANDS`` defines ``add_arguments(name, parser)`` and
+``run_command(name, args) -> int``. Modules are imported only for the command being run, so ``lesion --help`` stays
+fast and Ray is loaded only when a command needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from lesion.config import ConfigError
+
+# command -> (module in pipelines/, one-line help)
+COMMANDS = {
+    "ingest": ("ingest", "read a data set, split it by lesion, preprocess it with Ray Data into RUN_DIR/data/"),
+    "data": ("ingest", "inspect ingested data (`lesion data summary`)"),
+    "download": ("download", "download HAM10000 from its official source (needs internet)"),
+    "train": ("train", "train a model (or --all) with Ray Train"),
+    "tune": ("tune", "tune the custom CNN with Ray Tune + Optuna"),
+    "evaluate": ("evaluate", "score trained models and the ensemble; write metrics, plots and report.html"),
+    "predict": ("evaluate", "predict images offline, or through a served API with --url"),
+    "explain": ("evaluate", "write a Grad-CAM overlay for one image"),
+    "serve": ("serve", "serve the trained ensemble with Ray Serve (HTTP API + web page)"),
+    "run": ("workflow", "run the whole workflow: ingest, tune, train, evaluate (and serve)"),
+    "cluster": ("workflow", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(prog="lesion", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(f"pipelines.{module_name}")
+            module.add_arguments(name, sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lesion`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"pipelines.{COMMANDS[args.command][0]}")
+    try:
+        return module.run_command(args.command, args) or 0
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"lesion {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
