@@ -22,8 +22,8 @@ COMMANDS = {
     "train": ("train", "train a model (or --all) with Ray Train"),
     "tune": ("tune", "tune the custom CNN with Ray Tune + Optuna"),
     "evaluate": ("evaluate", "score trained models and the ensemble; write metrics, plots and report.html"),
-    "predict": ("evaluate", "predict images offline, or through a served API with --url"),
-    "explain": ("evaluate", "write a Grad-CAM overlay for one image"),
+    "predict": ("predict", "predict images offline, or through a served API with --url"),
+    "explain": ("explain", "write a Grad-CAM overlay for one image"),
     "serve": ("serve", "serve the trained ensemble with Ray Serve (HTTP API + web page)"),
     "run": ("workflow", "run the whole workflow: ingest, tune, train, evaluate (and serve)"),
     "cluster": ("workflow", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
@@ -32,7 +32,7 @@ COMMANDS = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported to add its arguments."""
-    parser = argparse.ArgumentParser(prog="lesion", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lesion", description="Train, tune, explain and serve skin-lesion classifiers on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
