@@ -133,6 +133,7 @@ class EvaluateConfig:
     cam_score_images: int = 64  # images used to score explanation quality
     batch_size: int = 64
     gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0  # CPUs reserved by each batch-inference actor
     actors: int = 1
 
 
@@ -144,6 +145,7 @@ class ServeConfig:
     port: int = 8000
     models: list[str] | None = None  # None = every trained model
     gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 0.5  # CPU share of each replica (ingress, ensemble, each model, Grad-CAM)
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 4.0

@@ -1,15 +1,26 @@
-"""The run directory: where every artefact of a workflow run lives, and the manifest that says what made each."""
+"""The run directory: where every artefact of a workflow run lives, and the manifest that says what made each.
+
+A run directory is a local path (a mounted NFS share included) or a URI that pyarrow understands (``s3://bucket/run``,
+``gs://bucket/run``). For a URI every command works in a local staging folder (``~/.cache/lesion/runs/<hash>``,
+``$LESION_CACHE`` overrides ``~/.cache/lesion``): ``pull()`` brings the remote run down and ``push()`` sends finished
+artefacts back, file by file, copying only files whose size or modification time differ (as ``aws s3 sync`` does).
+``uri`` is the address to hand to Ray (e.g. Ray Train's ``storage_path``) so that every node writes to the same place.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
+import logging
+import os
 import platform
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _VERSIONED_PACKAGES = ("lesion", "torch", "torchvision", "timm", "ray", "optuna", "scikit-learn", "pyarrow", "numpy")
 
@@ -31,14 +42,73 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def is_uri(location: str | Path) -> bool:
+    """Whether ``location`` names remote storage (``scheme://...``) rather than a local path (``file://`` is local)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def staging_dir(uri: str) -> Path:
+    """The local folder that mirrors the remote run ``uri``."""
+    cache = Path(os.environ.get("LESION_CACHE", "~/.cache/lesion")).expanduser()
+    return cache / "runs" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
 class RunDir:
-    """Paths of one run: ``data/``, ``tune/``, ``models/<name>/``, ``eval/`` and ``manifest.json``."""
+    """Paths of one run: ``data/``, ``tune/``, ``models/<name>/``, ``eval/`` and ``manifest.json``.
+
+    ``root`` is always a local folder; for a remote run it is the staging folder of ``uri``.
+    """
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        text = str(root)
+        if is_uri(text):
+            self.uri = text.rstrip("/")
+            self.root = staging_dir(self.uri)
+        else:
+            self.root = Path(text.removeprefix("file://")).expanduser().resolve()
+            self.uri = str(self.root)
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.root)!r})"
+        return f"RunDir({self.uri!r})"
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the run lives in remote storage (and ``root`` is only its local staging copy)."""
+        return is_uri(self.uri)
+
+    def pull(self) -> int:
+        """Mirror the remote run into ``root`` (files gone remotely are removed locally); returns files copied."""
+        if not self.is_remote:
+            return 0
+        remote, base = self._remote()
+        copied = _mirror(remote, base, _local_fs(), str(self.root), remote_is_source=True)
+        log.info("pulled %d file(s) from %s to %s", copied, self.uri, self.root)
+        return copied
+
+    def push(self, *parts: str) -> int:
+        """Mirror ``parts`` of the run (relative paths; all of it when none) to the remote run; returns files copied.
+
+        ``manifest.json`` and ``config.yaml`` always go along. Remote files under a pushed part that no longer exist
+        locally are deleted, so a re-made artefact does not keep stale files.
+        """
+        if not self.is_remote:
+            return 0
+        remote, base = self._remote()
+        copied = 0
+        for part in parts or ("",):
+            part = part.strip("/")
+            copied += _mirror(_local_fs(), _join(str(self.root), part), remote, _join(base, part), remote_is_source=False)
+        for name in ("manifest.json", "config.yaml") if parts else ():
+            if (self.root / name).is_file():
+                copied += _mirror(_local_fs(), str(self.root / name), remote, _join(base, name), remote_is_source=False)
+        log.info("pushed %d file(s) from %s to %s", copied, self.root, self.uri)
+        return copied
+
+    def _remote(self):
+        from pyarrow import fs as pafs
+
+        return pafs.FileSystem.from_uri(self.uri)
 
     @property
     def data(self) -> Path:
@@ -95,3 +165,56 @@ class RunDir:
     def is_current(self, artefact: str, fingerprint: str) -> bool:
         """Whether ``artefact`` was already made with this fingerprint (so the stage can be skipped)."""
         return self.manifest().get(artefact, {}).get("fingerprint") == fingerprint
+
+
+def _local_fs():
+    from pyarrow import fs as pafs
+
+    return pafs.LocalFileSystem()
+
+
+def _join(base: str, part: str) -> str:
+    return f"{base.rstrip('/')}/{part}" if part else base
+
+
+def _files(fs, path: str) -> dict[str, Any]:
+    """Files under ``path`` (or ``path`` itself when it is a file), keyed by path relative to ``path``."""
+    from pyarrow import fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return {"": info}
+    if info.type != pafs.FileType.Directory:
+        return {}
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return {f.path[len(path.rstrip("/")) + 1 :]: f for f in found if f.type == pafs.FileType.File}
+
+
+def _mirror(src_fs, src: str, dst_fs, dst: str, *, remote_is_source: bool) -> int:
+    """Make ``dst`` hold exactly the files of ``src``; copy only new files and ones whose size or mtime differ.
+
+    After each copy the local file's mtime is set to the remote object's, so the two sides compare equal next time.
+    """
+    from pyarrow import fs as pafs
+
+    want, have = _files(src_fs, src), _files(dst_fs, dst)
+    copied = []
+    for rel, info in sorted(want.items()):
+        old = have.get(rel)
+        if old is not None and old.size == info.size and old.mtime_ns == info.mtime_ns:
+            continue
+        target = _join(dst, rel)
+        if remote_is_source:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(_join(src, rel), target, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        copied.append(rel)
+    for rel in sorted(set(have) - set(want)):
+        dst_fs.delete_file(_join(dst, rel))
+    if copied:
+        local, remote, base = (dst, src, src) if remote_is_source else (src, dst, dst)
+        remote_fs = src_fs if remote_is_source else dst_fs
+        stamps = _files(remote_fs, base)
+        for rel in copied:
+            ns = stamps[rel].mtime_ns
+            os.utime(_join(local, rel), ns=(ns, ns))
+    return len(copied)

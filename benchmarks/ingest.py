@@ -1,0 +1,216 @@
+"""Ingest throughput: images/s of the full per-image work on real 600x450 HAM10000 JPEGs.
+
+The work per image is what ``lesion ingest`` does: read the file, decode, crop the black border, remove hair,
+resize to ``data.image_size`` (DataConfig defaults). It is timed four ways, each over the same list of paths (the
+full-size images repeated to ``--count``):
+
+- Ray Data with 1 and with 2 Ray CPUs: ``from_items(paths) -> map_batches(preprocess) -> iterate``, a fresh local
+  Ray for each (``pipelines.common.init_ray(num_cpus=N)``, shut down between; start-up timed separately);
+- a plain ``torch.utils.data.DataLoader`` with 1 and with 2 worker processes doing the same work.
+
+The four set-ups run interleaved ``--repeats`` times and the best of each is reported (every sample, with the load
+average when it started, is kept in the JSON): on a shared machine the best run is the least disturbed one.
+
+OpenCV is held to one thread per process in both, so N processes means N cores of work. Results go to
+``benchmarks/results/ingest.json`` and the ingest table of ``benchmarks/README.md``.
+
+    .venv/bin/python benchmarks/ingest.py [--count 1008] [--repeats 2] [--data ../shared/data/ham10000-fullres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lesion.config import DataConfig  # noqa: E402
+from lesion.data.preprocess import decode_image, preprocess  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-fullres"
+RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
+README = ROOT / "benchmarks" / "README.md"
+BATCH = 16
+START, END = "<!-- ingest:start -->", "<!-- ingest:end -->"
+
+
+def process_path(path: str, config: DataConfig) -> np.ndarray:
+    """The full per-image ingest work: read + decode + border crop + hair removal + resize."""
+    return preprocess(decode_image(path, max_pixels=config.max_image_pixels), config)[0]
+
+
+def process_batch(batch: dict, config: DataConfig) -> dict:
+    cv2.setNumThreads(1)
+    return {"image": np.stack([process_path(str(p), config) for p in batch["path"]])}
+
+
+class PathDataset(Dataset):
+    def __init__(self, paths: list[str], config: DataConfig):
+        self.paths, self.config = paths, config
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return process_path(self.paths[index], self.config)
+
+
+def _one_thread(_worker: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def time_dataloader(paths: list[str], config: DataConfig, workers: int) -> dict:
+    loader = DataLoader(PathDataset(paths, config), batch_size=BATCH, num_workers=workers,
+                        worker_init_fn=_one_thread, collate_fn=np.stack)
+    start = time.perf_counter()
+    images = sum(len(batch) for batch in loader)
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1)}
+
+
+def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
+    import ray
+
+    from pipelines.common import init_ray
+
+    start = time.perf_counter()
+    init_ray(num_cpus=cpus)
+    startup = time.perf_counter() - start
+    try:
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths) // BATCH))
+        ds = ds.map_batches(process_batch, fn_kwargs={"config": config}, batch_size=BATCH, batch_format="numpy")
+        start = time.perf_counter()
+        images = sum(len(batch["image"]) for batch in ds.iter_batches(batch_size=None))
+        seconds = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
+            "ray_start_s": round(startup, 2)}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def write_readme(result: dict) -> None:
+    """Replace the ingest section of benchmarks/README.md (between the markers), keeping everything else."""
+    rows = "\n".join(
+        f"| {r['engine']} | {r['processes']} | {r['images']} | {r['seconds']} | {r['images_per_s']} | "
+        f"{', '.join(str(x) for x in r['all_images_per_s'])} |"
+        for r in result["runs"]
+    )
+    config = result["config"]
+    section = f"""{START}
+## Ingest throughput (`benchmarks/ingest.py`)
+
+Full per-image ingest work (read + decode + black-border crop + hair removal + resize to {config['image_size']} px)
+on the {result['distinct_files']} real 600x450 HAM10000 JPEGs repeated to {result['count']} items. OpenCV runs one
+thread per process. The four set-ups run interleaved, {result['repeats']} times; the best of each is shown.
+Machine: {result['device']['cpu']}, {result['device']['cores']} cores; load average
+{result['device']['load_before']} before and {result['device']['load_after']} after (the machine is shared, so
+absolute numbers carry noise). Ray start-up (not in the times): {result['ray_start_s']} s.
+Command: `{result['command']}`.
+
+| engine | processes / Ray CPUs | images | seconds (best) | images/s (best) | images/s (every repeat) |
+|---|---|---|---|---|---|
+{rows}
+
+Single-process cost per image: {result['ms_per_image_inline']} ms (the same work inline, for reference).
+{END}"""
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    README.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=1008, help="items (the real images repeated)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is reported")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with images/*.jpg")
+    args = parser.parse_args()
+    files = sorted(str(p) for p in (args.data / "images").glob("*.jpg"))
+    if not files:
+        print(f"no JPEGs under {args.data / 'images'}: pass --data (the shared ham10000-fullres folder)")
+        return 1
+    paths = [files[i % len(files)] for i in range(args.count)]
+    config = DataConfig()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    _one_thread(0)
+    start = time.perf_counter()
+    for path in files:
+        process_path(path, config)
+    inline_ms = (time.perf_counter() - start) / len(files) * 1000
+
+    samples = []
+    ray_start = []
+    for repeat in range(args.repeats):
+        for n in (1, 2):
+            for engine in ("Ray Data", "torch DataLoader"):
+                load = round(os.getloadavg()[0], 2)
+                if engine == "Ray Data":
+                    sample = time_ray(paths, config, n)
+                    ray_start.append(sample.pop("ray_start_s"))
+                else:
+                    sample = time_dataloader(paths, config, n)
+                samples.append({"engine": engine, "processes": n, "repeat": repeat, "load_1min": load, **sample})
+                print(samples[-1], flush=True)
+    runs = []
+    for n in (1, 2):
+        for engine in ("Ray Data", "torch DataLoader"):
+            mine = [s for s in samples if s["engine"] == engine and s["processes"] == n]
+            best = max(mine, key=lambda s: s["images_per_s"])
+            runs.append({"engine": engine, "processes": n, "images": best["images"], "seconds": best["seconds"],
+                         "images_per_s": best["images_per_s"],
+                         "all_images_per_s": [s["images_per_s"] for s in mine]})
+
+    import PIL
+    import ray
+
+    result = {
+        "benchmark": "ingest",
+        "command": "python benchmarks/ingest.py " + " ".join(sys.argv[1:]),
+        "count": args.count,
+        "repeats": args.repeats,
+        "distinct_files": len(files),
+        "config": {"image_size": config.image_size, "crop_border": config.crop_border,
+                   "remove_hair": config.remove_hair, "batch_size": BATCH},
+        "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": load_before,
+                   "load_after": [round(x, 2) for x in os.getloadavg()]},
+        "versions": {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+                     "opencv": cv2.__version__, "pillow": PIL.__version__, "numpy": np.__version__},
+        "ms_per_image_inline": round(inline_ms, 1),
+        "ray_start_s": ray_start,
+        "runs": runs,
+        "samples": samples,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_readme(result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

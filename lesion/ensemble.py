@@ -1,0 +1,262 @@
+"""The ensemble: soft voting over trained models, with per-model and ensemble temperatures, the malignancy threshold
+and the out-of-distribution threshold, all fitted on the validation split only.
+
+``combine(probs_by_model, spec)`` turns the members' probabilities into the ensemble's calibrated probabilities:
+each member's probabilities are temperature-scaled (``softmax(log p / T_m)``), averaged with the weights, and the
+mixture is scaled by the ensemble temperature. ``decide`` turns those into "malignant", "benign" or "uncertain".
+Evaluation, offline prediction and serving all go through these two functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from scipy.special import softmax
+
+from lesion import calibration
+from lesion.data.augment import model_input
+from lesion.data.shards import load_split, read_info
+from lesion.labels import class_names, malignant_indices
+from lesion.metrics import expected_calibration_error, log_loss
+from lesion.models import load_trained, logits_to_probs
+from lesion.rundir import RunDir, fingerprint
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "ensemble.json"
+TTA_FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (dims of an N,3,H,W tensor)
+
+
+@dataclass
+class EnsembleSpec:
+    """Everything needed to combine members' probabilities and decide, as fitted on the validation split."""
+
+    models: list[str]  # member names, in order
+    weights: dict[str, float]  # soft-voting weights, summing to 1
+    temperature: float  # ensemble temperature, applied to the weighted mixture
+    temperatures: dict[str, float]  # per-member temperatures, applied before mixing
+    malignant_threshold: float  # call malignant when the ensemble's malignant probability >= this
+    ood_threshold: float  # flag as unlike the data when calibration.ood_score > this
+    uncertain_margin: float  # abstain when the top-2 ensemble probabilities differ by less than this
+    task: str
+    classes: list[str]
+    target_sensitivity: float  # validation sensitivity the malignancy threshold was chosen for
+    ood_quantile: float  # validation quantile the OOD threshold was set at
+    weighting: str = "fit"  # fit (NLL on validation over the simplex) or equal
+    tta: bool = False  # whether the validation probabilities used flip test-time augmentation
+    fitted_on: str = "val"
+    fingerprint: str = ""  # of checkpoints, data and the fitting options; a mismatch triggers a refit
+    model_versions: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> checkpoint_sha256, run_id
+    validation: dict[str, Any] = field(default_factory=dict)  # n images and NLL/ECE before and after calibration
+
+
+def predict_proba(model: torch.nn.Module, info: dict, images: np.ndarray, *, batch_size: int = 64,
+                  tta: bool = False, device: str = "cpu") -> np.ndarray:
+    """Class probabilities (N, C) of uint8 images (N, H, W, 3) through the evaluation transform; with ``tta`` the
+    mean over the four flips."""
+    model = model.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            chunk = np.array(images[start:start + batch_size])  # a writable copy (shard views are read-only)
+            x = model_input(chunk, info["mean"], info["std"], info["input_size"], device)
+            flips = TTA_FLIPS if tta else ((),)
+            probs = sum(logits_to_probs(model(torch.flip(x, f) if f else x), info["task"]) for f in flips)
+            out.append((probs / len(flips)).float().cpu().numpy())
+    classes = len(class_names(info["task"]))
+    return np.concatenate(out) if out else np.zeros((0, classes), np.float32)
+
+
+def mix(probs_by_model: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted mean of the members' probabilities."""
+    return sum(weights[name] * np.asarray(probs_by_model[name], dtype=np.float64) for name in weights)
+
+
+def combine(probs_by_model: dict[str, np.ndarray], spec: EnsembleSpec) -> np.ndarray:
+    """The ensemble's calibrated probabilities (N, C) from each member's raw probabilities (N, C)."""
+    missing = [name for name in spec.models if name not in probs_by_model]
+    if missing:
+        raise KeyError(f"combine: no probabilities for ensemble member(s) {', '.join(missing)}")
+    scaled = {name: calibration.apply_temperature(probs_by_model[name], spec.temperatures[name]) for name in spec.models}
+    return calibration.apply_temperature(mix(scaled, spec.weights), spec.temperature)
+
+
+def decide(probs: np.ndarray, spec: EnsembleSpec) -> tuple[list[str], list[str]]:
+    """Decision per image from the ensemble's calibrated probabilities (N, C): (decisions, reasons).
+
+    In order: "uncertain" when the OOD score exceeds ``spec.ood_threshold`` (the image looks unlike the validation
+    images) or when the two most probable classes differ by less than ``spec.uncertain_margin``; else "malignant"
+    when the malignant probability reaches ``spec.malignant_threshold``; else "benign".
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    ood = calibration.ood_score(probs)
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    p_mal = probs[:, malignant_indices(spec.task)].sum(axis=1)
+    decisions, reasons = [], []
+    for k in range(len(probs)):
+        if ood[k] > spec.ood_threshold:
+            decisions.append("uncertain")
+            reasons.append(f"out of distribution: OOD score {ood[k]:.3f} > {spec.ood_threshold:.3f} "
+                           f"(the {spec.ood_quantile:.0%} quantile on validation)")
+        elif margin[k] < spec.uncertain_margin:
+            decisions.append("uncertain")
+            reasons.append(f"ambiguous: top-2 classes differ by {margin[k]:.3f} < {spec.uncertain_margin:.3f}")
+        elif p_mal[k] >= spec.malignant_threshold:
+            decisions.append("malignant")
+            reasons.append(f"malignant probability {p_mal[k]:.3f} >= threshold {spec.malignant_threshold:.3f} "
+                           f"(chosen for {spec.target_sensitivity:.0%} sensitivity on validation)")
+        else:
+            decisions.append("benign")
+            reasons.append(f"malignant probability {p_mal[k]:.3f} < threshold {spec.malignant_threshold:.3f}")
+    return decisions, reasons
+
+
+def fit_weights(probs_by_model: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
+    """Soft-voting weights on the simplex minimising the NLL of the mixture (softmax-parametrised L-BFGS)."""
+    names = list(probs_by_model)
+    if len(names) == 1:
+        return {names[0]: 1.0}
+    stack = np.stack([np.asarray(probs_by_model[n], dtype=np.float64) for n in names])  # (M, N, C)
+    picked = stack[:, np.arange(len(labels)), np.asarray(labels)]  # (M, N) probability of the true class
+
+    def objective(a):
+        return -np.mean(np.log(np.clip(softmax(a) @ picked, calibration.EPS, None)))
+
+    result = minimize(objective, np.zeros(len(names)), method="L-BFGS-B")
+    return {n: float(w) for n, w in zip(names, softmax(result.x))}
+
+
+def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str, weighting: str = "fit",
+        target_sensitivity: float = 0.95, ood_quantile: float = 0.99, uncertain_margin: float = 0.1,
+        tta: bool = False) -> EnsembleSpec:
+    """Fit temperatures, weights and thresholds on VALIDATION probabilities (members' raw probabilities, N x C)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if weighting not in ("fit", "equal"):
+        raise ValueError(f"ensemble weighting must be 'fit' or 'equal', got {weighting!r}")
+    names = list(probs_by_model)
+    temperatures = {n: calibration.fit_temperature(calibration.to_log_probs(probs_by_model[n]), labels) for n in names}
+    scaled = {n: calibration.apply_temperature(probs_by_model[n], temperatures[n]) for n in names}
+    weights = fit_weights(scaled, labels) if weighting == "fit" else {n: 1.0 / len(names) for n in names}
+    mixture = mix(scaled, weights)
+    temperature = calibration.fit_temperature(calibration.to_log_probs(mixture), labels)
+    final = calibration.apply_temperature(mixture, temperature)
+    is_mal = np.isin(labels, malignant_indices(task))
+    p_mal = final[:, malignant_indices(task)].sum(axis=1)
+    uncalibrated = mix(probs_by_model, weights)
+    validation = {
+        "n": int(len(labels)),
+        "nll_before": log_loss(labels, uncalibrated),
+        "nll_after": log_loss(labels, final),
+        "ece_before": expected_calibration_error(labels, uncalibrated),
+        "ece_after": expected_calibration_error(labels, final),
+        "members": {
+            n: {"ece_before": expected_calibration_error(labels, probs_by_model[n]),
+                "ece_after": expected_calibration_error(labels, scaled[n])}
+            for n in names
+        },
+    }
+    return EnsembleSpec(
+        models=names,
+        weights=weights,
+        temperature=temperature,
+        temperatures=temperatures,
+        malignant_threshold=calibration.malignant_threshold(is_mal, p_mal, target_sensitivity),
+        ood_threshold=calibration.ood_threshold(calibration.ood_score(final), ood_quantile),
+        uncertain_margin=uncertain_margin,
+        task=task,
+        classes=list(class_names(task)),
+        target_sensitivity=target_sensitivity,
+        ood_quantile=ood_quantile,
+        weighting=weighting,
+        tta=tta,
+        validation=validation,
+    )
+
+
+def save(spec: EnsembleSpec, path: str | Path) -> Path:
+    """Write the spec as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    return path
+
+
+def load(path: str | Path) -> EnsembleSpec:
+    """Read a spec written by ``save``, naming the file and the fields when it does not match."""
+    path = Path(path)
+    values = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(EnsembleSpec)}
+    if not isinstance(values, dict) or set(values) - known:
+        extra = sorted(set(values) - known) if isinstance(values, dict) else type(values).__name__
+        raise ValueError(f"{path}: not an ensemble spec (expected its fields, got {extra})")
+    try:
+        return EnsembleSpec(**values)
+    except TypeError as exc:
+        raise ValueError(f"{path}: incomplete ensemble spec: {exc}") from exc
+
+
+def checkpoint_sha256(model_dir: Path) -> str:
+    """SHA-256 of a model's ``best.pt``."""
+    digest = hashlib.sha256()
+    with open(Path(model_dir) / "best.pt", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def validation_probs(run: RunDir, models: list[str], *, batch_size: int = 64, tta: bool = False,
+                     device: str = "cpu") -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, dict]]:
+    """Run every model on the run's validation split: (probs_by_model, labels, info_by_model)."""
+    val = load_split(run.root, "val")
+    probs, infos = {}, {}
+    for name in models:
+        model, info = load_trained(run.model_dir(name), device=device)
+        probs[name] = predict_proba(model, info, val.images, batch_size=batch_size, tta=tta, device=device)
+        infos[name] = info
+    return probs, val.labels, infos
+
+
+def load_or_fit(run: RunDir, config, models: list[str] | None = None, device: str = "cpu") -> EnsembleSpec:
+    """The run's ensemble spec (``RUN/eval/ensemble.json``), refitted on the validation split when the checkpoints,
+    data or fitting options changed. ``models`` defaults to every trained model of the run."""
+    models = list(models or run.trained_models())
+    if not models:
+        raise FileNotFoundError(f"no trained models under {run.models}: run `lesion train --run {run.root}` first")
+    for name in models:
+        if not (run.model_dir(name) / "best.pt").is_file():
+            raise FileNotFoundError(f"model {name!r} has no checkpoint at {run.model_dir(name) / 'best.pt'}")
+    ev, sv = config.evaluate, config.serve
+    shas = {name: checkpoint_sha256(run.model_dir(name)) for name in models}
+    fp = fingerprint(shas, read_info(run.root).get("fingerprint"), ev.ensemble_weights, ev.tta,
+                     sv.target_sensitivity, sv.ood_quantile)
+    path = run.eval / SPEC_FILE
+    if path.is_file():
+        spec = load(path)
+        if spec.fingerprint == fp:
+            spec.uncertain_margin = sv.uncertain_margin
+            return spec
+        log.info("%s is out of date (checkpoints, data or options changed): refitting on validation", path)
+    probs, labels, infos = validation_probs(run, models, batch_size=ev.batch_size, tta=ev.tta, device=device)
+    tasks = {n: info["task"] for n, info in infos.items()}
+    if len(set(tasks.values())) != 1:
+        raise ValueError(f"ensemble members were trained for different tasks: {tasks}")
+    task = tasks[models[0]]
+    spec = fit(probs, labels, task=task, weighting=ev.ensemble_weights, target_sensitivity=sv.target_sensitivity,
+               ood_quantile=sv.ood_quantile, uncertain_margin=sv.uncertain_margin, tta=ev.tta)
+    spec.fingerprint = fp
+    spec.model_versions = {n: {"checkpoint_sha256": shas[n], "run_id": infos[n].get("run_id")} for n in models}
+    save(spec, path)
+    log.info("ensemble fitted on %d validation images: weights %s, T=%.3f, malignant threshold %.3f",
+             len(labels), {n: round(w, 3) for n, w in spec.weights.items()}, spec.temperature,
+             spec.malignant_threshold)
+    return spec

@@ -1,0 +1,401 @@
+"""Explanations: class activation maps (CAMs) from pytorch-grad-cam, overlays, and measures of their quality.
+
+- ``explain_batch`` runs one of ``METHODS`` on a batch at the model's Grad-CAM layer (``TARGET_LAYERS``, the
+  registry's ``model_spec(name)["target_layer"]``) and returns maps in [0, 1] at the input size.
+- ``ensemble_cam`` is the ensemble's map: the ensemble-weighted mean of its members' maps.
+- ``cam_mask_scores`` says how well maps agree with lesion masks (energy inside the mask, pointing game) next to the
+  chance level; ``faithfulness`` says how much the model's confidence depends on the highlighted pixels (grad-cam's
+  ROAD and CAM-times-image confidence change).
+- ``Explainer`` / ``explain_image`` explain one image file of a run end to end (``lesion explain`` and serving).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
+from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
+from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import (
+    BinaryClassifierOutputTarget,
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+)
+from torch import nn
+
+from lesion import ensemble as ensemble_lib
+from lesion.config import Config, DataConfig, load_config
+from lesion.data.augment import model_input
+from lesion.data.preprocess import preprocess_bytes
+from lesion.data.shards import read_info
+from lesion.models import MODEL_NAMES, load_trained, logits_to_probs, model_spec, unwrap
+from lesion.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+# name -> grad-cam class. Gradient-based: gradcam, gradcam++, layercam; gradient-free: scorecam (one forward pass
+# per channel of the target layer: slow), eigencam (first principal component of the activations; class-agnostic).
+METHODS = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "layercam": LayerCAM,
+    "scorecam": ScoreCAM,
+    "eigencam": EigenCAM,
+}
+SCORECAM_BATCH = 64  # masked images per forward pass inside Score-CAM
+ENSEMBLE = "ensemble"
+
+# The one table of Grad-CAM layers lives in the model registry (lesion.models); this is a read-only view of it.
+TARGET_LAYERS: Mapping[str, Callable[[nn.Module], nn.Module]] = MappingProxyType(
+    {name: model_spec(name)["target_layer"] for name in MODEL_NAMES}
+)
+
+
+def target_layer(model: nn.Module, name: str) -> nn.Module:
+    """The Grad-CAM layer of a built model ``name`` (DDP / compile wrappers are looked through)."""
+    if name not in TARGET_LAYERS:
+        raise ValueError(f"no Grad-CAM layer for model {name!r}; known models: {', '.join(TARGET_LAYERS)}")
+    return TARGET_LAYERS[name](unwrap(model))
+
+
+def _class_targets(classes: Sequence[int], binary: bool) -> list:
+    """grad-cam targets on the raw output: the logit of each class (binary: +logit for 1, -logit for 0)."""
+    return [BinaryClassifierOutputTarget(int(c)) if binary else ClassifierOutputTarget(int(c)) for c in classes]
+
+
+class _BinaryProbabilityTarget:
+    """Probability of class ``category`` (0 benign, 1 malignant) from a one-logit output (grad-cam target protocol)."""
+
+    def __init__(self, category: int):
+        self.category = category
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(model_output)
+        return p if self.category == 1 else 1 - p
+
+
+def _probability_targets(classes: Sequence[int], binary: bool) -> list:
+    return [_BinaryProbabilityTarget(int(c)) if binary else ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
+
+
+def predicted_classes(model: nn.Module, info: dict, x: torch.Tensor) -> np.ndarray:
+    """Predicted class index per image of a normalised batch (binary: 1 when the logit is > 0)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(x.to(device)).float().cpu()
+    if int(info["num_classes"]) == 1:
+        return (logits.reshape(-1) > 0).long().numpy()
+    return logits.argmax(dim=1).numpy()
+
+
+def _check_targets(targets, n: int, info: dict) -> np.ndarray:
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    classes = 2 if int(info["num_classes"]) == 1 else int(info["num_classes"])
+    if len(targets) != n or targets.min(initial=0) < 0 or targets.max(initial=0) >= classes:
+        raise ValueError(f"targets must hold one class index in [0, {classes}) per image ({n} images), got {targets}")
+    return targets
+
+
+def explain_batch(model: nn.Module, info: dict, x: torch.Tensor, targets: Sequence[int] | None = None,
+                  method: str = "gradcam", batch_size: int = 32) -> np.ndarray:
+    """Class activation maps of a normalised batch ``x`` (N, 3, H, W): float32 (N, H, W) in [0, 1].
+
+    ``info`` is the checkpoint info (``name`` picks the target layer, ``num_classes`` 1 means one binary logit).
+    ``targets``: class index per image to explain (binary: 0 benign, 1 malignant); None explains the predicted class.
+    Each map is min-max scaled on its own (grad-cam's convention); a map with no positive evidence is all zeros.
+    Gradients are enabled here even when called under ``torch.no_grad``/``inference_mode``; the model is put in
+    eval mode.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; known: {', '.join(METHODS)}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"explain_batch expects a normalised (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+    model = unwrap(model).eval()
+    layer = target_layer(model, info["name"])
+    binary = int(info["num_classes"]) == 1
+    maps = []
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone()  # an inference tensor (made under inference_mode) cannot enter autograd
+        if targets is None:
+            targets = predicted_classes(model, info, x)
+        targets = _check_targets(targets, len(x), info)
+        cam = METHODS[method](model, target_layers=[layer])
+        cam.batch_size = SCORECAM_BATCH
+        try:
+            for start in range(0, len(x), batch_size):
+                # requires_grad on the input: the layer's output needs a gradient even when the backbone is frozen
+                chunk = x[start:start + batch_size].requires_grad_(True)
+                maps.append(cam(chunk, _class_targets(targets[start:start + batch_size], binary)))
+        finally:
+            cam.activations_and_grads.release()
+    if not maps:
+        return np.zeros((0, *x.shape[-2:]), np.float32)
+    return np.clip(np.concatenate(maps).astype(np.float32), 0.0, 1.0)
+
+
+def _resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, h, w) -> (N, H, W) float32 with bilinear interpolation (no-op when already that size)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[1:] == tuple(size):
+        return maps
+    height, width = size
+    return np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR) for m in maps])
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
+    """uint8 RGB (H, W, 3): ``cam`` (h, w, values in [0, 1]) resized to the image, in the jet colormap, blended in."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"overlay expects a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2:
+        raise ValueError(f"overlay expects one (H, W) map, got shape {cam.shape}")
+    cam = np.clip(_resize_maps(cam[None], image.shape[:2])[0], 0.0, 1.0)
+    return show_cam_on_image(image.astype(np.float32) / 255.0, cam, use_rgb=True, image_weight=image_weight)
+
+
+def ensemble_cam(cams_by_model: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None,
+                 size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """The ensemble's maps (N, H, W): the weighted mean of each member's maps (N, h_m, w_m) after resizing them to
+    ``size`` (default: the largest member map). ``weights`` None means equal weights; otherwise it must name exactly
+    the members in ``cams_by_model``."""
+    if not cams_by_model:
+        raise ValueError("ensemble_cam: no member maps given")
+    weights = dict(weights) if weights is not None else {name: 1.0 for name in cams_by_model}
+    if set(weights) != set(cams_by_model):
+        raise ValueError(f"ensemble_cam: weights name {sorted(weights)} but maps were given for {sorted(cams_by_model)}")
+    total = float(sum(weights.values()))
+    if total <= 0 or any(w < 0 for w in weights.values()):
+        raise ValueError(f"ensemble_cam: weights must be >= 0 with a positive sum, got {weights}")
+    if size is None:
+        size = max((np.shape(m)[1:] for m in cams_by_model.values()), key=lambda s: s[0] * s[1])
+    elif isinstance(size, int):
+        size = (size, size)
+    counts = {name: len(m) for name, m in cams_by_model.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"ensemble_cam: members explain different numbers of images: {counts}")
+    return sum(weights[name] / total * _resize_maps(cams_by_model[name], tuple(size)) for name in weights)
+
+
+def cam_mask_scores(cams: np.ndarray, masks: np.ndarray, tolerance: int = 0) -> dict[str, float]:
+    """How well maps (N, h, w) agree with lesion masks (N, H, W), over images whose mask is not empty.
+
+    - energy_inside: mean share of a map's total value lying inside the mask (energy-based pointing game,
+      Score-CAM paper); a map with no energy counts 0.
+    - pointing_game: share of images whose map maximum (first one in row-major order) falls inside the mask
+      dilated by ``tolerance`` pixels; a map with no energy counts as a miss.
+    - mask_share: mean share of the image the mask covers: the chance level of both scores above (a map that is
+      uniform, or a random point, scores this on average).
+    - n: images scored; degenerate: how many of them had an all-zero map.
+    Maps are resized to the mask size first.
+    """
+    masks = np.asarray(masks).astype(bool)
+    cams = np.asarray(cams, dtype=np.float32)
+    if masks.ndim == 2:
+        masks, cams = masks[None], cams[None]
+    if cams.ndim != 3 or masks.ndim != 3 or len(cams) != len(masks):
+        raise ValueError(f"cam_mask_scores expects maps (N, h, w) and masks (N, H, W), got {cams.shape} and "
+                         f"{masks.shape}")
+    keep = masks.reshape(len(masks), -1).any(axis=1)
+    if not keep.any():
+        raise ValueError("cam_mask_scores: every mask is empty; no image can be scored")
+    masks = masks[keep]
+    cams = np.maximum(_resize_maps(cams[keep], masks.shape[1:]), 0.0)
+    energy = cams.sum(axis=(1, 2))
+    inside = (cams * masks).sum(axis=(1, 2))
+    share = np.divide(inside, energy, out=np.zeros_like(energy), where=energy > 0)
+    if tolerance > 0:
+        kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+        targets = np.stack([cv2.dilate(m.astype(np.uint8), kernel).astype(bool) for m in masks])
+    else:
+        targets = masks
+    flat_max = cams.reshape(len(cams), -1).argmax(axis=1)
+    hits = targets.reshape(len(targets), -1)[np.arange(len(targets)), flat_max] & (energy > 0)
+    return {
+        "energy_inside": float(share.mean()),
+        "pointing_game": float(hits.mean()),
+        "mask_share": float(masks.mean()),
+        "n": int(len(masks)),
+        "degenerate": int((energy <= 0).sum()),
+    }
+
+
+def faithfulness(model: nn.Module, info: dict, x: torch.Tensor, cams: np.ndarray,
+                 targets: Sequence[int] | None = None, percentiles: Sequence[int] = (20, 40, 60, 80),
+                 seed: int = 0) -> dict[str, float]:
+    """Whether the model's confidence in the explained class depends on the pixels the maps highlight.
+
+    All scores are changes of the explained class's probability (softmax, or sigmoid for one logit), averaged over
+    images; grad-cam's definitions:
+    - road_morf: ROAD, most relevant first: mean change after imputing (noisy linear infill) the pixels above each
+      of ``percentiles`` of the map (grad-cam keeps the pixels below the percentile). More negative = more faithful.
+    - road_lerf: ROAD, least relevant first: the same removing the least relevant pixels. Near 0 = more faithful.
+    - road: (road_lerf - road_morf) / 2, grad-cam's ROADCombined. Higher = more faithful.
+    - confidence_change: change after multiplying the input by the map (CamMultImageConfidenceChange: keep only
+      what the map shows). Near 0 or positive = the highlighted region alone carries the decision.
+    ``targets`` None uses the predicted class; ``cams`` are resized to the input size. ROAD's imputation noise is
+    drawn from a fixed ``seed`` without touching the global random state.
+    """
+    model = unwrap(model).eval()
+    device = next(model.parameters()).device
+    x = x.detach().to(device)
+    if targets is None:
+        targets = predicted_classes(model, info, x)
+    targets = _check_targets(targets, len(x), info)
+    probability_targets = _probability_targets(targets, int(info["num_classes"]) == 1)
+    cams = _resize_maps(cams, tuple(x.shape[-2:]))
+    if len(cams) != len(x):
+        raise ValueError(f"faithfulness: {len(cams)} maps for {len(x)} images")
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # grad-cam's ROAD imputer calls np.argwhere on a torch tensor, which NumPy 2 warns about
+        warnings.filterwarnings("ignore", "__array_wrap__ must accept context", DeprecationWarning)
+        torch.manual_seed(seed)
+        morf = ROADMostRelevantFirstAverage(list(percentiles))(x, cams, probability_targets, model)
+        lerf = ROADLeastRelevantFirstAverage(list(percentiles))(x, cams, probability_targets, model)
+        change = CamMultImageConfidenceChange()(x, cams, probability_targets, model)
+    return {
+        "road": float(np.mean((lerf - morf) / 2)),
+        "road_morf": float(np.mean(morf)),
+        "road_lerf": float(np.mean(lerf)),
+        "confidence_change": float(np.mean(change)),
+        "n": int(len(x)),
+    }
+
+
+# ------------------------------------------------------------------------------------------ one image of a run
+
+
+def run_data_config(run: RunDir, config: Config | None = None) -> DataConfig:
+    """Preprocessing of a run's images: the data section of ``config`` (default: RUN/config.yaml, else defaults)
+    with the image size the data was ingested at (``data/info.json``)."""
+    if config is None:
+        saved = run.root / "config.yaml"
+        config = load_config(saved if saved.is_file() else None)
+    return dataclasses.replace(config.data, image_size=int(read_info(run.root)["image_size"]))
+
+
+def _read_image_bytes(image: bytes | str | Path) -> bytes:
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    return path.read_bytes()
+
+
+@dataclass
+class Explainer:
+    """A run's trained models, loaded once, explaining single images (used by ``lesion explain`` and serving)."""
+
+    models: dict[str, tuple[nn.Module, dict]]  # name -> (model in eval mode, checkpoint info)
+    members: list[str]  # ensemble members (those of the run's ensemble spec when it matches the checkpoints)
+    spec: ensemble_lib.EnsembleSpec | None  # RUN/eval/ensemble.json when present and current, else None
+    data_config: DataConfig
+    device: str = "cpu"
+
+    @property
+    def classes(self) -> list[str]:
+        return list(next(iter(self.models.values()))[1]["classes"])
+
+    def explain(self, image: bytes | str | Path, model: str = ENSEMBLE, method: str = "gradcam"
+                ) -> tuple[dict, np.ndarray]:
+        """Preprocess an encoded image (bytes or file), predict it and explain the prediction.
+
+        Returns (prediction, overlay): prediction = {model, method, predicted_class, probabilities {class: p},
+        calibrated, models {name: {class: p}}, weights (ensemble only)}; overlay = uint8 RGB at the preprocessed
+        image size (what the models saw). A single model reports its raw probabilities. The ensemble explains its
+        own predicted class with the ensemble-weighted mean of its members' maps; its probabilities are
+        ``lesion.ensemble.combine`` (calibrated) when the run has a current ensemble spec, else the equal-weight
+        mean of the members' raw probabilities.
+        """
+        names = self.members if model == ENSEMBLE else [model]
+        unknown = [name for name in names if name not in self.models]
+        if unknown:
+            raise ValueError(f"model {model!r} is not loaded; available: {', '.join([*self.models, ENSEMBLE])}")
+        if method not in METHODS:
+            raise ValueError(f"unknown explanation method {method!r}; known: {', '.join(METHODS)}")
+        img = preprocess_bytes(_read_image_bytes(image), self.data_config)
+        inputs, probs = {}, {}
+        for name in names:
+            net, info = self.models[name]
+            inputs[name] = model_input(img[None], info["mean"], info["std"], int(info["input_size"]), self.device)
+            with torch.no_grad():
+                probs[name] = logits_to_probs(net(inputs[name]).float(), info["task"]).cpu().numpy()
+        if model == ENSEMBLE:
+            weights = self.spec.weights if self.spec else {name: 1.0 / len(names) for name in names}
+            final = (ensemble_lib.combine(probs, self.spec) if self.spec else ensemble_lib.mix(probs, weights))[0]
+        else:
+            weights, final = None, probs[model][0]
+        predicted = int(np.argmax(final))
+        cams = {name: explain_batch(self.models[name][0], self.models[name][1], inputs[name], [predicted], method)
+                for name in names}
+        cam = ensemble_cam(cams, weights, size=img.shape[:2])[0] if model == ENSEMBLE else cams[model][0]
+        classes = self.classes
+        prediction = {
+            "model": model,
+            "method": method,
+            "predicted_class": classes[predicted],
+            "probabilities": {c: float(p) for c, p in zip(classes, final)},
+            "calibrated": model == ENSEMBLE and self.spec is not None,
+            "models": {name: {c: float(p) for c, p in zip(classes, probs[name][0])} for name in names},
+        }
+        if weights is not None:
+            prediction["weights"] = {name: float(w) for name, w in weights.items()}
+        return prediction, overlay(img, cam)
+
+
+def _current_spec(run: RunDir, models: dict[str, tuple[nn.Module, dict]]) -> ensemble_lib.EnsembleSpec | None:
+    """The run's ensemble spec when it exists and was fitted on exactly the loaded checkpoints' members."""
+    path = run.eval / ensemble_lib.SPEC_FILE
+    if not path.is_file():
+        return None
+    spec = ensemble_lib.load(path)
+    stale = [name for name in spec.models if name not in models
+             or spec.model_versions.get(name, {}).get("checkpoint_sha256") != models[name][1].get("checkpoint_sha256")]
+    if stale:
+        log.warning("%s does not match the trained checkpoints of %s (run `lesion evaluate` to refit): using equal "
+                    "weights without calibration", path, ", ".join(stale))
+        return None
+    return spec
+
+
+def load_explainer(run_root: str | Path, models: Sequence[str] | None = None, device: str = "cpu",
+                   config: Config | None = None) -> Explainer:
+    """Load a run's trained models (all of them, or only ``models``: then without the ensemble) and its ensemble
+    spec, for ``Explainer.explain``."""
+    run = RunDir(run_root)
+    trained = run.trained_models()
+    if not trained:
+        raise FileNotFoundError(f"no trained models under {run.models}: run `lesion train --run {run.root}` first")
+    names = list(models) if models else trained
+    missing = [name for name in names if name not in trained]
+    if missing:
+        raise ValueError(f"model(s) {', '.join(missing)} not trained in {run.root}; trained models: "
+                         f"{', '.join(trained)} (or {ENSEMBLE!r})")
+    loaded = {name: load_trained(run.model_dir(name), device=device) for name in names}
+    tasks = {name: info["task"] for name, (_, info) in loaded.items()}
+    if len(set(tasks.values())) != 1:
+        raise ValueError(f"models of {run.root} were trained for different tasks: {tasks}")
+    spec = None if models else _current_spec(run, loaded)
+    members = list(spec.models) if spec else names
+    return Explainer(loaded, members, spec, run_data_config(run, config), device)
+
+
+def explain_image(run_root: str | Path, image: bytes | str | Path, model: str = ENSEMBLE, method: str = "gradcam",
+                  device: str = "cpu") -> tuple[dict, np.ndarray]:
+    """Predict and explain one encoded image (bytes or file) with a run's ``model`` or its ensemble.
+
+    Returns (prediction dict, uint8 RGB overlay); see ``Explainer.explain``.
+    """
+    explainer = load_explainer(run_root, None if model == ENSEMBLE else [model], device)
+    return explainer.explain(image, model, method)

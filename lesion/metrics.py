@@ -1,0 +1,370 @@
+"""Classification metrics as functions of ``(y_true, y_prob)``, in the style of scikit-learn.
+
+``y_true`` holds class indices (N,) in ``lesion.labels.class_names(task)`` order; ``y_prob`` holds probabilities
+(N, C). The predicted class is the arg-max of ``y_prob``. A metric that is undefined for the data at hand (the recall
+of a class absent from ``y_true``, the precision of a class never predicted, an AUC with one class only) is NaN in
+the functions here and ``None`` (JSON null) in ``classification_report``; averages skip undefined values, as
+scikit-learn does with ``zero_division=np.nan``.
+
+The binary view (malignant vs benign) is derived from any task by summing the probabilities of
+``lesion.labels.malignant_indices(task)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from lesion.labels import class_names, malignant_indices
+
+AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 200, "75+"))
+SUBGROUP_COLUMNS = ("sex", "age_band", "localization")
+BOOTSTRAP_METRICS = ("balanced_accuracy", "macro_auc", "malignant_auc")
+
+
+def _check(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    if y_prob.ndim != 2 or y_true.ndim != 1 or len(y_true) != len(y_prob):
+        raise ValueError(f"expected y_true (N,) and y_prob (N, C); got {y_true.shape} and {y_prob.shape}")
+    if len(y_true) and (y_true.min() < 0 or y_true.max() >= y_prob.shape[1]):
+        raise ValueError(f"y_true holds labels outside 0..{y_prob.shape[1] - 1}")
+    return y_true, y_prob
+
+
+def _div(num, den) -> np.ndarray:
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def confusion_matrix(y_true, y_prob) -> np.ndarray:
+    """(C, C) counts: rows are true classes, columns predicted classes (arg-max)."""
+    y_true, y_prob = _check(y_true, y_prob)
+    c = y_prob.shape[1]
+    pred = y_prob.argmax(axis=1)
+    return np.bincount(y_true * c + pred, minlength=c * c).reshape(c, c)
+
+
+def accuracy(y_true, y_prob) -> float:
+    """Share of images whose arg-max class is the true class."""
+    y_true, y_prob = _check(y_true, y_prob)
+    return float(np.mean(y_prob.argmax(axis=1) == y_true)) if len(y_true) else math.nan
+
+
+def per_class(y_true, y_prob) -> dict[str, np.ndarray]:
+    """Per-class arrays (C,): precision, recall (= sensitivity), f1, specificity, support."""
+    cm = confusion_matrix(y_true, y_prob)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    fp, fn = predicted - tp, support - tp
+    tn = cm.sum() - tp - fp - fn
+    return {
+        "precision": _div(tp, predicted),
+        "recall": _div(tp, support),
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "specificity": _div(tn, tn + fp),
+        "support": support,
+    }
+
+
+def balanced_accuracy(y_true, y_prob) -> float:
+    """Mean recall over the classes present in ``y_true`` (the ISIC 2018 Task 3 main metric)."""
+    recall = per_class(y_true, y_prob)["recall"]
+    return float(np.nanmean(recall)) if np.isfinite(recall).any() else math.nan
+
+
+def precision_recall_f1(y_true, y_prob) -> dict[str, Any]:
+    """Per-class arrays plus ``macro`` (unweighted mean of defined values) and ``weighted`` (by support) averages."""
+    stats = per_class(y_true, y_prob)
+    support = stats["support"].astype(np.float64)
+    out: dict[str, Any] = {k: stats[k] for k in ("precision", "recall", "f1")}
+    out["macro"] = {k: _nanmean(stats[k]) for k in ("precision", "recall", "f1")}
+    out["weighted"] = {k: _weighted(stats[k], support) for k in ("precision", "recall", "f1")}
+    return out
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+
+
+def _weighted(values, weights) -> float:
+    keep = np.isfinite(values) & (weights > 0)
+    return float(np.average(values[keep], weights=weights[keep])) if keep.any() else math.nan
+
+
+def binary_auc(y_binary, score) -> float:
+    """ROC-AUC of a 0/1 target against a score (Mann-Whitney, ties counted half); NaN with one class only."""
+    y_binary = np.asarray(y_binary, dtype=bool)
+    n_pos = int(y_binary.sum())
+    n_neg = len(y_binary) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(np.asarray(score, dtype=np.float64))
+    return float((ranks[y_binary].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_auc(y_true, y_prob) -> dict[str, Any]:
+    """One-vs-rest ROC-AUC per class (C,) and their ``macro`` mean over classes where it is defined."""
+    y_true, y_prob = _check(y_true, y_prob)
+    per = np.array([binary_auc(y_true == k, y_prob[:, k]) for k in range(y_prob.shape[1])])
+    return {"per_class": per, "macro": _nanmean(per)}
+
+
+def expected_calibration_error(y_true, y_prob, n_bins: int = 15) -> float:
+    """ECE of the top-label confidence: sum over equal-width bins of |accuracy - confidence| x share of images."""
+    y_true, y_prob = _check(y_true, y_prob)
+    if not len(y_true):
+        return math.nan
+    confidence = y_prob.max(axis=1)
+    correct = (y_prob.argmax(axis=1) == y_true).astype(np.float64)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, correct, n_bins) - np.bincount(bins, confidence, n_bins))
+    return float(gap.sum() / count.sum())
+
+
+def reliability_bins(y_true, y_prob, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Per confidence bin: mean confidence, accuracy (NaN when empty) and count; for reliability diagrams."""
+    y_true, y_prob = _check(y_true, y_prob)
+    confidence = y_prob.max(axis=1)
+    correct = (y_prob.argmax(axis=1) == y_true).astype(np.float64)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    return {
+        "edges": np.linspace(0, 1, n_bins + 1),
+        "confidence": _div(np.bincount(bins, confidence, n_bins), count),
+        "accuracy": _div(np.bincount(bins, correct, n_bins), count),
+        "count": count,
+    }
+
+
+def log_loss(y_true, y_prob, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the true class."""
+    y_true, y_prob = _check(y_true, y_prob)
+    return float(-np.mean(np.log(np.clip(y_prob[np.arange(len(y_true)), y_true], eps, 1.0))))
+
+
+def malignant_view(y_true, y_prob, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(is_malignant (N,) bool, malignant probability (N,)) from class labels and class probabilities."""
+    y_true, y_prob = _check(y_true, y_prob)
+    idx = malignant_indices(task)
+    return np.isin(y_true, idx), y_prob[:, idx].sum(axis=1)
+
+
+def sensitivity_at_specificity(y_binary, score, specificity: float) -> float:
+    """Highest sensitivity over thresholds whose specificity is at least ``specificity`` (NaN with one class)."""
+    y_binary = np.asarray(y_binary, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    pos, neg = score[y_binary], score[~y_binary]
+    if not len(pos) or not len(neg):
+        return math.nan
+    # A threshold t calls "malignant" when score >= t; candidates are the distinct scores plus +inf (call nothing).
+    thresholds = np.append(np.unique(score), np.inf)
+    spec = np.searchsorted(np.sort(neg), thresholds, side="left") / len(neg)
+    sens = 1.0 - np.searchsorted(np.sort(pos), thresholds, side="left") / len(pos)
+    return float(sens[spec >= specificity - 1e-12].max())
+
+
+def binary_metrics(y_true, y_prob, task: str, threshold: float | None = None) -> dict[str, Any]:
+    """Malignant-vs-benign view: AUC, sensitivity at 90% and 95% specificity, counts; at ``threshold`` if given."""
+    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    out = {
+        "auc": binary_auc(y_mal, p_mal),
+        "sensitivity_at_90_specificity": sensitivity_at_specificity(y_mal, p_mal, 0.90),
+        "sensitivity_at_95_specificity": sensitivity_at_specificity(y_mal, p_mal, 0.95),
+        "n_malignant": int(y_mal.sum()),
+        "n_benign": int((~y_mal).sum()),
+    }
+    if threshold is not None:
+        called = p_mal >= threshold
+        out["threshold"] = float(threshold)
+        out["sensitivity"] = float(_div(called[y_mal].sum(), y_mal.sum()))
+        out["specificity"] = float(_div((~called[~y_mal]).sum(), (~y_mal).sum()))
+    return out
+
+
+def _summary(y_true, y_prob, task: str) -> dict[str, float]:
+    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    return {
+        "balanced_accuracy": balanced_accuracy(y_true, y_prob),
+        "macro_auc": roc_auc(y_true, y_prob)["macro"],
+        "malignant_auc": binary_auc(y_mal, p_mal),
+    }
+
+
+def bootstrap_ci(
+    y_true, y_prob, groups, task: str, n_resamples: int = 500, confidence: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals for balanced accuracy, macro AUC and malignant AUC, resampling GROUPS.
+
+    ``groups`` (N,) holds each image's lesion_id: a resample draws lesions with replacement and keeps all images of
+    each drawn lesion, so several photographs of one lesion never count as independent evidence. Resamples in which
+    a metric is undefined are left out of that metric's interval (``n_valid`` says how many remained).
+    """
+    y_true, y_prob = _check(y_true, y_prob)
+    groups = np.asarray(groups)
+    if len(groups) != len(y_true):
+        raise ValueError(f"groups has {len(groups)} entries for {len(y_true)} images")
+    codes, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+    rng = np.random.default_rng(seed)
+    samples = {name: [] for name in BOOTSTRAP_METRICS}
+    for _ in range(n_resamples):
+        drawn = rng.integers(0, len(codes), len(codes))
+        idx = np.concatenate([members[g] for g in drawn])
+        for name, value in _summary(y_true[idx], y_prob[idx], task).items():
+            samples[name].append(value)
+    estimate = _summary(y_true, y_prob, task)
+    tail = (1 - confidence) / 2 * 100
+    out: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "unit": "lesion", "n_groups": len(codes)}
+    for name, values in samples.items():
+        values = np.asarray(values)
+        values = values[np.isfinite(values)]
+        low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (math.nan, math.nan)
+        out[name] = {"estimate": estimate[name], "low": float(low), "high": float(high), "n_valid": int(len(values))}
+    return out
+
+
+def age_band(age) -> str:
+    """Age in years -> one of AGE_BANDS' labels, or 'unknown'."""
+    if age is None or not np.isfinite(float(age)):
+        return "unknown"
+    return next(label for low, high, label in AGE_BANDS if low <= float(age) < high)
+
+
+def subgroup_metrics(y_true, y_prob, meta: pd.DataFrame, task: str) -> dict[str, Any]:
+    """Per subgroup of sex, age band and localization: counts, accuracy, balanced accuracy and malignant AUC.
+
+    ``meta`` is row-aligned with ``y_true`` and may carry ``sex``, ``age``, ``localization`` (missing -> 'unknown').
+    Result: ``{column: {group: {"n", "n_malignant", "accuracy", "balanced_accuracy", "malignant_auc"}}}``.
+    """
+    y_true, y_prob = _check(y_true, y_prob)
+    if len(meta) != len(y_true):
+        raise ValueError(f"meta has {len(meta)} rows for {len(y_true)} images")
+    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    columns = {}
+    if "sex" in meta:
+        columns["sex"] = meta["sex"]
+    if "age" in meta:
+        columns["age_band"] = pd.Series([age_band(a) for a in meta["age"]], index=meta.index)
+    if "localization" in meta:
+        columns["localization"] = meta["localization"]
+    out: dict[str, Any] = {}
+    for column, values in columns.items():
+        values = values.fillna("unknown").astype(str).replace("", "unknown").to_numpy()
+        out[column] = {}
+        bands = [label for _, _, label in AGE_BANDS] + ["unknown"]
+        order = bands if column == "age_band" else sorted(set(values))
+        for group in (g for g in order if g in set(values)):
+            keep = values == group
+            out[column][group] = {
+                "n": int(keep.sum()),
+                "n_malignant": int(y_mal[keep].sum()),
+                "accuracy": accuracy(y_true[keep], y_prob[keep]),
+                "balanced_accuracy": balanced_accuracy(y_true[keep], y_prob[keep]),
+                "malignant_auc": binary_auc(y_mal[keep], p_mal[keep]),
+            }
+    return out
+
+
+def json_safe(value: Any) -> Any:
+    """Nested metrics with numpy types -> plain Python, NaN/inf -> None (valid JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def classification_report(
+    y_true,
+    y_prob,
+    task: str,
+    *,
+    groups=None,
+    meta: pd.DataFrame | None = None,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    malignant_threshold: float | None = None,
+    n_bins: int = 15,
+) -> dict[str, Any]:
+    """Every metric of one model on one split, as a JSON-ready dict (undefined values are None).
+
+    ==================================  ===============================================================================
+    field                               meaning
+    ==================================  ===============================================================================
+    ``n``                               number of images
+    ``task``, ``classes``               task name and class names in label-index order
+    ``accuracy``                        share of correct arg-max predictions
+    ``balanced_accuracy``               mean per-class recall over classes present (ISIC 2018 Task 3 main metric)
+    ``per_class.<cls>.precision``       TP / predicted as <cls> (None if never predicted)
+    ``per_class.<cls>.recall``          TP / true <cls>, = ``sensitivity`` (None if absent from the labels)
+    ``per_class.<cls>.f1``              2TP / (2TP + FP + FN)
+    ``per_class.<cls>.specificity``     TN / (TN + FP), one-vs-rest
+    ``per_class.<cls>.auc``             one-vs-rest ROC-AUC of the class probability (None if absent)
+    ``per_class.<cls>.support``         number of true <cls> images
+    ``macro.{precision,recall,f1,auc}`` unweighted mean over classes where defined
+    ``weighted.{precision,recall,f1}``  mean weighted by support
+    ``confusion_matrix``                C x C counts, rows = true class, columns = predicted class
+    ``ece``                             expected calibration error of the top-label confidence (``n_bins`` bins)
+    ``log_loss``                        mean negative log-likelihood of the true class
+    ``binary.auc``                      malignant-vs-benign ROC-AUC of the summed malignant probability
+    ``binary.sensitivity_at_90_specificity``, ``binary.sensitivity_at_95_specificity``
+    ``binary.n_malignant``, ``binary.n_benign``
+    ``binary.threshold``, ``binary.sensitivity``, ``binary.specificity``   only with ``malignant_threshold``
+    ``bootstrap``                       only with ``n_bootstrap`` > 0 and ``groups``: ``n_resamples``, ``confidence``,
+                                        ``unit`` ("lesion"), ``n_groups``, and for ``balanced_accuracy``,
+                                        ``macro_auc``, ``malignant_auc``: ``estimate``, ``low``, ``high``, ``n_valid``
+    ``subgroups``                       only with ``meta``: ``{sex|age_band|localization: {group: {n, n_malignant,
+                                        accuracy, balanced_accuracy, malignant_auc}}}``
+    ==================================  ===============================================================================
+    """
+    y_true, y_prob = _check(y_true, y_prob)
+    classes = class_names(task)
+    if len(classes) != y_prob.shape[1]:
+        raise ValueError(f"task {task!r} has {len(classes)} classes but y_prob has {y_prob.shape[1]} columns")
+    stats = per_class(y_true, y_prob)
+    prf = precision_recall_f1(y_true, y_prob)
+    auc = roc_auc(y_true, y_prob)
+    report: dict[str, Any] = {
+        "n": int(len(y_true)),
+        "task": task,
+        "classes": list(classes),
+        "accuracy": accuracy(y_true, y_prob),
+        "balanced_accuracy": balanced_accuracy(y_true, y_prob),
+        "per_class": {
+            name: {
+                "precision": stats["precision"][k],
+                "recall": stats["recall"][k],
+                "sensitivity": stats["recall"][k],
+                "specificity": stats["specificity"][k],
+                "f1": stats["f1"][k],
+                "auc": auc["per_class"][k],
+                "support": int(stats["support"][k]),
+            }
+            for k, name in enumerate(classes)
+        },
+        "macro": {**prf["macro"], "auc": auc["macro"]},
+        "weighted": prf["weighted"],
+        "confusion_matrix": confusion_matrix(y_true, y_prob),
+        "ece": expected_calibration_error(y_true, y_prob, n_bins),
+        "log_loss": log_loss(y_true, y_prob),
+        "binary": binary_metrics(y_true, y_prob, task, malignant_threshold),
+    }
+    if n_bootstrap > 0 and groups is not None:
+        report["bootstrap"] = bootstrap_ci(y_true, y_prob, groups, task, n_bootstrap, seed=seed)
+    if meta is not None:
+        report["subgroups"] = subgroup_metrics(y_true, y_prob, meta, task)
+    return json_safe(report)

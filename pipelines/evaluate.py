@@ -1,0 +1,407 @@
+"""``lesion evaluate``: batch inference with Ray Data for every trained model and the ensemble, then metrics,
+calibration, explanation quality, predictions in the ISIC 2018 format, figures, ``report.html`` and the model card.
+
+Evaluation never trains and never fits on the evaluated data: the ensemble's weights, temperatures and thresholds
+come from ``lesion.ensemble.load_or_fit`` on the run's validation split.
+
+Output (``RUN/eval/``, or ``RUN/eval/external/<name>/`` for another data set):
+``metrics.json``, ``predictions/<model>.csv`` (ISIC 2018 Task 3: ``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``; binary
+task: ``image,malignant``), ``predictions_long.csv``, ``plots/*.png``, ``report.html``, ``model_card.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lesion import ensemble, explain, metrics, report
+from lesion.calibration import apply_temperature
+from lesion.config import Config, apply_overrides
+from lesion.data.augment import model_input
+from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, split_files
+from lesion.labels import class_names
+from lesion.models import load_trained
+from lesion.rundir import RunDir, fingerprint, package_versions
+from pipelines.common import init_ray, resolve_config
+
+log = logging.getLogger(__name__)
+
+META = ["image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization"]
+
+
+class Predictor:
+    """Ray Data actor: one trained model, applied to batches of raw shard rows -> class probabilities."""
+
+    def __init__(self, model_dir: str, image_size: int, tta: bool, use_gpu: bool):
+        import torch
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model, self.info = load_trained(model_dir, device=self.device)
+        self.image_size = image_size
+        self.tta = tta
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = decode_images(list(batch["image"]), self.image_size)
+        probs = ensemble.predict_proba(self.model, self.info, images, batch_size=max(len(images), 1), tta=self.tta,
+                                       device=self.device)
+        return {"image_id": batch["image_id"], "probs": probs}
+
+
+def evaluation_files(data_root: Path, split: str) -> list[str]:
+    """Shards of ``split`` (or of every split for ``all``)."""
+    splits = SPLITS if split == "all" else (split,)
+    files = [f for s in splits for f in split_files(data_root, s)]
+    if not files:
+        raise FileNotFoundError(f"no shards for split {split!r} under {data_root / 'data'}")
+    return files
+
+
+def read_meta(files: list[str]) -> pd.DataFrame:
+    """Labels and metadata of the shards, in file order, without the image bytes."""
+    table = pa.concat_tables([pq.read_table(f, columns=META) for f in files])
+    meta = table.to_pandas()
+    duplicated = meta["image_id"][meta["image_id"].duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"image_id must be unique in the evaluated data; repeated: {', '.join(duplicated[:5])}")
+    return meta
+
+
+def read_rows(files: list[str], rows: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (and masks, when every chosen row has one) of the given row positions of the concatenated shards."""
+    images, masks, start = [], [], 0
+    for f in files:
+        table = pq.read_table(f, columns=["image", "mask"])
+        local = rows[(rows >= start) & (rows < start + table.num_rows)] - start
+        if len(local):
+            picked = table.take(pa.array(local))
+            images.append(decode_images(picked.column("image").to_pylist(), image_size))
+            masks.append(decode_masks(picked.column("mask").to_pylist(), image_size))
+        start += table.num_rows
+    if not images:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), None
+    return np.concatenate(images), (None if any(m is None for m in masks) else np.concatenate(masks))
+
+
+def batch_predict(files: list[str], model_dirs: dict[str, Path], image_size: int, config: Config
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Ray Data batch inference: for each model, (image_ids, probabilities (N, C)) over the shards."""
+    import ray
+
+    ev = config.evaluate
+    if ev.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) < ev.gpus_per_actor:
+        raise ValueError(f"evaluate.gpus_per_actor={ev.gpus_per_actor} but the Ray cluster has no GPU; set it to 0")
+    out = {}
+    for name, model_dir in model_dirs.items():
+        ds = ray.data.read_parquet(files, columns=["image_id", "image"])
+        scored = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={"model_dir": str(model_dir), "image_size": image_size, "tta": ev.tta,
+                                   "use_gpu": ev.gpus_per_actor > 0},
+            compute=ray.data.ActorPoolStrategy(size=ev.actors),
+            num_cpus=ev.cpus_per_actor,
+            num_gpus=ev.gpus_per_actor,
+            batch_size=ev.batch_size,
+            batch_format="numpy",
+        )
+        ids, probs = [], []
+        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+            ids.extend(str(i) for i in batch["image_id"])
+            probs.append(np.asarray(batch["probs"], dtype=np.float64))
+        out[name] = (np.asarray(ids), np.concatenate(probs))
+        log.info("%s: scored %d images", name, len(ids))
+    return out
+
+
+def _aligned(image_ids: pd.Series, ids: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    position = pd.Series(np.arange(len(ids)), index=ids)
+    missing = set(image_ids) - set(ids)
+    if missing:
+        raise RuntimeError(f"batch inference returned no result for {len(missing)} images, e.g. {sorted(missing)[:3]}")
+    return probs[position.loc[image_ids.to_numpy()].to_numpy()]
+
+
+def isic_table(image_ids, probs: np.ndarray, task: str) -> pd.DataFrame:
+    """Predictions in the ISIC 2018 Task 3 format (``image`` + one upper-case column per class), or
+    ``image,malignant`` for the binary task."""
+    if task == "binary":
+        return pd.DataFrame({"image": list(image_ids), "malignant": probs[:, 1]})
+    table = pd.DataFrame(probs, columns=[c.upper() for c in class_names(task)])
+    table.insert(0, "image", list(image_ids))
+    return table
+
+
+def explanation_quality(run: RunDir, models: list[str], spec: ensemble.EnsembleSpec, images: np.ndarray,
+                        masks: np.ndarray | None, methods: list[str]) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """CAM-vs-mask scores and faithfulness per model and method, and the ensemble's mask scores.
+
+    Members explain their own predicted class; the ensemble's map is the weighted mean of the members' maps of the
+    ensemble's predicted class. Returns (section for metrics.json, {method: {model or "ensemble": cams}}).
+    """
+    section: dict[str, Any] = {"n_images": int(len(images)), "has_masks": masks is not None, "methods": methods,
+                               "targets": "predicted class", "models": {}}
+    cams: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
+    loaded = {name: load_trained(run.model_dir(name)) for name in models}
+    inputs = {name: model_input(images, info["mean"], info["std"], int(info["input_size"]))
+              for name, (_, info) in loaded.items()}
+    probs = {name: ensemble.predict_proba(net, info, images) for name, (net, info) in loaded.items()}
+    ens_targets = ensemble.combine(probs, spec).argmax(axis=1).tolist()
+    for name, (net, info) in loaded.items():
+        section["models"][name] = {}
+        for method in methods:
+            maps = explain.explain_batch(net, info, inputs[name], None, method)
+            entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
+            entry.update(explain.faithfulness(net, info, inputs[name], maps))
+            entry["n_images"] = int(len(images))
+            section["models"][name][method] = entry
+            cams[method][name] = maps
+    section["models"]["ensemble"] = {}
+    for method in methods:
+        member_maps = {name: explain.explain_batch(net, info, inputs[name], ens_targets, method)
+                       for name, (net, info) in loaded.items()}
+        maps = explain.ensemble_cam(member_maps, {n: spec.weights[n] for n in member_maps}, size=images.shape[1:3])
+        entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
+        entry["n_images"] = int(len(images))
+        section["models"]["ensemble"][method] = entry
+        cams[method]["ensemble"] = maps
+    return section, cams
+
+
+def _histories(run: RunDir, models: list[str]) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name in models:
+        path = run.model_dir(name) / "history.csv"
+        if path.is_file():
+            out[name] = pd.read_csv(path)
+    return out
+
+
+def output_dir(run: RunDir, data_run: RunDir | None) -> Path:
+    """``RUN/eval`` for the run's own data, else ``RUN/eval/external/<name>``."""
+    if data_run is None or data_run.root == run.root:
+        return run.eval
+    external = run.eval / "external"
+    if data_run.root.parent == external:
+        return data_run.root
+    return external / data_run.root.name
+
+
+def evaluation_fingerprint(config: Config, run: RunDir, split: str, data_run: RunDir | None = None) -> str:
+    """What an evaluation depends on: checkpoints, both data sets, the split and the evaluate/serve options."""
+    data_run = data_run or run
+    shas = {name: ensemble.checkpoint_sha256(run.model_dir(name)) for name in run.trained_models()}
+    sv = config.serve
+    return fingerprint(shas, read_info(run.root).get("fingerprint"), read_info(data_run.root).get("fingerprint"), split,
+                       config.to_dict()["evaluate"], sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin)
+
+
+def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir | None = None, *,
+             force: bool = False) -> dict:
+    """Score every trained model of ``run`` and the ensemble on ``split`` of ``data_run`` (default: the run's own
+    data; ``all`` = every split, for an external set). Writes the evaluation folder and returns metrics.json's
+    content. With ``force=False`` an evaluation already made with the same fingerprint is returned unchanged."""
+    data_run = data_run or run
+    out = output_dir(run, data_run)
+    external = out != run.eval
+    artefact = "eval" if not external else f"eval/external/{out.name}"
+    fp = evaluation_fingerprint(config, run, split, data_run)
+    if not force and run.is_current(artefact, fp) and (out / "metrics.json").is_file():
+        log.info("%s is current (fingerprint %s): not re-evaluating", out, fp)
+        return json.loads((out / "metrics.json").read_text())
+    models = run.trained_models()
+    if not models:
+        raise FileNotFoundError(f"no trained models under {run.models}: run `lesion train --run {run.root}` first")
+    ev = config.evaluate
+    spec = ensemble.load_or_fit(run, config, models)
+    info = read_info(data_run.root)
+    if info["task"] != spec.task:
+        raise ValueError(f"{data_run.root} holds a {info['task']} data set but the models of {run.root} are {spec.task}")
+    if split == "val" and not external:
+        log.warning("evaluating on the validation split, which the ensemble was fitted on: its scores are optimistic")
+    task, classes = spec.task, list(class_names(spec.task))
+    files = evaluation_files(data_run.root, split)
+    meta = read_meta(files)
+    labels = meta["label"].to_numpy(np.int64)
+    init_ray()
+    scored = batch_predict(files, {n: run.model_dir(n) for n in models}, int(info["image_size"]), config)
+    probs = {name: _aligned(meta["image_id"], *scored[name]) for name in models}
+
+    out.mkdir(parents=True, exist_ok=True)
+    groups = meta["lesion_id"].fillna(meta["image_id"]).to_numpy()  # an image without lesion_id is its own lesion
+    report_kwargs = {"groups": groups, "meta": meta,
+                     "n_bootstrap": ev.bootstrap, "seed": config.data.seed}
+    results: dict[str, dict] = {}
+    for name in models:
+        model_info = json.loads((run.model_dir(name) / "model.json").read_text())
+        calibrated = apply_temperature(probs[name], spec.temperatures[name])
+        results[name] = {
+            **metrics.classification_report(labels, probs[name], task, **report_kwargs),
+            "calibration": _calibration(labels, probs[name], calibrated, spec.temperatures[name]),
+            "pretrained": model_info.get("pretrained"),
+            "run_id": model_info.get("run_id"),
+            "checkpoint_sha256": spec.model_versions.get(name, {}).get("checkpoint_sha256"),
+            "ensemble_weight": spec.weights[name],
+        }
+    final = ensemble.combine(probs, spec)
+    decisions, _ = ensemble.decide(final, spec)
+    results["ensemble"] = {
+        **metrics.classification_report(labels, final, task, malignant_threshold=spec.malignant_threshold,
+                                        **report_kwargs),
+        "calibration": _calibration(labels, ensemble.mix(probs, spec.weights), final, spec.temperature),
+        "members": spec.models,
+        "weights": spec.weights,
+        "weighting": spec.weighting,
+        "decision": {
+            "malignant_threshold": spec.malignant_threshold,
+            "target_sensitivity": spec.target_sensitivity,
+            "ood_threshold": spec.ood_threshold,
+            "uncertain_margin": spec.uncertain_margin,
+            "counts": {d: decisions.count(d) for d in ("malignant", "benign", "uncertain")},
+            "share_uncertain": decisions.count("uncertain") / max(len(decisions), 1),
+        },
+    }
+    all_probs = {**probs, "ensemble": final}
+    _write_predictions(out, meta, classes, task, all_probs, decisions)
+
+    result: dict[str, Any] = {
+        "split": split,
+        "task": task,
+        "classes": classes,
+        "tta": ev.tta,
+        "external": external,
+        "data": {
+            "run": str(data_run.root), "source": info.get("source"), "fingerprint": info.get("fingerprint"),
+            "image_size": info.get("image_size"), "n_images": int(len(meta)),
+            "n_lesions": int(len(set(groups))), "counts": info.get("counts"),
+        },
+        "ensemble_spec": {"file": str(run.eval / ensemble.SPEC_FILE), "fitted_on": spec.fitted_on,
+                          "validation": spec.validation},
+        "models": results,
+        "explanations": {},
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+    }
+    figures = _figures(out, run, models, labels, all_probs, ensemble.mix(probs, spec.weights), classes, task, results)
+    if ev.cam_methods and ev.cam_score_images > 0:
+        rows = np.unique(np.linspace(0, len(meta) - 1, min(ev.cam_score_images, len(meta))).astype(int))
+        images, masks = read_rows(files, rows, int(info["image_size"]))
+        result["explanations"], cams = explanation_quality(run, models, spec, images, masks, list(ev.cam_methods))
+        shown = np.unique(np.linspace(0, len(images) - 1, min(ev.cam_images, len(images))).astype(int))
+        method = ev.cam_methods[0]
+        overlays = {name: np.stack([explain.overlay(images[i], cams[method][name][i]) for i in shown])
+                    for name in [*models, "ensemble"]}
+        row_labels = [f"{classes[labels[rows[i]]]} → {classes[final[rows[i]].argmax()]}" for i in shown]
+        figures[f"{method} maps: image, one column per model and the ensemble (true → ensemble prediction)"] = (
+            report.plot_cam_grid(images[shown], overlays, out / "plots" / "cam_grid.png", row_labels))
+
+    (out / "metrics.json").write_text(json.dumps(metrics.json_safe(result), indent=2, allow_nan=False))
+    report.render_html(metrics.json_safe(result), figures, out / "report.html")
+    report.render_model_card(metrics.json_safe(result), out / "model_card.md")
+    run.record(artefact, config=config.to_dict(), fingerprint=fp, split=split, data=str(data_run.root),
+               models=models, output=str(out))
+    log.info("evaluation written to %s", out)
+    return metrics.json_safe(result)
+
+
+def _calibration(labels, before: np.ndarray, after: np.ndarray, temperature: float) -> dict[str, float]:
+    return {
+        "temperature": temperature,
+        "ece_before": metrics.expected_calibration_error(labels, before),
+        "ece_after": metrics.expected_calibration_error(labels, after),
+        "log_loss_before": metrics.log_loss(labels, before),
+        "log_loss_after": metrics.log_loss(labels, after),
+    }
+
+
+def _write_predictions(out: Path, meta: pd.DataFrame, classes: list[str], task: str,
+                       probs: dict[str, np.ndarray], decisions: list[str]) -> None:
+    folder = out / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, p in probs.items():
+        isic_table(meta["image_id"], p, task).to_csv(folder / f"{name}.csv", index=False, float_format="%.6f")
+    long = meta[["image_id", "lesion_id", "dx", "age", "sex", "localization"]].copy()
+    long.insert(2, "true_label", [classes[i] for i in meta["label"]])
+    for name, p in probs.items():
+        for k, cls in enumerate(classes):
+            long[f"{name}:{cls}"] = np.round(p[:, k], 6)
+    long["ensemble_decision"] = decisions
+    long.to_csv(out / "predictions_long.csv", index=False)
+
+
+def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, probs: dict[str, np.ndarray],
+             uncalibrated: np.ndarray, classes: list[str], task: str, results: dict) -> dict[str, Path]:
+    plots = out / "plots"
+    figures: dict[str, Path] = {}
+    histories = _histories(run, models)
+    if histories:
+        figures["Learning curves (train and validation)"] = report.plot_learning_curves(
+            histories, plots / "learning_curves.png")
+    figures["Confusion matrices (rows: true class)"] = report.plot_confusion_matrices(
+        {name: results[name]["confusion_matrix"] for name in probs}, classes, plots / "confusion_matrices.png")
+    figures["ROC curves, malignant vs benign"] = report.plot_roc_curves(labels, probs, task, plots / "roc_curves.png")
+    figures["Reliability diagrams (models uncalibrated; ensemble before and after temperature scaling)"] = (
+        report.plot_reliability(labels, {**{n: probs[n] for n in models}, "ensemble (uncalibrated)": uncalibrated,
+                                         "ensemble": probs["ensemble"]}, plots / "reliability.png"))
+    augment = run.data / "augment_examples.png"
+    if augment.is_file():
+        plots.mkdir(parents=True, exist_ok=True)
+        figures["Original / augmented pairs (training augmentation)"] = Path(
+            shutil.copy(augment, plots / "augment_examples.png"))
+    return figures
+
+
+def ingest_external(config: Config, run: RunDir, source: str, root: str | None) -> RunDir:
+    """Ingest another data set into ``RUN/eval/external/<name>`` with the run's preprocessing configuration."""
+    from pipelines.ingest import ingest
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name if root else source).strip("_.") or source
+    target = RunDir(run.eval / "external" / name)
+    ingest(apply_overrides(config, {"data.source": source, "data.root": root}), target)
+    return target
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run directory with trained models")
+    parser.add_argument("--config", help="config file (default: RUN/config.yaml)")
+    parser.add_argument("--split", choices=[*SPLITS, "all"],
+                        help="split to score (default: evaluate.split; 'all' for an external data set)")
+    parser.add_argument("--tta", action="store_true", default=None, help="test-time augmentation (flips)")
+    parser.add_argument("--data", help="score another already ingested run directory (an external test set)")
+    parser.add_argument("--source", help="ingest and score another data set of this source kind "
+                                         "(ham10000, isic-task3, isic-binary, folder, parquet)")
+    parser.add_argument("--root", help="folder or file of --source")
+    parser.add_argument("--force", action="store_true", help="re-evaluate even if nothing changed")
+
+
+def run_command(name: str, args: argparse.Namespace) -> int:
+    run = RunDir(args.run)
+    if args.data and args.source:
+        raise ValueError("give either --data (an ingested run) or --source/--root, not both")
+    config = resolve_config(run, args.config, {"evaluate.tta": args.tta})
+    data_run = None
+    if args.data:
+        data_run = RunDir(args.data)
+    elif args.source:
+        data_run = ingest_external(config, run, args.source, args.root)
+    split = args.split or ("all" if data_run is not None else config.evaluate.split)
+    result = evaluate(config, run, split, data_run, force=args.force)
+    print(f"{'model':<22} {'acc':>6} {'bal.acc':>8} {'macroAUC':>9} {'malAUC':>7} {'ECE':>6}")
+    for model, m in result["models"].items():
+        print(f"{model:<22} {_num(m['accuracy']):>6} {_num(m['balanced_accuracy']):>8} {_num(m['macro']['auc']):>9} "
+              f"{_num(m['binary']['auc']):>7} {_num(m['calibration']['ece_after']):>6}")
+    print(f"report: {output_dir(run, data_run) / 'report.html'}")
+    return 0
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,393 @@
+"""``lesion ingest`` and ``lesion data summary``: read a data set, split it by lesion, preprocess every image once with
+Ray Data, and write the shard format of ``lesion.data.shards`` to ``RUN_DIR/data/``.
+
+The driver reads the source (paths, or encoded bytes for synthetic/Parquet sources; never pixels), splits it, and
+hands the records to Ray Data in blocks; ``map_batches`` tasks (one CPU each, as many as the cluster has) decode,
+crop the border, remove hair and resize; the driver streams the results into Parquet shards per split. An image
+that fails to decode becomes a rejected row (file, reason) in ``rejected.csv``; nothing is dropped silently.
+
+A fingerprint of the data config, the source files (names, sizes, modification times) and the ingest code is kept in
+the manifest: a second ingest with the same inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lesion.config import SOURCES, TASKS, Config, DataConfig
+from lesion.data import preprocess as prep
+from lesion.data import shards, sources, splits, synthetic
+from lesion.data.augment import save_augment_figure
+from lesion.data.shards import SHARD_SCHEMA, SPLITS
+from lesion.labels import class_names
+from lesion.rundir import RunDir, fingerprint
+from pipelines.common import init_ray, resolve_config
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 32  # images per Ray Data block (= per preprocessing task)
+FIGURE_IMAGES = 6  # image pairs in the preprocessing and augmentation figures
+INPUT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()), ("lesion_id", pa.string()), ("label", pa.int64()), ("dx", pa.string()),
+        ("dx_type", pa.string()), ("age", pa.float64()), ("sex", pa.string()), ("localization", pa.string()),
+        ("split", pa.string()), ("file", pa.string()), ("path", pa.string()), ("image_bytes", pa.binary()),
+        ("mask_path", pa.string()), ("mask_bits", pa.binary()), ("mask_file", pa.string()),
+    ]
+)
+OUTPUT_SCHEMA = pa.schema(
+    [*SHARD_SCHEMA, ("split", pa.string()), ("file", pa.string()), ("error", pa.string()),
+     ("mask_file", pa.string()), ("mask_error", pa.string())]
+)
+SPLIT_COLUMNS = ("image_id", "lesion_id", "label", "dx", "split", "dx_type", "age", "sex", "localization")
+
+
+def code_version() -> str:
+    """Hash of the code that shapes the ingested data (readers, split, preprocessing, generator, format, this file)."""
+    digest = hashlib.sha256()
+    for module in (sources, splits, prep, synthetic, shards):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(data_config: DataConfig) -> str:
+    """Fingerprint of an ingest: data config, source file list (names, sizes, mtimes) and code version."""
+    values = dataclasses.asdict(data_config)
+    if values["root"] is not None:
+        values["root"] = str(Path(values["root"]).expanduser().resolve())
+    return fingerprint("ingest", values, sources.input_files(data_config), code_version())
+
+
+def ingest(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
+    """Ingest ``config.data`` into ``run.data``; skipped when the fingerprint is unchanged (unless ``force``).
+
+    Returns a summary: info.json's content plus ``skipped``, ``rejected`` (count) and ``seconds``.
+    """
+    data_config = config.data
+    splits.check_fractions(data_config.split)
+    class_names(data_config.task)
+    fp = data_fingerprint(data_config)
+    if not force and run.is_current("data", fp) and (run.data / "info.json").is_file():
+        log.info("data: unchanged (fingerprint %s), skipping ingest of %s; use --force to redo it", fp, run.data)
+        return {**shards.read_info(run.root), "skipped": True}
+
+    started = time.perf_counter()
+    records, rejected = sources.read_source(data_config)
+    partial = run.root / "data.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if not records:
+        _fail(partial, rejected, data_config)
+    labels = [r["label"] for r in records]
+    for record, name in zip(records, splits.split_by_lesion(labels, [r["lesion_id"] for r in records],
+                                                            data_config.split, data_config.seed)):
+        record["split"] = str(name)
+        record["lesion_id"] = record["lesion_id"] or record["image_id"]  # no lesion id: the image is its own lesion
+    log.info("ingest: %d images from %s (%d rejected while reading); preprocessing with Ray Data",
+             len(records), data_config.source, len(rejected))
+
+    init_ray()
+    processed = time.perf_counter()
+    written = _process(records, data_config, partial)
+    seconds = time.perf_counter() - processed
+    rejected += written["rejected"]
+    table = written["split_table"]
+    if table.empty:
+        _fail(partial, rejected, data_config)
+    _write_rejected(partial, rejected)
+    table.to_csv(partial / "split.csv", index=False)
+    info = _info(data_config, fp, table, written["has_masks"], len(rejected), seconds)
+    (partial / "info.json").write_text(json.dumps(info, indent=2))
+    _figures(records, table, written["train_sample"], data_config, partial)
+    _replace(partial, run.data)
+    run.record("data", config=dataclasses.asdict(data_config), fingerprint=fp, num_images=info["num_images"],
+               rejected=len(rejected))
+    run.push("data")
+    total = time.perf_counter() - started
+    log.info("ingest: %d images kept, %d rejected, in %.1f s (preprocessing %.1f images/s) -> %s",
+             info["num_images"], len(rejected), total, info["images_per_second"], run.data)
+    return {**info, "skipped": False, "seconds_total": total}
+
+
+def _fail(partial: Path, rejected: list[tuple[str, str]], data_config: DataConfig) -> None:
+    _write_rejected(partial, rejected)
+    shown = "; ".join(f"{file}: {reason}" for file, reason in rejected[:5])
+    more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
+    raise ValueError(f"ingest: no usable image in source {data_config.source!r} at {data_config.root}: "
+                     f"{len(rejected)} input(s) rejected, listed in {partial / 'rejected.csv'}: {shown}{more}")
+
+
+def _write_rejected(folder: Path, rejected: list[tuple[str, str]]) -> None:
+    pd.DataFrame(rejected, columns=["file", "reason"]).to_csv(folder / "rejected.csv", index=False)
+
+
+def _replace(partial: Path, target: Path) -> None:
+    """Move the freshly written data folder into place (the old one is removed only once the new one is complete)."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _input_table(records: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{name: r.get(name) for name in INPUT_SCHEMA.names} for r in records],
+                                schema=INPUT_SCHEMA)
+
+
+def _process(records: list[dict], data_config: DataConfig, folder: Path) -> dict[str, Any]:
+    """Preprocess the records with Ray Data and stream the results into ``folder/<split>/part-*.parquet``."""
+    import ray
+
+    table = _input_table(records)
+    blocks = [table.slice(start, BLOCK_ROWS) for start in range(0, table.num_rows, BLOCK_ROWS)]
+    dataset = ray.data.from_arrow(blocks)
+    dataset.context.execution_options.preserve_order = True  # same inputs -> same shard contents
+    dataset = dataset.map_batches(preprocess_batch, batch_size=None, batch_format="pyarrow",
+                                  fn_kwargs={"data_config": data_config}, num_cpus=1)
+    writers = {name: _ShardWriter(folder / name, data_config.shard_rows) for name in SPLITS}
+    rejected: list[tuple[str, str]] = []
+    split_rows: list[pd.DataFrame] = []
+    train_sample: list[np.ndarray] = []
+    has_masks = False
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        failed = batch.filter(pc.is_valid(batch["error"]))
+        rejected += zip(failed["file"].to_pylist(), failed["error"].to_pylist())
+        bad_masks = batch.filter(pc.is_valid(batch["mask_error"]))
+        rejected += zip(bad_masks["mask_file"].to_pylist(), bad_masks["mask_error"].to_pylist())
+        kept = batch.filter(pc.is_null(batch["error"]))
+        has_masks = has_masks or kept["mask"].null_count < kept.num_rows
+        for name, writer in writers.items():
+            part = kept.filter(pc.equal(kept["split"], name))
+            writer.add(part.select(SHARD_SCHEMA.names))
+            if name == "train" and len(train_sample) < FIGURE_IMAGES and part.num_rows:
+                images = shards.decode_images(part["image"].to_pylist(), data_config.image_size)
+                train_sample += list(images[: FIGURE_IMAGES - len(train_sample)])
+        split_rows.append(kept.select(list(SPLIT_COLUMNS)).to_pandas())
+    for writer in writers.values():
+        writer.close()
+    split_table = pd.concat(split_rows, ignore_index=True) if split_rows else pd.DataFrame(columns=SPLIT_COLUMNS)
+    return {"rejected": rejected, "split_table": split_table, "train_sample": train_sample, "has_masks": has_masks}
+
+
+class _ShardWriter:
+    """Buffers rows of one split and writes ``part-NNNNN.parquet`` files of ``rows`` rows as they fill."""
+
+    def __init__(self, folder: Path, rows: int):
+        self.folder, self.rows, self.parts, self.buffer = folder, rows, 0, []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.buffer.append(table)
+        while sum(t.num_rows for t in self.buffer) >= self.rows:
+            full = pa.concat_tables(self.buffer)
+            self._write(full.slice(0, self.rows))
+            self.buffer = [full.slice(self.rows)]
+
+    def close(self) -> None:
+        rest = pa.concat_tables(self.buffer) if self.buffer else SHARD_SCHEMA.empty_table()
+        if rest.num_rows or self.parts == 0:  # an empty split still gets one (empty) shard
+            if rest.num_rows == 0:
+                log.warning("ingest: split %s is empty", self.folder.name)
+            self._write(rest)
+
+    def _write(self, table: pa.Table) -> None:
+        pq.write_table(table.cast(SHARD_SCHEMA), self.folder / f"part-{self.parts:05d}.parquet")
+        self.parts += 1
+
+
+def preprocess_batch(batch: pa.Table, data_config: DataConfig) -> pa.Table:
+    """Ray Data UDF: decode + preprocess each row of an INPUT_SCHEMA batch into an OUTPUT_SCHEMA row.
+
+    A row whose image cannot be used gets ``error`` (the reason) and no image; a row whose mask cannot be used keeps
+    its image and gets ``mask_error``.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)  # Ray runs one task per CPU; OpenCV's own threads would oversubscribe
+    out = {name: [] for name in OUTPUT_SCHEMA.names}
+    for row in batch.to_pylist():
+        image = mask = error = mask_error = None
+        try:
+            original = prep.decode_image(row["path"] or row["image_bytes"], max_pixels=data_config.max_image_pixels)
+            raw_mask, mask_error = _load_mask(row, original.shape[:2])
+            pixels, small_mask = prep.preprocess(original, data_config, raw_mask)
+            image = pixels.tobytes()
+            mask = None if small_mask is None else small_mask.astype(np.uint8).tobytes()
+        except (prep.ImageError, ValueError, OSError, cv2.error) as exc:
+            error = str(exc) if isinstance(exc, prep.ImageError) else f"cannot preprocess: {exc}"
+        for name in ("image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization", "split",
+                     "file", "mask_file"):
+            out[name].append(row[name])
+        out["image"].append(image)
+        out["mask"].append(mask)
+        out["error"].append(error)
+        out["mask_error"].append(mask_error)
+    return pa.table(out, schema=OUTPUT_SCHEMA)
+
+
+def _load_mask(row: dict, shape: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    """The row's lesion mask as bool H x W matching the image, or (None, reason) when it cannot be used."""
+    if row["mask_path"]:
+        try:
+            mask = prep.decode_image(row["mask_path"])[..., 0] > 0
+        except prep.ImageError as exc:
+            return None, f"mask unusable, image kept without mask: {exc}"
+    elif row["mask_bits"]:
+        packed = np.frombuffer(row["mask_bits"], np.uint8)
+        if packed.size % shape[0] or packed.size // shape[0] * 8 < shape[1]:
+            return None, (f"mask unusable, image kept without mask: {packed.size} packed bytes do not fit "
+                          f"the {shape[1]}x{shape[0]} image")
+        mask = np.unpackbits(packed.reshape(shape[0], -1), axis=1)[:, : shape[1]].astype(bool)
+    else:
+        return None, None
+    if mask.shape != shape:
+        return None, (f"mask unusable, image kept without mask: mask is {mask.shape[1]}x{mask.shape[0]}, "
+                      f"image is {shape[1]}x{shape[0]}")
+    return mask, None
+
+
+def _info(data_config: DataConfig, fp: str, table: pd.DataFrame, has_masks: bool, rejected: int,
+          seconds: float) -> dict[str, Any]:
+    classes = list(class_names(data_config.task))
+    counts = {name: {c: int(((table["split"] == name) & (table["label"] == i)).sum()) for i, c in enumerate(classes)}
+              for name in SPLITS}
+    return {
+        "task": data_config.task,
+        "classes": classes,
+        "image_size": data_config.image_size,
+        "source": data_config.source,
+        "root": None if data_config.root is None else str(Path(data_config.root).expanduser().resolve()),
+        "fingerprint": fp,
+        "counts": counts,
+        "has_masks": bool(has_masks),
+        "num_images": int(len(table)),
+        "num_lesions": int(table["lesion_id"].nunique()),
+        "rejected": rejected,
+        "split_fractions": list(data_config.split),
+        "seed": data_config.seed,
+        "crop_border": data_config.crop_border,
+        "remove_hair": data_config.remove_hair,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(table) / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def _figures(records: list[dict], table: pd.DataFrame, train_sample: list[np.ndarray], data_config: DataConfig,
+             folder: Path) -> None:
+    """preprocess_examples.png (original vs preprocessed, one image per class) and augment_examples.png."""
+    kept = set(table["image_id"])
+    chosen: dict[int, dict] = {}
+    for record in records:
+        if record["image_id"] in kept and record["label"] not in chosen:
+            chosen[record["label"]] = record
+    names = class_names(data_config.task)
+    pairs, titles = [], []
+    for label, record in sorted(chosen.items())[:FIGURE_IMAGES]:
+        original = prep.decode_image(record["path"] or record["image_bytes"], max_pixels=data_config.max_image_pixels)
+        pairs.append((original, prep.preprocess(original, data_config)[0]))
+        titles.append(f"{record['image_id']} ({names[label]})")
+    prep.save_preprocess_figure(pairs, folder / "preprocess_examples.png", titles)
+    if train_sample:
+        save_augment_figure(np.stack(train_sample), folder / "augment_examples.png")
+
+
+def format_counts(info: dict[str, Any]) -> str:
+    """Counts per class (rows) and split (columns), with totals, as a text table."""
+    classes = info["classes"]
+    counts = info["counts"]
+    width = max(len(c) for c in [*classes, "total"])
+    lines = [f"{'class':<{width}}" + "".join(f"{s:>8}" for s in (*SPLITS, "total"))]
+    for name in classes:
+        row = [counts[s].get(name, 0) for s in SPLITS]
+        lines.append(f"{name:<{width}}" + "".join(f"{n:>8}" for n in (*row, sum(row))))
+    totals = [sum(counts[s].values()) for s in SPLITS]
+    lines.append(f"{'total':<{width}}" + "".join(f"{n:>8}" for n in (*totals, sum(totals))))
+    return "\n".join(lines)
+
+
+def add_arguments(name: str, parser) -> None:
+    """Flags of ``lesion ingest`` and ``lesion data summary``."""
+    if name == "data":
+        parser.add_argument("action", choices=["summary"], help="summary: what was ingested, and what was rejected")
+        parser.add_argument("--run", required=True, help="run directory (ingested with `lesion ingest`)")
+        parser.add_argument("--config", help="accepted as by every command; the summary reads RUN/data only")
+        return
+    parser.add_argument("--run", required=True, help="run directory to write (RUN/data/)")
+    parser.add_argument("--config", help="YAML config (default: RUN/config.yaml, else the built-in defaults)")
+    parser.add_argument("--source", choices=SOURCES, help="data set reader (default: synthetic)")
+    parser.add_argument("--root", help="data set folder or file (not needed for synthetic)")
+    parser.add_argument("--task", choices=TASKS, help="multiclass (7 dx classes) or binary (malignant vs benign)")
+    parser.add_argument("--image-size", type=int, help="side of the cached square images, in pixels")
+    parser.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="split fractions")
+    parser.add_argument("--seed", type=int, help="seed of the split and of the synthetic generator")
+    parser.add_argument("--count", type=int, help="images drawn by the synthetic source")
+    parser.add_argument("--crop-border", action=argparse.BooleanOptionalAction, help="crop the black dermatoscope border")
+    parser.add_argument("--remove-hair", action=argparse.BooleanOptionalAction, help="remove hair and small dark artefacts")
+    parser.add_argument("--image-column", help="parquet sources: column of image bytes")
+    parser.add_argument("--label-column", help="parquet sources: column of labels")
+    parser.add_argument("--id-column", help="parquet sources: column of image ids")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started here (default: all)")
+    parser.add_argument("--force", action="store_true", help="ingest again even when the fingerprint is unchanged")
+
+
+def run_command(name: str, args) -> int:
+    """Run ``lesion ingest`` or ``lesion data summary``."""
+    run = RunDir(args.run)
+    if name == "data":
+        print_summary(run)
+        return 0
+    overrides = {
+        "data.source": args.source,
+        "data.root": str(Path(args.root).expanduser().resolve()) if args.root else None,
+        "data.task": args.task,
+        "data.image_size": args.image_size,
+        "data.split": args.split,
+        "data.seed": args.seed,
+        "data.synthetic_count": args.count,
+        "data.crop_border": args.crop_border,
+        "data.remove_hair": args.remove_hair,
+        "data.image_column": args.image_column,
+        "data.label_column": args.label_column,
+        "data.id_column": args.id_column,
+    }
+    config = resolve_config(run, args.config, overrides)
+    init_ray(num_cpus=args.num_cpus)
+    summary = ingest(config, run, force=args.force)
+    state = "unchanged, skipped (use --force to redo)" if summary["skipped"] else f"written in {summary['seconds']} s"
+    print(f"data: {run.data} ({state})")
+    print(format_counts(summary))
+    print(f"rejected: {summary['rejected']} (see `lesion data summary --run {args.run}`)")
+    return 0
+
+
+def print_summary(run: RunDir) -> None:
+    """Print what ``run`` holds: source, task, sizes, counts per class and split, and every rejected file."""
+    info = shards.read_info(run.root)
+    for key in ("source", "root", "task", "image_size", "num_images", "num_lesions", "has_masks", "split_fractions",
+                "seed", "crop_border", "remove_hair", "fingerprint"):
+        print(f"{key:>15}: {info.get(key)}")
+    print()
+    print(format_counts(info))
+    rejected_path = run.data / "rejected.csv"
+    rejected = pd.read_csv(rejected_path) if rejected_path.is_file() else pd.DataFrame(columns=["file", "reason"])
+    print(f"\nrejected: {len(rejected)}")
+    for row in rejected.itertuples(index=False):
+        print(f"  {row.file}: {row.reason}")

@@ -1,0 +1,168 @@
+"""``lesion predict``: class probabilities and a decision for image files, offline from a run directory or through a
+served API.
+
+- ``lesion predict --run RUN FOLDER_OR_FILES... --out preds.csv``: every image is decoded and preprocessed exactly as
+  at ingest (``preprocess_bytes`` with the run's data config), then the evaluation transform; every trained model,
+  the calibrated ensemble and its decision (``lesion.ensemble.decide``).
+- ``lesion predict --url http://HOST:8000 IMAGE... [--json]``: POSTs each image to ``/v1/predict`` (multipart field
+  ``file``) and prints a table (or the JSON responses).
+
+A file that cannot be used is reported on its own row (``status`` = error, ``error`` = the reason); the others are
+still predicted. The exit status is 0 when every file was predicted, 1 when some failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lesion import ensemble
+from lesion.config import Config, load_config
+from lesion.data.preprocess import ImageError, preprocess_bytes
+from lesion.explain import run_data_config
+from lesion.labels import malignant_indices
+from lesion.models import load_trained
+from lesion.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+CHUNK = 64  # images decoded and predicted at a time
+
+
+def collect_files(inputs: list[str]) -> list[Path]:
+    """Files named directly (any suffix) plus the image files found under named folders, in a stable order."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def _run_config(run: RunDir, config_path: str | None) -> Config:
+    saved = run.root / "config.yaml"
+    return load_config(config_path or (saved if saved.is_file() else None))
+
+
+def predict_files(run: RunDir, inputs: list[str], config: Config | None = None, device: str = "cpu") -> pd.DataFrame:
+    """One row per file: file, status, error, predicted_class, malignant_probability, decision, decision_reason,
+    ``ensemble:<class>`` (calibrated) and ``<model>:<class>`` (raw) probabilities."""
+    config = config or _run_config(run, None)
+    data_config = run_data_config(run, config)
+    spec = ensemble.load_or_fit(run, config, device=device)
+    loaded = {name: load_trained(run.model_dir(name), device=device) for name in spec.models}
+    classes = spec.classes
+    rows: list[dict[str, Any]] = []
+    files = collect_files(inputs)
+    if not files:
+        raise FileNotFoundError(f"no image files found in {', '.join(inputs)}")
+    for start in range(0, len(files), CHUNK):
+        good, images = [], []
+        for path in files[start:start + CHUNK]:
+            try:
+                images.append(preprocess_bytes(path.read_bytes(), data_config))
+                good.append(path)
+            except (ImageError, OSError) as exc:
+                rows.append({"file": str(path), "status": "error", "error": str(exc)})
+                log.warning("%s: %s", path, exc)
+        if not good:
+            continue
+        batch = np.stack(images)
+        probs = {name: ensemble.predict_proba(net, info, batch, batch_size=config.evaluate.batch_size,
+                                              tta=config.evaluate.tta, device=device)
+                 for name, (net, info) in loaded.items()}
+        final = ensemble.combine(probs, spec)
+        decisions, reasons = ensemble.decide(final, spec)
+        p_mal = final[:, malignant_indices(spec.task)].sum(axis=1)
+        for k, path in enumerate(good):
+            row = {"file": str(path), "status": "ok", "error": "", "predicted_class": classes[int(final[k].argmax())],
+                   "malignant_probability": round(float(p_mal[k]), 6), "decision": decisions[k],
+                   "decision_reason": reasons[k]}
+            row.update({f"ensemble:{c}": round(float(final[k, j]), 6) for j, c in enumerate(classes)})
+            for name, p in probs.items():
+                row.update({f"{name}:{c}": round(float(p[k, j]), 6) for j, c in enumerate(classes)})
+            rows.append(row)
+    order = {str(p): i for i, p in enumerate(files)}
+    table = pd.DataFrame(rows)
+    return table.sort_values("file", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+
+def predict_url(url: str, inputs: list[str], api_key: str | None = None, timeout: float = 60.0) -> list[dict]:
+    """POST each image to ``URL/v1/predict``; one dict per file: ``{"file", **response}`` or ``{"file", "error"}``."""
+    import requests
+
+    endpoint = url.rstrip("/") + "/v1/predict"
+    headers = {"X-API-Key": api_key} if api_key else {}
+    results = []
+    for path in collect_files(inputs):
+        try:
+            data = path.read_bytes()
+            mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            response = requests.post(endpoint, files={"file": (path.name, data, mime)}, headers=headers,
+                                     timeout=timeout)
+        except (OSError, requests.RequestException) as exc:
+            results.append({"file": str(path), "error": str(exc)})
+            continue
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"detail": response.text[:200]}
+        if response.status_code != 200:
+            detail = body.get("detail", body.get("error", body)) if isinstance(body, dict) else body
+            results.append({"file": str(path), "error": f"HTTP {response.status_code}: {detail}"})
+        else:
+            results.append({"file": str(path), **body})
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: file, predicted class, malignant probability, decision (or the error)."""
+    lines = [f"{'file':<32} {'class':<6} {'p(mal)':>7} {'decision':<10} note"]
+    for row in rows:
+        name = Path(row["file"]).name[-32:]
+        if row.get("error"):
+            lines.append(f"{name:<32} {'-':<6} {'-':>7} {'error':<10} {row['error']}")
+            continue
+        note = f"{row['latency_ms']:.0f} ms" if isinstance(row.get("latency_ms"), (int, float)) else ""
+        lines.append(f"{name:<32} {row['predicted_class']:<6} {row['malignant_probability']:>7.3f} "
+                     f"{row['decision']:<10} {note}")
+    return "\n".join(lines)
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
+    parser.add_argument("--run", help="run directory with trained models (offline prediction)")
+    parser.add_argument("--config", help="config file (default: RUN/config.yaml)")
+    parser.add_argument("--out", help="CSV file for offline predictions")
+    parser.add_argument("--url", help="served API, e.g. http://127.0.0.1:8000 (instead of --run)")
+    parser.add_argument("--api-key", help="X-API-Key header for a served API that requires one")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_command(name: str, args: argparse.Namespace) -> int:
+    if bool(args.url) == bool(args.run):
+        raise ValueError("give either --run RUN_DIR (offline) or --url http://HOST:PORT (served API)")
+    if args.url:
+        rows = predict_url(args.url, args.inputs, args.api_key)
+        print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+        return int(any(r.get("error") for r in rows))
+    run = RunDir(args.run)
+    table = predict_files(run, args.inputs, _run_config(run, args.config))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+    records = json.loads(table.to_json(orient="records"))
+    print(json.dumps(records, indent=2) if args.json else format_table(records))
+    if args.out:
+        print(f"predictions: {args.out}")
+    return int((table["status"] != "ok").any())

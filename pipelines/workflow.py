@@ -1,0 +1,518 @@
+"""``lesion run`` (the whole workflow) and ``lesion cluster up|down`` (a real multi-node Ray cluster on this machine).
+
+``lesion run``: ingest -> tune the custom CNN -> train every configured model (the custom CNN with the tuned config)
+-> evaluate with the ensemble -> optionally serve. A stage whose artefact was already made in the same run directory
+from the same inputs is skipped: each stage function records its artefact in the manifest with a fingerprint of its
+config and upstream artefacts, and the workflow recomputes that fingerprint before running the stage
+(``RunDir.is_current``). One table shows every stage's status and time as the run goes. The run directory may be a
+URI (``s3://bucket/run``): it is pulled at the start and each stage's artefact is pushed when the stage finishes.
+
+``lesion cluster up``: a head node and N worker nodes, each a separate ``ray start --block`` process group with its
+own ports, CPUs, object store and temp dir, all on 127.0.0.1. ``lesion cluster down`` ends exactly those process
+groups (never ``ray stop``, which would stop every Ray on the machine). Token authentication stays as Ray sets it
+(on by default in Ray 2.60; a real cluster should keep it on); tests start it with ``RAY_AUTH_MODE=disabled``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from lesion.config import Config, dump_yaml
+from lesion.rundir import RunDir, fingerprint
+from pipelines.common import RUN_CONFIG, init_ray, resolve_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN = "runs/demo"
+CLUSTER_DIR = Path(os.environ.get("LESION_CLUSTER_DIR", "/tmp/lesion-cluster"))  # short: Ray's socket paths are capped
+STATE_FILE = "cluster.json"
+WORKER_PORTS = 100  # ports per node for Ray's worker processes
+
+
+# --------------------------------------------------------------------------------------------- progress view
+
+
+@dataclasses.dataclass
+class StageRow:
+    name: str
+    status: str = "pending"
+    seconds: float | None = None
+    note: str = ""
+
+
+class StageTable:
+    """The progress view: one row per stage, printed as each stage starts and ends, and in full at the end."""
+
+    def __init__(self, title: str, out=None):
+        self.title = title
+        self.rows: dict[str, StageRow] = {}
+        self.out = out or sys.stdout
+        self.started = time.perf_counter()
+
+    def note(self, text: str) -> None:
+        """A line under the table (a warning, a hint)."""
+        print(f"  {text}", file=self.out, flush=True)
+
+    def _line(self, row: StageRow) -> str:
+        seconds = "-" if row.seconds is None else f"{row.seconds:.1f}s"
+        return f"  {row.name:<24} {row.status:<10} {seconds:>8}  {row.note}"
+
+    def begin(self, name: str) -> None:
+        self.rows[name] = StageRow(name, "running")
+        log.info("stage %s: running", name)
+        print(self._line(self.rows[name]), file=self.out, flush=True)
+
+    def end(self, name: str, status: str, seconds: float | None, note: str = "") -> None:
+        row = self.rows.setdefault(name, StageRow(name))
+        row.status, row.seconds, row.note = status, seconds, note
+        log.info("stage %s: %s%s", name, status, f" ({note})" if note else "")
+        print(self._line(row), file=self.out, flush=True)
+
+    def summary(self) -> str:
+        lines = [self.title, f"  {'stage':<24} {'status':<10} {'time':>8}  note"]
+        lines += [self._line(row) for row in self.rows.values()]
+        lines.append(f"  {'total':<24} {'':<10} {time.perf_counter() - self.started:>7.1f}s")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the workflow
+
+
+def workflow_config(config: Config, *, workers: int | None = None, gpus: float | None = None,
+                    tune: bool | None = None, serve: bool | None = None) -> Config:
+    """``config`` with the flags of ``lesion run`` applied (None = keep the config's value).
+
+    ``gpus`` is the GPU share of every Ray actor that can use one: train workers, tune trials, evaluation actors and
+    serve replicas (0 = CPU only).
+    """
+    from lesion.config import apply_overrides
+
+    overrides: dict[str, Any] = {"train.workers": workers, "workflow.tune": tune, "workflow.serve": serve}
+    if gpus is not None:
+        overrides.update({"train.gpus_per_worker": gpus, "tune.gpus_per_trial": gpus,
+                          "evaluate.gpus_per_actor": gpus, "serve.gpus_per_replica": gpus})
+    # Per-model sections may set these too; the flag beats them.
+    for name, section in config.train.models.items():
+        if workers is not None and "workers" in section:
+            overrides[f"train.models.{name}.workers"] = workers
+        if gpus is not None and "gpus_per_worker" in section:
+            overrides[f"train.models.{name}.gpus_per_worker"] = gpus
+    return apply_overrides(config, overrides)
+
+
+def model_fingerprint(config: Config, run: RunDir, name: str) -> str:
+    """The fingerprint ``pipelines.train`` records for model ``name``: its resolved config + the data's."""
+    from lesion.data.shards import read_info
+
+    return fingerprint({**dataclasses.asdict(config.model_config(name)), "models": {}},
+                       read_info(run.root).get("fingerprint"))
+
+
+def resource_warnings(config: Config, resources: dict[str, float]) -> list[str]:
+    """What in ``config`` cannot be placed on a cluster with ``resources`` (Ray would wait for it forever)."""
+    problems = []
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    for name in config.train.models:
+        cfg = config.model_config(name)
+        need_cpu, need_gpu = cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus_per_worker
+        if need_cpu > cpus or need_gpu > gpus:
+            problems.append(f"train {name}: {cfg.workers} worker(s) need {need_cpu:g} CPU and {need_gpu:g} GPU, the "
+                            f"cluster has {cpus:g} CPU and {gpus:g} GPU (lower --workers, or --gpus 0 for CPU only)")
+    tune = config.tune
+    if config.workflow.tune and (tune.cpus_per_trial > cpus or tune.gpus_per_trial > gpus):
+        problems.append(f"tune: a trial needs {tune.cpus_per_trial:g} CPU and {tune.gpus_per_trial:g} GPU, the "
+                        f"cluster has {cpus:g} CPU and {gpus:g} GPU")
+    return problems
+
+
+def run_workflow(config: Config, run: RunDir, table: StageTable | None = None) -> dict[str, Any]:
+    """Run ingest, tune, train and evaluate on ``run`` (skipping stages that are current); returns each stage's result.
+
+    Serving (``config.workflow.serve``) is left to the caller, since it blocks.
+    """
+    import ray
+
+    from pipelines.evaluate import evaluate, evaluation_fingerprint
+    from pipelines.ingest import ingest
+    from pipelines.train import train_model
+
+    table = table or StageTable(f"lesion run {run.uri}")
+    results: dict[str, Any] = {}
+    init_ray()
+    for problem in resource_warnings(config, ray.cluster_resources()):
+        log.warning("%s", problem)
+        table.note(f"warning: {problem}")
+
+    def stage(name: str, artefact: str, fn: Callable[[], Any], current: bool, note: Callable[[Any], str]) -> Any:
+        if current:
+            table.end(name, "skipped", None, "up to date (same fingerprint)")
+            return None
+        table.begin(name)
+        started = time.perf_counter()
+        before = run.manifest().get(artefact)
+        try:
+            result = fn()
+        except BaseException:
+            table.end(name, "failed", time.perf_counter() - started)
+            raise
+        run.push(artefact)
+        # ingest and evaluate return early, without recording again, when their artefact is already current
+        status = "current" if before is not None and run.manifest().get(artefact) == before else "done"
+        table.end(name, status, time.perf_counter() - started, note(result))
+        results[name] = result
+        return result
+
+    stage("ingest", "data", lambda: ingest(config, run), False, lambda _: _ingest_note(run))
+
+    tuned = config.tune.model
+    if config.workflow.tune and tuned in config.train.models:
+        from pipelines.tune import apply_best, tune_model
+
+        fp = tune_fingerprint(config, run)
+        entry = run.manifest().get(TUNE_RECORD, {})
+        current = ((run.tune / "best.yaml").is_file() and entry.get("fingerprint") == fp
+                   and entry.get("tune_entry") == run.manifest().get("tune"))
+        stage(f"tune {tuned}", "tune", lambda: tune_model(config, run), current, _tune_note)
+        if not current:
+            run.record(TUNE_RECORD, config=config.to_dict()["tune"], fingerprint=fp,
+                       tune_entry=run.manifest().get("tune"))
+            run.push("tune")
+        config = apply_best(config, run)
+    elif config.workflow.tune:
+        table.end(f"tune {tuned}", "skipped", None, f"{tuned} is not in train.models")
+
+    for name in config.train.models:
+        current = ((run.model_dir(name) / "best.pt").is_file()
+                   and run.is_current(f"models/{name}", model_fingerprint(config, run, name)))
+        stage(f"train {name}", f"models/{name}", lambda name=name: train_model(config, run, name), current,
+              _train_note)
+
+    current = (run.eval / "metrics.json").is_file() and run.is_current("eval", evaluation_fingerprint(config, run,
+                                                                                                       "test"))
+    stage("evaluate", "eval", lambda: evaluate(config, run), current, _evaluate_note)
+    return results
+
+
+TUNE_RECORD = "workflow/tune"  # manifest entry: what the tune artefact was searched on (data, base config)
+
+
+def tune_fingerprint(config: Config, run: RunDir) -> str:
+    """What tuning depends on: the tune section, the untuned training config of the tuned model, the data."""
+    from lesion.data.shards import read_info
+
+    return fingerprint(config.to_dict()["tune"], dataclasses.asdict(config.model_config(config.tune.model)),
+                       read_info(run.root).get("fingerprint"))
+
+
+def _ingest_note(run: RunDir) -> str:
+    from lesion.data.shards import read_info
+
+    info = read_info(run.root)
+    per_split = ", ".join(f"{split} {sum(counts.values())}" for split, counts in info["counts"].items())
+    return f"{info['num_images']} images ({per_split}), {info['image_size']} px, {info['source']}"
+
+
+def _tune_note(summary: dict) -> str:
+    best = summary.get("best_value")
+    return (f"{summary['trials_finished']} trials, best {summary['metric']} "
+            + ("-" if best is None else f"{best:.3f}"))
+
+
+def _train_note(summary: dict) -> str:
+    return (f"best epoch {summary['best_epoch'] + 1}/{summary['epochs']}, val bal.acc "
+            f"{summary['val_balanced_accuracy']:.3f}, {summary['pretrained']}")
+
+
+def _evaluate_note(result: dict) -> str:
+    ensemble = result["models"]["ensemble"]
+    return f"test: ensemble bal.acc {ensemble['balanced_accuracy']:.3f}, acc {ensemble['accuracy']:.3f}"
+
+
+# --------------------------------------------------------------------------------------------- local cluster
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(preferred: int | None = None, taken: set[int] | None = None) -> int:
+    """``preferred`` when it is free on 127.0.0.1, else a free port the OS picks (never one of ``taken``)."""
+    taken = taken if taken is not None else set()
+    if preferred and preferred not in taken and _port_free(preferred):
+        taken.add(preferred)
+        return preferred
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            taken.add(port)
+            return port
+
+
+def free_port_range(count: int, taken: set[int]) -> int:
+    """The first of ``count`` consecutive free ports (none in ``taken``)."""
+    for start in range(20000, 60000 - count, count):
+        ports = range(start, start + count)
+        if not taken.intersection(ports) and all(_port_free(p) for p in ports):
+            taken.update(ports)
+            return start
+    raise RuntimeError(f"no {count} consecutive free ports between 20000 and 60000")
+
+
+def _node_ports(taken: set[int], head: bool) -> list[str]:
+    first = free_port_range(WORKER_PORTS, taken)
+    args = [
+        f"--node-manager-port={free_port(None, taken)}", f"--object-manager-port={free_port(None, taken)}",
+        f"--min-worker-port={first}", f"--max-worker-port={first + WORKER_PORTS - 1}",
+        f"--dashboard-agent-listen-port={free_port(None, taken)}",
+        f"--dashboard-agent-grpc-port={free_port(None, taken)}",
+        f"--runtime-env-agent-port={free_port(None, taken)}", f"--metrics-export-port={free_port(None, taken)}",
+    ]
+    return args
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.is_file() else "ray"
+
+
+def start_local_cluster(workers: int = 1, cpus_per_node: float = 2, head_cpus: float | None = None,
+                        gpus_per_node: int = 0, object_store_mb: int = 256, state_dir: Path = CLUSTER_DIR,
+                        env: dict[str, str] | None = None, timeout: float = 180) -> dict[str, Any]:
+    """Start a head and ``workers`` worker nodes on 127.0.0.1 and wait until all are alive; returns the cluster state.
+
+    Every node is ``ray start --block`` in its own process group with its own ports, temp dir and object store;
+    the state (addresses, process groups, logs) is saved to ``state_dir/cluster.json`` for ``stop_local_cluster``.
+    """
+    state_dir = Path(state_dir)
+    if (state_dir / STATE_FILE).is_file():
+        raise RuntimeError(f"a cluster is already up ({state_dir / STATE_FILE}): `lesion cluster down` first")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[int] = set()
+    gcs_port = free_port(6379, taken)
+    dashboard_port = free_port(8265, taken)
+    client_port = free_port(10001, taken)
+    env = {**os.environ, **(env or {})}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")  # no 30 s Serve drain on `down`
+    state: dict[str, Any] = {
+        "address": f"127.0.0.1:{gcs_port}",
+        "dashboard": f"http://127.0.0.1:{dashboard_port}",
+        "client": f"ray://127.0.0.1:{client_port}",
+        "state_dir": str(state_dir),
+        "nodes": [],
+    }
+    object_store = str(object_store_mb * 1024**2)
+    try:
+        for index in range(workers + 1):
+            head = index == 0
+            name = "head" if head else f"worker{index}"
+            temp_dir = state_dir / name
+            cpus = head_cpus if head and head_cpus is not None else cpus_per_node
+            # Ray advertises this machine's address for 127.0.0.1 (services.resolve_ip_for_localhost) and its
+            # gRPC servers listen on all interfaces: traffic stays on this machine, but a firewall must guard it.
+            args = [_ray_executable(), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                    f"--num-cpus={cpus:g}", f"--num-gpus={gpus_per_node}", f"--object-store-memory={object_store}",
+                    "--disable-usage-stats", *_node_ports(taken, head)]
+            if head:
+                args += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
+                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+            else:
+                args += [f"--address={state['address']}"]
+            log_path = state_dir / f"{name}.log"
+            with open(log_path, "wb") as out:
+                process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True)
+            state["nodes"].append({"name": name, "pid": process.pid, "pgid": process.pid, "cpus": cpus,
+                                   "temp_dir": str(temp_dir), "log": str(log_path)})
+            (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+            _wait_for_nodes(state, index + 1, process, log_path, timeout)
+    except BaseException:
+        stop_local_cluster(state_dir)
+        raise
+    return state
+
+
+def _alive_nodes(dashboard: str) -> int:
+    from ray.util.state import list_nodes
+
+    return len(list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False,
+                          timeout=10))
+
+
+def _wait_for_nodes(state: dict, count: int, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"`ray start` exited with code {process.returncode}; end of {log_path}:\n{tail}")
+        try:
+            if _alive_nodes(state["dashboard"]) >= count:
+                return
+        except Exception as exc:  # the dashboard is not up yet
+            log.debug("waiting for the dashboard: %s", exc)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} Ray node(s) not alive after {timeout:.0f}s; see {log_path}")
+        time.sleep(1)
+
+
+def node_processes(pgid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of every process in process group ``pgid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            found.append((int(entry.name), name))
+    return found
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_local_cluster(state_dir: Path = CLUSTER_DIR, timeout: float = 30) -> int:
+    """End the process groups of a cluster started by ``start_local_cluster`` (workers first); returns groups ended.
+
+    SIGTERM lets ``ray start --block`` stop its node cleanly; whatever is left after ``timeout`` gets SIGKILL.
+    """
+    path = Path(state_dir) / STATE_FILE
+    if not path.is_file():
+        return 0
+    state = json.loads(path.read_text())
+    groups = [node["pgid"] for node in reversed(state["nodes"])]
+    ended = 0
+    for pgid in groups:
+        if not _group_alive(pgid):
+            continue
+        os.killpg(pgid, signal.SIGTERM)
+        ended += 1
+        deadline = time.monotonic() + timeout
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if _group_alive(pgid):
+            log.warning("process group %d still alive after SIGTERM: killing it", pgid)
+            os.killpg(pgid, signal.SIGKILL)
+    path.unlink()
+    return ended
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    if name == "run":
+        parser.add_argument("--run", default=DEFAULT_RUN,
+                            help=f"run directory: a path or a URI such as s3://bucket/run (default {DEFAULT_RUN})")
+        parser.add_argument("--config", help="workflow config YAML (default: RUN/config.yaml, else the built-in demo)")
+        parser.add_argument("--workers", type=int, help="Ray Train workers per model")
+        parser.add_argument("--gpus", type=float,
+                            help="GPU share of each train worker, tune trial, evaluation actor and serve replica")
+        parser.add_argument("--serve", action="store_true", default=None, help="serve the ensemble at the end")
+        parser.add_argument("--no-tune", dest="tune", action="store_false", default=None,
+                            help="skip tuning the custom CNN")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one config field, e.g. --set data.root=/mnt/data/HAM10000 "
+                                 "(VALUE is read as YAML; repeatable)")
+        return
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
+    parser.add_argument("--cpus-per-node", type=float, default=2, help="logical CPUs of each node (default 2)")
+    parser.add_argument("--head-cpus", type=float, help="logical CPUs of the head (default --cpus-per-node)")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs of each node (default 0)")
+    parser.add_argument("--object-store-mb", type=int, default=256, help="object store of each node (default 256)")
+    parser.add_argument("--dir", default=str(CLUSTER_DIR),
+                        help=f"state, logs and Ray temp dirs of the nodes (default {CLUSTER_DIR})")
+
+
+def run_command(name: str, args: argparse.Namespace) -> int:
+    if name == "cluster":
+        return _cluster_command(args)
+    run = RunDir(args.run)
+    run.pull()
+    config = resolve_config(run, args.config, parse_sets(args.set))
+    config = workflow_config(config, workers=args.workers, gpus=args.gpus, tune=args.tune, serve=args.serve)
+    dump_yaml(config.to_dict(), run.root / RUN_CONFIG)
+    table = StageTable(f"lesion run {run.uri}" + (f" (config {args.config})" if args.config else ""))
+    print(table.title, flush=True)
+    try:
+        run_workflow(config, run, table)
+    finally:
+        print(table.summary(), flush=True)
+    print(f"report: {run.eval / 'report.html'}")
+    if config.workflow.serve:
+        from pipelines.cli import main
+
+        detach = ["--detach"] if os.environ.get("RAY_ADDRESS") else []
+        return main(["serve", "--run", str(run.root), *detach])
+    return 0
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["data.root=/x", "train.epochs=3"]`` -> ``{"data.root": "/x", "train.epochs": 3}`` (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _cluster_command(args: argparse.Namespace) -> int:
+    state_dir = Path(args.dir)
+    if args.action == "down":
+        ended = stop_local_cluster(state_dir)
+        print(f"stopped {ended} node(s)" if ended else f"no cluster recorded in {state_dir}")
+        return 0
+    if args.action == "status":
+        path = state_dir / STATE_FILE
+        if not path.is_file():
+            print(f"no cluster recorded in {state_dir}")
+            return 1
+        state = json.loads(path.read_text())
+        print(f"{_alive_nodes(state['dashboard'])} of {len(state['nodes'])} node(s) alive; "
+              f"address {state['address']}, dashboard {state['dashboard']}")
+        return 0
+    state = start_local_cluster(workers=args.workers, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus,
+                                gpus_per_node=args.gpus_per_node, object_store_mb=args.object_store_mb,
+                                state_dir=state_dir)
+    cpus = sum(node["cpus"] for node in state["nodes"])
+    print(f"Ray cluster up: head + {args.workers} worker node(s), {cpus:g} CPUs, all on 127.0.0.1\n"
+          f"  drivers:   export RAY_ADDRESS={state['address']}   (then `lesion run` runs on this cluster)\n"
+          f"  jobs:      {state['dashboard']}\n"
+          f"  submit:    ray job submit --address {state['dashboard']} --working-dir . "
+          f"--runtime-env cluster/runtime_env.yaml -- lesion run --run $PWD/runs/cluster\n"
+          f"  stop:      lesion cluster down" + ("" if args.dir == str(CLUSTER_DIR) else f" --dir {args.dir}"))
+    return 0

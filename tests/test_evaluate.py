@@ -1,0 +1,155 @@
+"""``lesion evaluate`` end to end on the tiny trained run: files, metrics, ISIC format, fitting on validation only."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from lesion import calibration, ensemble
+from lesion.config import dump_yaml
+from lesion.data.shards import load_split, read_info
+from lesion.rundir import RunDir
+from pipelines.cli import main
+from pipelines.evaluate import evaluate
+
+ISIC_HEADER = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    """A copy of the trained run, evaluated on its test split, with the splits the ensemble fit read recorded."""
+    root = tmp_path_factory.mktemp("evaluate") / "run"
+    shutil.copytree(trained_run.root, root)
+    run = RunDir(root)
+    shutil.rmtree(run.eval, ignore_errors=True)  # start from no ensemble spec, whatever other tests left
+    checkpoints = {name: _sha(run.model_dir(name) / "best.pt") for name in run.trained_models()}
+    fit_splits, fit_sizes = [], []
+    real_load, real_fit = ensemble.load_split, calibration.fit_temperature
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ensemble, "load_split", lambda r, split: fit_splits.append(split) or real_load(r, split))
+        patch.setattr(calibration, "fit_temperature", lambda z, y: fit_sizes.append(len(y)) or real_fit(z, y))
+        result = evaluate(tiny_config(), run, "test")
+    return run, result, fit_splits, fit_sizes, checkpoints
+
+
+@pytest.mark.timeout(400)
+def test_evaluate_writes_every_artefact(evaluated):
+    run, result, _, _, checkpoints = evaluated
+    out = run.eval
+    models = run.trained_models()
+    assert models == ["custom_cnn", "scratch_cnn"]
+    for name in (*models, "ensemble"):
+        assert (out / "predictions" / f"{name}.csv").is_file()
+    for name in ("metrics.json", "predictions_long.csv", "report.html", "model_card.md", "ensemble.json",
+                 "plots/confusion_matrices.png", "plots/roc_curves.png", "plots/reliability.png", "plots/cam_grid.png",
+                 "plots/learning_curves.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == result
+    assert run.manifest()["eval"]["split"] == "test"
+    # evaluation never trains: the checkpoints are byte-identical afterwards
+    assert {name: _sha(run.model_dir(name) / "best.pt") for name in models} == checkpoints
+
+
+def test_ensemble_is_fitted_on_validation_only(evaluated):
+    run, result, fit_splits, fit_sizes, _ = evaluated
+    assert fit_splits == ["val"]
+    n_val = sum(read_info(run.root)["counts"]["val"].values())
+    assert fit_sizes and set(fit_sizes) == {n_val}  # every temperature was fitted on the validation images
+    assert result["ensemble_spec"]["fitted_on"] == "val"
+    assert result["ensemble_spec"]["validation"]["n"] == n_val
+    spec = ensemble.load(run.eval / "ensemble.json")
+    assert spec.models == ["custom_cnn", "scratch_cnn"] and sum(spec.weights.values()) == pytest.approx(1.0)
+
+
+def test_metrics_json_has_every_field_for_models_and_ensemble(evaluated):
+    run, result, _, _, _ = evaluated
+    test = load_split(run.root, "test")
+    assert set(result["models"]) == {"custom_cnn", "scratch_cnn", "ensemble"}
+    for name, m in result["models"].items():
+        assert m["n"] == len(test)
+        assert sum(m["per_class"][c]["support"] for c in m["classes"]) == len(test)
+        assert 0.0 <= m["balanced_accuracy"] <= 1.0 and m["macro"]["auc"] is not None
+        assert {"auc", "sensitivity_at_90_specificity", "sensitivity_at_95_specificity"} <= set(m["binary"])
+        ci = m["bootstrap"]["balanced_accuracy"]
+        assert ci["low"] <= ci["estimate"] <= ci["high"] and m["bootstrap"]["unit"] == "lesion"
+        assert m["bootstrap"]["n_groups"] == test.meta["lesion_id"].nunique()
+        assert set(m["subgroups"]) == {"sex", "age_band", "localization"}
+        assert sum(g["n"] for g in m["subgroups"]["sex"].values()) == len(test)
+        assert {"temperature", "ece_before", "ece_after"} <= set(m["calibration"])
+    for name in ("custom_cnn", "scratch_cnn"):
+        assert result["models"][name]["pretrained"] == "scratch"
+    ens = result["models"]["ensemble"]
+    assert sum(ens["decision"]["counts"].values()) == len(test)
+    assert ens["binary"]["threshold"] == pytest.approx(ens["decision"]["malignant_threshold"])
+    # arg-max accuracy recomputed from the ISIC CSV agrees with metrics.json
+    csv = pd.read_csv(run.eval / "predictions" / "ensemble.csv").set_index("image")
+    labels = pd.Series(test.labels, index=test.meta["image_id"])
+    assert np.mean(csv.to_numpy().argmax(axis=1) == labels.loc[csv.index].to_numpy()) == pytest.approx(ens["accuracy"])
+    explained = result["explanations"]["models"]
+    assert set(explained) == {"custom_cnn", "scratch_cnn", "ensemble"}
+    for method in tiny_config().evaluate.cam_methods:
+        scores = explained["custom_cnn"][method]
+        assert 0.0 <= scores["energy_inside"] <= 1.0 and 0.0 <= scores["pointing_game"] <= 1.0
+        assert "road" in scores and "energy_inside" in explained["ensemble"][method]
+
+
+def test_isic_csv_format_exact(evaluated):
+    run, _, _, _, _ = evaluated
+    test = load_split(run.root, "test")
+    for name in ("custom_cnn", "scratch_cnn", "ensemble"):
+        path = run.eval / "predictions" / f"{name}.csv"
+        assert path.read_text().splitlines()[0] == ISIC_HEADER
+        table = pd.read_csv(path)
+        assert sorted(table["image"]) == sorted(test.meta["image_id"])
+        np.testing.assert_allclose(table.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
+    long = pd.read_csv(run.eval / "predictions_long.csv")
+    assert {"image_id", "lesion_id", "true_label", "custom_cnn:mel", "ensemble:vasc", "ensemble_decision"} <= set(long)
+    assert len(long) == len(test)
+
+
+def test_report_images_are_embedded_pngs(evaluated):
+    run, _, _, _, _ = evaluated
+    text = (run.eval / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', text)
+    assert len(sources) >= 5
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert image.width > 0 and image.height > 0
+    card = (run.eval / "model_card.md").read_text()
+    assert "CC BY-NC 4.0" in card and "custom_cnn" in card
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_external_data_via_cli(evaluated, ingested_run, tmp_path, capsys):
+    run, result, _, _, _ = evaluated
+    config = tiny_config()
+    config.evaluate.bootstrap = 0
+    config.evaluate.cam_score_images = 0
+    dump_yaml(config.to_dict(), tmp_path / "config.yaml")
+    code = main(["evaluate", "--run", str(run.root), "--config", str(tmp_path / "config.yaml"),
+                 "--data", str(ingested_run.root)])
+    assert code == 0
+    out = run.eval / "external" / ingested_run.root.name
+    external = json.loads((out / "metrics.json").read_text())
+    assert external["split"] == "all" and external["external"] is True
+    assert external["data"]["n_images"] == read_info(ingested_run.root)["num_images"]
+    assert (out / "report.html").is_file() and (out / "predictions" / "ensemble.csv").is_file()
+    # the run's own evaluation is untouched and the ensemble spec was not refitted on the external data
+    assert json.loads((run.eval / "metrics.json").read_text()) == result
+    assert external["ensemble_spec"]["validation"] == result["ensemble_spec"]["validation"]
+    assert "ensemble" in capsys.readouterr().out

