@@ -189,7 +189,7 @@ def main() -> int:
 
     result = {
         "benchmark": "ingest",
-        "command": "python benchmarks/ingest.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/ingest.py", *sys.argv[1:]]),
         "count": args.count,
         "repeats": args.repeats,
         "distinct_files": len(files),

@@ -256,7 +256,8 @@ def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opti
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         loss_sum += loss.detach().double() * len(labels)
-        confusion += torch.bincount(labels * c + _predictions(logits.detach(), settings.task), minlength=c * c)
+        cells = labels * c + _predictions(logits.detach(), settings.task)
+        confusion.index_add_(0, cells, torch.ones_like(cells))  # (bincount would sync with the host on CUDA)
         if on_step is not None:
             on_step(step)
     stats = _all_reduce_sum(torch.cat([loss_sum.view(1), confusion.double()])).cpu().numpy()

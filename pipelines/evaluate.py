@@ -103,7 +103,7 @@ def batch_predict(files: list[str], model_dirs: dict[str, Path], image_size: int
         raise ValueError(f"evaluate.gpus_per_actor={ev.gpus_per_actor} but the Ray cluster has no GPU; set it to 0")
     out = {}
     for name, model_dir in model_dirs.items():
-        ds = ray.data.read_parquet(files, columns=["image_id", "image"])
+        ds = ray.data.read_parquet(files).select_columns(["image_id", "image"])
         scored = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={"model_dir": str(model_dir), "image_size": image_size, "tta": ev.tta,

@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 from lesion.config import SOURCES, TASKS, Config, DataConfig
 from lesion.data import preprocess as prep
 from lesion.data import shards, sources, splits, synthetic
-from lesion.data.augment import save_augment_figure
 from lesion.data.shards import SHARD_SCHEMA, SPLITS
 from lesion.labels import class_names
 from lesion.rundir import RunDir, fingerprint
@@ -306,6 +305,8 @@ def _figures(records: list[dict], table: pd.DataFrame, train_sample: list[np.nda
         titles.append(f"{record['image_id']} ({names[label]})")
     prep.save_preprocess_figure(pairs, folder / "preprocess_examples.png", titles)
     if train_sample:
+        from lesion.data.augment import save_augment_figure  # imports torch: kept out of the Ray workers' imports
+
         save_augment_figure(np.stack(train_sample), folder / "augment_examples.png")
 
 

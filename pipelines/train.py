@@ -110,7 +110,7 @@ def read_split(run: RunDir, split: str, seed: int | None = None) -> ray.data.Dat
     if run.is_remote:  # every node reads the shards from the run's storage, not the driver's staging copy
         files = [f"{run.uri}/data/{split}/{Path(f).name}" for f in files]
     shuffle = None if seed is None else ray.data.FileShuffleConfig(seed=seed)
-    return ray.data.read_parquet(files, columns=["image", "label"], shuffle=shuffle)
+    return ray.data.read_parquet(files, shuffle=shuffle).select_columns(["image", "label"])
 
 
 def data_config() -> ray.train.DataConfig:

@@ -46,7 +46,7 @@ def evaluated(trained_run, tmp_path_factory):
     return run, result, fit_splits, fit_sizes, checkpoints
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)  # includes training the session's trained_run fixture when this test runs first
 def test_evaluate_writes_every_artefact(evaluated):
     run, result, _, _, checkpoints = evaluated
     out = run.eval

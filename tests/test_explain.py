@@ -15,7 +15,7 @@ from lesion import ensemble as ensemble_lib
 from lesion import explain
 from lesion.data.augment import model_input
 from lesion.data.shards import read_info
-from lesion.models import MODEL_NAMES, create_model
+from lesion.models import MODEL_NAMES, create_model, model_spec
 from lesion.rundir import RunDir
 
 SIZE = 64
@@ -106,8 +106,8 @@ def test_every_method_gives_maps_in_unit_range_for_binary_and_multiclass(located
     binary = create_model("custom_cnn", 1, input_size=SIZE, **SMALL_CNN).eval()
     binary_info = {"name": "custom_cnn", "num_classes": 1, "task": "binary"}
     for net, net_info in ((model, info), (binary, binary_info)):
-        with torch.inference_mode():  # explain_batch turns gradients back on itself
-            cams = explain.explain_batch(net, net_info, x[:3], method=method, batch_size=2)
+        with torch.inference_mode():  # explain_batch turns gradients back on itself, even for inference tensors
+            cams = explain.explain_batch(net, net_info, x[:3].clone(), method=method, batch_size=2)
         assert cams.shape == (3, SIZE, SIZE) and cams.dtype == np.float32
         assert cams.min() >= 0.0 and cams.max() <= 1.0
         assert (cams.reshape(3, -1).std(axis=1) > 0).any()
@@ -137,17 +137,18 @@ def test_binary_targets_explain_opposite_evidence():
     assert not np.allclose(malignant, benign, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if model_spec(n)["timm_name"] else n
+                                  for n in MODEL_NAMES])
 def test_every_model_has_a_target_layer_with_a_spatial_map(name):
     kwargs = SMALL_CNN if name == "custom_cnn" else {"zero_init_last": False} if name == "resnet50" else {}
     torch.manual_seed(0)
     model = create_model(name, 7, input_size=SIZE, **kwargs).eval()
     layer = explain.target_layer(model, name)
     assert any(layer is module for module in model.backbone.modules())
-    cams = explain.explain_batch(model, {"name": name, "num_classes": 7}, torch.randn(2, 3, SIZE, SIZE),
+    cams = explain.explain_batch(model, {"name": name, "num_classes": 7}, torch.randn(1, 3, SIZE, SIZE),
                                  method="gradcam++")
-    assert cams.shape == (2, SIZE, SIZE)
-    assert (cams.reshape(2, -1).std(axis=1) > 0.01).all(), f"{name}: constant Grad-CAM++ map"
+    assert cams.shape == (1, SIZE, SIZE)
+    assert cams.std() > 0.01, f"{name}: constant Grad-CAM++ map at {SIZE} px"
 
 
 def test_ensemble_cam_is_the_weighted_mean_of_resized_members():

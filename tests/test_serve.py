@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import hashlib
@@ -64,8 +65,9 @@ def app(trained_run, tmp_path_factory):
     from ray import serve
 
     tmp = tmp_path_factory.mktemp("serve")
+    # a long batch wait keeps requests inside the model replicas, so the fault test kills one with requests in it
     url = start_app(trained_run.root, tmp, api_key=API_KEY, max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS,
-                    cors_origins=[ALLOWED_ORIGIN])
+                    cors_origins=[ALLOWED_ORIGIN], batch_wait_timeout_s=0.25)
     yield {"url": url, "run": tmp / "run"}
     serve.shutdown()
 
@@ -318,3 +320,30 @@ def test_killed_model_replica_loses_no_retried_request_and_comes_back(app, image
     else:
         pytest.fail("the killed model replica did not come back within 120 s")
     assert post(app, "/v1/predict", blobs[0]).status_code == 200
+
+
+def test_lost_replica_becomes_503_with_retry_after():
+    from ray.exceptions import ActorDiedError
+
+    from pipelines.serve import ApiError, ServeBackend
+
+    async def dies():
+        raise ActorDiedError()
+
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(ServeBackend(None, None)._call(dies()))
+    assert caught.value.status == 503 and "retry" in caught.value.message
+
+
+def test_cli_and_builder_refuse_bad_arguments(monkeypatch):
+    from pipelines.cli import build_parser
+    from pipelines.serve import app_builder, run_command
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = build_parser("serve").parse_args(["serve", "--run", "somewhere", "--detach"])
+    with pytest.raises(ValueError, match="RAY_ADDRESS"):
+        run_command("serve", args)
+    with pytest.raises(ValueError, match="'run' is required"):
+        app_builder({"models": "custom_cnn"})
+    with pytest.raises(ValueError, match="unknown"):
+        app_builder({"run": "x", "replicas": 3})

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from lesion.config import DataConfig
+from lesion.data.preprocess import preprocess
 from lesion.data.synthetic import class_counts, generate
 from lesion.labels import DX_CLASSES
 
@@ -73,17 +75,21 @@ def test_some_images_have_a_black_vignette_and_hair():
 
 
 def test_fast_enough():
-    start = time.perf_counter()
+    """560 images at 64 px in a few seconds of one core (CPU time, so a busy shared machine does not fail it)."""
+    start = time.process_time()
     list(generate(140, 64, seed=0))
-    assert time.perf_counter() - start < 5.0
+    assert time.process_time() - start < 1.5
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_a_tiny_cnn_learns_it_well_above_chance():
+    """Through the ingest preprocessing (border crop, hair removal) as in the workflow."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
     records = list(generate(420, 32, seed=11))
-    images = torch.as_tensor(np.stack([r["image"] for r in records])).permute(0, 3, 1, 2).float() / 255
+    config = DataConfig(image_size=32)
+    pixels = np.stack([preprocess(r["image"], config)[0] for r in records])
+    images = torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 255
     labels = torch.as_tensor([DX_CLASSES.index(r["dx"]) for r in records])
     lesions = [r["lesion_id"] for r in records]
     # hold out whole lesions, so a second view of a training lesion cannot leak into validation

@@ -291,10 +291,10 @@ def _class_folders(root: Path, accept) -> tuple[list[dict], Rejected]:
     return records, rejected
 
 
-def read_folder(root: str | Path) -> tuple[list[dict], Rejected]:
+def read_folder(root: str | Path, task: str = "multiclass") -> tuple[list[dict], Rejected]:
     """ImageFolder layout: one sub-folder of ``root`` per class, named by dx code (mel, nv, ...), full diagnosis name
-    (``melanocytic nevus``) or benign/malignant (case-insensitive); images anywhere inside it. An unknown folder name
-    is a ValueError listing the accepted names."""
+    (``melanocytic nevus``) or, for the binary task, benign/malignant (case-insensitive); images anywhere inside it.
+    A folder name that names no class of ``task`` is a ValueError listing the accepted names."""
     root = _root(root, "folder")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
@@ -304,6 +304,11 @@ def read_folder(root: str | Path) -> tuple[list[dict], Rejected]:
     if unknown:
         raise ValueError(f"folder: {root}: sub-folder(s) {', '.join(unknown)} name no known class; "
                          f"accepted names: {_known_labels()}")
+    binary = [p.name for p, (dx, _) in parsed.items() if dx is None]
+    if task == "multiclass" and binary:
+        raise ValueError(f"folder: {root}: sub-folder(s) {', '.join(binary)} hold benign/malignant labels only: the "
+                         "multiclass task needs diagnosis folders (mel, nv, bcc, akiec, bkl, df, vasc); "
+                         "use --task binary")
     return _class_folders(root, [(p, *parsed[p]) for p in folders])
 
 
@@ -457,7 +462,7 @@ def read_source(data_config) -> tuple[list[dict], Rejected]:
     elif source == "isic-binary":
         records, rejected = read_isic_binary(root, *columns)
     elif source == "folder":
-        records, rejected = read_folder(root)
+        records, rejected = read_folder(root, data_config.task)
     elif source == "parquet":
         records, rejected = read_parquet(root, *columns, int_classes=class_names(data_config.task))
     elif source == "synthetic":

@@ -16,7 +16,8 @@ bcc/akiec, bkl/nv, df/nv, vasc/bcc), so the task is not trivially separable.
 
 Images are drawn on varied skin with hair strands and, on some, a black dermatoscope vignette. Some lesions get a
 second image (another view: rotated, shifted, other light and hair), so splits must be grouped by ``lesion_id``.
-Everything is drawn from ``numpy.random.default_rng((seed, lesion_index))``: the same seed gives identical images.
+The class plan is drawn from ``default_rng(seed)`` and each lesion from ``default_rng((seed, lesion_index))``: the
+same seed gives identical images.
 """
 
 from __future__ import annotations

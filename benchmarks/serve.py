@@ -1,0 +1,277 @@
+"""Serving latency and throughput: the Ray Serve application beside a plain single-process FastAPI + PyTorch server.
+
+Both servers run the same HTTP app (``pipelines.serve.build_api``: same body checks, same decoding and ingest
+preprocessing) on the same run's models and ensemble. The Ray Serve one spreads it over deployments (ingress,
+ensemble, one replica per model with dynamic batching, Grad-CAM); the baseline is one uvicorn process (a
+subprocess) calling PyTorch in threads, without batching. A bounded load generator on loopback sends the real
+600x450 HAM10000 JPEGs with 1, 8 and 32 concurrent clients, a fixed number of requests each, to /v1/predict and to
+/v1/explain (ensemble Grad-CAM), and measures latency percentiles and throughput.
+
+    python benchmarks/serve.py --run RUN_DIR [--requests 8] [--clients 1 8 32]
+
+Writes ``benchmarks/results/serve_<device>.json`` and the serve table of ``benchmarks/README.md``. The client
+threads share the machine with the servers, as on any single-box deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lesion.config import dump_yaml, load_config  # noqa: E402
+from lesion.models import load_trained  # noqa: E402
+from lesion.rundir import RunDir, package_versions  # noqa: E402
+from pipelines import serve as served  # noqa: E402
+
+README = ROOT / "benchmarks" / "README.md"
+START, END = "<!-- serve:start -->", "<!-- serve:end -->"
+IMAGES = ROOT.parent / "shared" / "data" / "ham10000-fullres" / "images"
+ENDPOINTS = {"predict": ("/v1/predict", {}), "explain": ("/v1/explain", {"model": "ensemble", "method": "gradcam"})}
+
+
+class LocalBackend:
+    """The baseline's backend: the run's models in this process, the same ensemble and Grad-CAM code, no batching."""
+
+    def __init__(self, setup: dict):
+        self.loaded = {name: load_trained(path) for name, path in setup["model_dirs"].items()}
+        self.spec = setup["spec"]
+        self.explainer = served.CamExplainer(setup["model_dirs"], self.spec)
+
+    def _predict(self, image: np.ndarray) -> dict:
+        probs = {name: served.predict_probs(model, info, image[None], "cpu")[0]
+                 for name, (model, info) in self.loaded.items()}
+        result = served.answer_for(probs, self.spec)
+        result["model_versions"] = {name: served.model_version(info) for name, (_, info) in self.loaded.items()}
+        return result
+
+    async def predict(self, image: np.ndarray) -> dict:
+        return await asyncio.to_thread(self._predict, image)
+
+    async def explain(self, image: np.ndarray, model: str, method: str) -> dict:
+        return await asyncio.to_thread(self.explainer.explain, image, model, method)
+
+    async def describe(self) -> dict:
+        return {"models": [served.model_summary(info) for _, info in self.loaded.values()]}
+
+
+def serve_baseline(run: str, config_path: str, port: int) -> None:
+    """Run the baseline server (blocking): uvicorn, one process, the same FastAPI app on a local backend."""
+    import uvicorn
+
+    config = load_config(config_path)
+    setup = served.serving_setup(RunDir(run), config)
+    app = served.build_api(LocalBackend(setup), setup["settings"])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become ready in {seconds} s")
+
+
+def load(url: str, endpoint: str, images: list[bytes], clients: int, per_client: int) -> dict:
+    """``clients`` threads, each sending ``per_client`` requests one after another; latency percentiles (ms) and
+    throughput (requests/s) over the whole burst."""
+    path, fields = ENDPOINTS[endpoint]
+
+    def client(index: int) -> list[tuple[float, int]]:
+        session = requests.Session()
+        out = []
+        for k in range(per_client):
+            data = images[(index * per_client + k) % len(images)]
+            start = time.perf_counter()
+            response = session.post(url + path, files={"file": ("x.jpg", data, "image/jpeg")}, data=fields,
+                                     timeout=600)
+            out.append(((time.perf_counter() - start) * 1000, response.status_code))
+        return out
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        samples = [s for batch in pool.map(client, range(clients)) for s in batch]
+    seconds = time.perf_counter() - started
+    latencies = np.array([ms for ms, status in samples if status == 200])
+    errors = sum(status != 200 for _, status in samples)
+    if not len(latencies):
+        raise RuntimeError(f"every {endpoint} request failed (statuses {sorted({s for _, s in samples})})")
+    return {
+        "endpoint": endpoint,
+        "clients": clients,
+        "requests": len(samples),
+        "errors": int(errors),
+        "seconds": round(seconds, 2),
+        "throughput_rps": round(len(latencies) / seconds, 2),
+        "mean_ms": round(float(latencies.mean()), 1),
+        **{f"p{q}_ms": round(float(np.percentile(latencies, q)), 1) for q in (50, 95, 99)},
+    }
+
+
+def measure(server: str, url: str, images: list[bytes], levels: list[int], per_client: int) -> list[dict]:
+    for endpoint in ENDPOINTS:  # warm-up: first requests load lazily initialised code paths
+        load(url, endpoint, images, 1, 2)
+    rows = []
+    for endpoint in ENDPOINTS:
+        for clients in levels:
+            row = {"server": server, **load(url, endpoint, images, clients, per_client)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def run_baseline(run: Path, config_path: Path, images, levels, per_client) -> list[dict]:
+    port = free_port()
+    command = [sys.executable, __file__, "--baseline-server", "--run", str(run), "--config", str(config_path),
+               "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        return measure("fastapi-baseline", url, images, levels, per_client)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def run_ray_serve(run: Path, config_path: Path, images, levels, per_client) -> tuple[list[dict], float]:
+    import ray
+    from ray import serve
+
+    config = load_config(config_path)
+    config.serve.port = free_port()
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    try:
+        started = time.perf_counter()
+        url = served.deploy(config, RunDir(run))
+        wait_ready(url)
+        startup = time.perf_counter() - started
+        return measure("ray-serve", url, images, levels, per_client), startup
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def write_readme(result: dict) -> None:
+    """Replace the serve section of benchmarks/README.md (between the markers), keeping everything else."""
+    rows = [
+        f"| {r['server']} | {r['endpoint']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | "
+        f"{r['p95_ms']} | {r['p99_ms']} | {r['throughput_rps']} |"
+        for r in sorted(result["results"], key=lambda r: (r["endpoint"], r["clients"], r["server"]))
+    ]
+    run = result["run"]
+    section = "\n".join([
+        START,
+        "## Serving latency and throughput (`benchmarks/serve.py`)",
+        "",
+        f"Ray Serve (ingress, ensemble, one replica per model with dynamic batching, max batch "
+        f"{result['serve_config']['max_batch_size']}, wait {result['serve_config']['batch_wait_timeout_s']} s; "
+        f"{result['serve_config']['cpus_per_replica']} CPU per replica, one replica each) beside one uvicorn process "
+        "running the same FastAPI app on PyTorch in threads (no batching). Both decode and preprocess the upload "
+        f"exactly as ingest does (to {run['image_size']} px) and run the same models ({', '.join(run['models'])}) "
+        "and calibrated ensemble; /v1/explain returns the ensemble Grad-CAM overlay. Requests: the 21 real 600x450 "
+        f"HAM10000 JPEGs in turn, {result['requests_per_client']} per client, clients on the same machine.",
+        f"Machine: {result['device']['cpu']}, {result['device']['cores']} cores, no GPU; load average "
+        f"{result['load_average']['before']} before and {result['load_average']['after']} after (the machine is "
+        f"shared, so absolute numbers carry noise). Ray Serve start-up: {result['ray_serve_startup_s']} s.",
+        f"Command: `{result['command']}`.",
+        "",
+        "| server | endpoint | clients | requests | errors | p50 ms | p95 ms | p99 ms | requests/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        END,
+    ])
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    README.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="a run directory with trained models")
+    parser.add_argument("--config", help="config YAML (default: RUN/config.yaml)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
+    parser.add_argument("--requests", type=int, default=8, help="requests per client at every level")
+    parser.add_argument("--cpus-per-replica", type=float, default=0.25, help="Ray Serve: CPU share per replica")
+    parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    run = Path(args.run).resolve()
+    if args.baseline_server:
+        serve_baseline(str(run), args.config, args.port)
+        return 0
+
+    config = load_config(args.config or (run / "config.yaml"))
+    # fixed replicas: autoscaling in the middle of a short burst on two cores would measure replica start-up
+    config.serve.min_replicas = config.serve.max_replicas = 1
+    config.serve.cpus_per_replica = args.cpus_per_replica
+    config.serve.host = "127.0.0.1"
+    config_path = ROOT / "test-artifacts" / "serve-benchmark-config.yaml"
+    config_path.parent.mkdir(exist_ok=True)
+    dump_yaml(config.to_dict(), config_path)
+    if not IMAGES.is_dir():
+        raise SystemExit(f"real images not found at {IMAGES}")
+    images = [p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))]
+    setup_models = RunDir(run).trained_models()
+    image_size = json.loads((run / "data" / "info.json").read_text())["image_size"]
+    before = [round(x, 2) for x in os.getloadavg()]
+    rows = run_baseline(run, config_path, images, args.clients, args.requests)
+    serve_rows, startup = run_ray_serve(run, config_path, images, args.clients, args.requests)
+    result = {
+        "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
+        "versions": package_versions(),
+        "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
+        "run": {"models": setup_models, "image_size": image_size},
+        "serve_config": dataclasses.asdict(config.serve),
+        "requests_per_client": args.requests,
+        "load_average": {"before": before, "after": [round(x, 2) for x in os.getloadavg()]},
+        "ray_serve_startup_s": round(startup, 1),
+        "results": rows + serve_rows,
+    }
+    out = ROOT / "benchmarks" / "results" / "serve_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_readme(result)
+    print(f"wrote {out} and the serve section of {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""``lesion train`` through Ray Train with 2 CPU workers on the tiny synthetic run: artefacts, the best weights,
+class balance, a killed worker, determinism and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from lesion.config import TrainConfig, apply_overrides, dump_yaml
+from lesion.data.shards import load_split, read_info
+from lesion.models import load_trained
+from lesion.rundir import RunDir
+from lesion.training import LoopSettings, array_batches, predict_logits, validation_metrics
+from pipelines.train import FAIL_ENV, FAIL_MARKER, train_model
+
+NAME = "custom_cnn"
+DETERMINISM_RTOL = 1e-5  # two 2-worker runs with one seed: losses and metrics agree to this relative tolerance
+
+
+@pytest.fixture
+def run(ingested_run, tmp_path) -> RunDir:
+    root = tmp_path / "run"
+    shutil.copytree(ingested_run.root, root)
+    return RunDir(root)
+
+
+def config(**train):
+    """The tiny config with ``train`` settings for the custom CNN."""
+    return apply_overrides(tiny_config(), {f"train.models.{NAME}.{k}": v for k, v in train.items()})
+
+
+def history_of(run: RunDir) -> list[dict]:
+    return json.loads((run.model_dir(NAME) / "history.json").read_text())
+
+
+def seen_shares(history: list[dict], classes: list[str]) -> np.ndarray:
+    seen = np.array([[row[f"seen_{c}"] for c in classes] for row in history]).sum(axis=0)
+    return seen / seen.sum()
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_train_and_write_the_best_model(run):
+    result = train_model(config(balance="weights"), run, NAME)
+    folder = run.model_dir(NAME)
+    history = history_of(run)
+    info = read_info(run.root)
+    train_rows = sum(info["counts"]["train"].values())
+
+    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(row["images"] == 2 * (train_rows // 2) for row in history)  # each epoch covers the split
+    for name in ("best.pt", "model.json", "config.yaml", "history.csv", "learning_curve.png"):
+        assert (folder / name).stat().st_size > 0, name
+    assert list((folder / "tb").glob("events.out.tfevents.*"))
+    assert TrainConfig(**yaml.safe_load((folder / "config.yaml").read_text())).balance == "weights"
+    assert run.manifest()[f"models/{NAME}"]["run_id"] == result["run_id"]
+
+    model, checkpoint = load_trained(folder)
+    best = next(row for row in history if row["epoch"] == result["best_epoch"])
+    assert checkpoint["best_epoch"] == result["best_epoch"] and checkpoint["pretrained"] == "scratch"
+    assert checkpoint["num_classes"] == 7 and checkpoint["input_size"] == 32
+    # best.pt holds the best epoch's weights, and validation under DDP scored every image exactly once:
+    # scoring the validation split again in one process gives the same numbers
+    val = load_split(run.root, "val")
+    settings = LoopSettings("multiclass", 7, checkpoint["mean"], checkpoint["std"], 32, torch.device("cpu"))
+    logits, labels = predict_logits(model, array_batches(val.images, val.labels, 50), settings)
+    again = validation_metrics(logits, labels, "multiclass", 7)
+    for key in ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_roc_auc"):
+        assert again[key] == pytest.approx(best[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_oversampling_balances_classes_and_two_worker_runs_agree(run):
+    classes = read_info(run.root)["classes"]
+    counts = read_info(run.root)["counts"]["train"]
+    data_shares = np.array([counts[c] for c in classes]) / sum(counts.values())
+    assert data_shares.max() > 0.25  # nv dominates the synthetic split
+
+    cfg = config(balance="oversample", epochs=2)
+    train_model(cfg, run, NAME)
+    first = history_of(run)
+    train_model(cfg, run, NAME)
+    second = history_of(run)
+
+    shares = seen_shares(first, classes)
+    assert np.all(np.abs(shares - 1 / 7) < 0.06), shares  # drawn evenly, whatever the split's imbalance
+    for a, b in zip(first, second):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_balanced_accuracy", "val_roc_auc"):
+            assert b[key] == pytest.approx(a[key], rel=DETERMINISM_RTOL), key
+        assert [a[f"seen_{c}"] for c in classes] == [b[f"seen_{c}"] for c in classes]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_killed_worker_resumes_from_the_last_checkpoint(run, monkeypatch):
+    monkeypatch.setenv(FAIL_ENV, "1")  # the last worker exits mid-way through epoch 1, once
+    result = train_model(config(epochs=3), run, NAME)
+    history = history_of(run)
+    assert (run.model_dir(NAME) / FAIL_MARKER).exists()  # the failure did happen
+    assert [row["epoch"] for row in history] == [0, 1, 2]  # epoch 0 was not trained again
+    assert [row["attempt"] for row in history] == [0, 1, 1]  # epochs 1-2 ran on the restarted worker group
+    assert result["attempts"] == 2 and (run.model_dir(NAME) / "best.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_trains_with_flags_and_the_tuned_config(run):
+    dump_yaml(tiny_config().to_dict(), run.root / "config.yaml")
+    run.tune.mkdir()
+    (run.tune / "best.yaml").write_text(yaml.safe_dump({"train": {"models": {NAME: {"lr": 7e-4, "fc_widths": [48, 24]}}}}))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--run", str(run.root), "--model", NAME,
+                           "--from-tune", "--epochs", "1", "--workers", "1", "--balance", "oversample"],
+                          capture_output=True, text=True, timeout=280, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert NAME in done.stdout and "scratch" in done.stdout
+    used = yaml.safe_load((run.model_dir(NAME) / "config.yaml").read_text())
+    assert used["lr"] == 7e-4 and used["epochs"] == 1 and used["workers"] == 1 and used["balance"] == "oversample"
+    assert json.loads((run.model_dir(NAME) / "model.json").read_text())["arch_kwargs"]["fc_widths"] == [48, 24]
+    assert len(history_of(run)) == 1

@@ -1,0 +1,108 @@
+"""``lesion tune``: a real Ray Tune + Optuna + ASHA search of 4 small trials on the tiny synthetic run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import pandas as pd
+import pytest
+from ray import tune
+
+from conftest import tiny_config
+from lesion.config import ConfigError, apply_overrides, load_config
+from lesion.rundir import RunDir
+from pipelines.tune import apply_best, param_space, tune_model
+
+
+@pytest.fixture
+def run(ingested_run, tmp_path) -> RunDir:
+    root = tmp_path / "run"
+    shutil.copytree(ingested_run.root, root)
+    return RunDir(root)
+
+
+def search_config(**tune_settings):
+    """4 sequential trials (one at a time, so ASHA sees results in a fixed order), seeded sampler."""
+    settings = {"trials": 4, "epochs": 3, "max_concurrent": 1, "seed": 0, "metric": "val_loss", "mode": "min",
+                "grace_period": 1, "reduction_factor": 2, **tune_settings}
+    return apply_overrides(tiny_config(), {f"tune.{k}": v for k, v in settings.items()})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_search_stops_poor_trials_survives_failing_ones_and_writes_the_best_config(run):
+    # learning rates four orders of magnitude apart separate clearly after one epoch; "bogus" makes the
+    # training function raise (unknown optimizer). With sampler seed 0 the trials come as
+    # (3e-3, adam), (3e-3, bogus), (1e-6, adam), (3e-3, bogus).
+    space = {"lr": {"type": "choice", "values": [1e-6, 3e-3]},
+             "optimizer": {"type": "choice", "values": ["adam", "bogus"]}}
+    summary = tune_model(search_config(search_space=space), run)
+
+    trials = pd.read_csv(run.tune / "trials.csv")
+    assert len(trials) == 4 and summary["complete"]
+    by_status = trials.groupby("status")
+    failed = by_status.get_group("failed")
+    assert set(failed["optimizer"]) == {"bogus"} and failed["error"].str.contains("train.optimizer").all()
+    stopped = by_status.get_group("stopped_early")
+    assert set(stopped["lr"]) == {1e-6} and (stopped["epochs"] < 3).all()  # ASHA cut the hopeless trial at rung 1
+    completed = by_status.get_group("completed")
+    assert (completed["epochs"] == 3).all() and set(completed["lr"]) == {3e-3}
+
+    assert summary["sampler_seed"] == 0 and summary["best_params"] == {"lr": 3e-3, "optimizer": "adam"}
+    assert summary["best_value"] == pytest.approx(completed["best_val_loss"].min())
+    for name in ("history.png", "importance.png", "summary.json"):
+        assert (run.tune / name).stat().st_size > 0
+    # best.yaml is a config file for train.models.custom_cnn: usable with --config and with --from-tune
+    tuned = apply_best(tiny_config(), run).model_config("custom_cnn")
+    assert tuned.lr == 3e-3 and tuned.optimizer == "adam"
+    assert tuned.conv_widths == tiny_config().model_config("custom_cnn").conv_widths  # the rest is the run's
+    assert load_config(run.tune / "best.yaml").model_config("custom_cnn").lr == 3e-3
+    assert run.manifest()["tune"]["best_trial"] == summary["best_trial"]
+
+
+class InterruptAfter(tune.Callback):
+    """Interrupts the search (as Ctrl+C does: Tune's signal handler) once ``count`` trials have finished."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.finished = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        if self.finished == self.count:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_interrupted_search_resumes_and_keeps_finished_trials(run):
+    space = {"lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
+             "conv_widths": {"type": "choice", "values": [[8, 16, 32, 64], [4, 8, 16, 32]]}}
+    config = search_config(search_space=space, epochs=2, scheduler="none")
+    first = tune_model(config, run, callbacks=[InterruptAfter(2)])
+    before = pd.read_csv(run.tune / "trials.csv")
+    assert not first["complete"]
+    done_before = before[before["status"] == "completed"]
+    assert len(done_before) == 2
+
+    summary = tune_model(config, run, resume=True)
+    after = pd.read_csv(run.tune / "trials.csv")
+    assert summary["complete"] and len(after) == 4 and (after["status"] == "completed").all()
+    kept = after.set_index("trial_id").loc[done_before["trial_id"]]
+    assert (kept["best_val_loss"].to_numpy() == done_before["best_val_loss"].to_numpy()).all()  # not re-run
+    assert all(json.loads(v) in ([8, 16, 32, 64], [4, 8, 16, 32]) for v in after["conv_widths"])
+
+
+def test_search_space_is_checked_where_it_is_read():
+    space = param_space({"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                         "conv_widths": {"type": "choice", "values": [[8, 16, 32, 64]]}})
+    assert set(space) == {"lr", "conv_widths"}
+    with pytest.raises(ConfigError, match="tune.search_space.learning_rate: not a train field"):
+        param_space({"learning_rate": {"type": "uniform", "low": 0, "high": 1}})
+    with pytest.raises(ConfigError, match="tune.search_space.lr: need 0 < low < high"):
+        param_space({"lr": {"type": "loguniform", "low": 0, "high": 1}})
+    with pytest.raises(ConfigError, match="tune.search_space.dropout: expected a mapping with type"):
+        param_space({"dropout": {"type": "normal"}})
