@@ -86,7 +86,8 @@ def combine(probs_by_model: dict[str, np.ndarray], spec: EnsembleSpec) -> np.nda
     missing = [name for name in spec.models if name not in probs_by_model]
     if missing:
         raise KeyError(f"combine: no probabilities for ensemble member(s) {', '.join(missing)}")
-    scaled = {name: calibration.apply_temperature(probs_by_model[name], spec.temperatures[name]) for name in spec.models}
+    scaled = {name: calibration.apply_temperature(probs_by_model[name], spec.temperatures[name])
+              for name in spec.models}
     return calibration.apply_temperature(mix(scaled, spec.weights), spec.temperature)
 
 

@@ -224,7 +224,8 @@ def bootstrap_ci(
             samples[name].append(value)
     estimate = _summary(y_true, y_prob, task)
     tail = (1 - confidence) / 2 * 100
-    out: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "unit": "lesion", "n_groups": len(codes)}
+    out: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "unit": "lesion",
+                           "n_groups": len(codes)}
     for name, values in samples.items():
         values = np.asarray(values)
         values = values[np.isfinite(values)]

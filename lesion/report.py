@@ -1,8 +1,8 @@
 """Evaluation figures, the one-page offline HTML report and the model card.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (rendered by the Agg canvas; pyplot and its global
-backend are never touched, so this is thread-safe and works headless). They are written as PNG files; ``render_html`` embeds them as base64 so ``report.html`` opens anywhere, offline,
-without the folder beside it.
+backend are never touched, so this is thread-safe and works headless). They are written as PNG files;
+``render_html`` embeds them as base64 so ``report.html`` opens anywhere, offline, without the folder beside it.
 """
 
 from __future__ import annotations
@@ -252,7 +252,8 @@ def render_html(result: dict, figures: dict[str, Path], path: str | Path) -> Pat
     if ens.get("decision"):
         d = ens["decision"]
         parts.append(
-            f"<p>Ensemble decision rule (from validation): malignant when p(malignant) ≥ {_fmt(d['malignant_threshold'])}"
+            "<p>Ensemble decision rule (from validation): malignant when p(malignant) ≥ "
+            f"{_fmt(d['malignant_threshold'])}"
             f" (target sensitivity {_fmt(d['target_sensitivity'], 2)}); on this split sensitivity "
             f"{_fmt(ens['binary'].get('sensitivity'))}, specificity {_fmt(ens['binary'].get('specificity'))}; "
             f"uncertain (abstained) for {_fmt(d['share_uncertain'])} of images.</p>")
@@ -294,7 +295,8 @@ def render_model_card(result: dict, path: str | Path) -> Path:
         + LICENCE_NOTE,
         "",
         "## Data",
-        f"- Source: {data.get('source')} (fingerprint {data.get('fingerprint')}), images at {data.get('image_size')} px.",
+        f"- Source: {data.get('source')} (fingerprint {data.get('fingerprint')}), "
+        f"images at {data.get('image_size')} px.",
         f"- Evaluated split: {result.get('split')}, {data.get('n_images')} images of {data.get('n_lesions')} lesions.",
         "- Splits are by lesion_id (all images of a lesion in one split), stratified by class; ensemble weights, "
         "temperatures and thresholds were fitted on the validation split only.",
@@ -306,7 +308,8 @@ def render_model_card(result: dict, path: str | Path) -> Path:
     for name, m in models.items():
         c = m.get("calibration", {})
         lines.append(f"| {name} | {m.get('pretrained', '–')} | {_md_ci(m, 'balanced_accuracy', m['balanced_accuracy'])}"
-                     f" | {_md_ci(m, 'macro_auc', m['macro']['auc'])} | {_md_ci(m, 'malignant_auc', m['binary']['auc'])}"
+                     f" | {_md_ci(m, 'macro_auc', m['macro']['auc'])}"
+                     f" | {_md_ci(m, 'malignant_auc', m['binary']['auc'])}"
                      f" | {_fmt(m['binary']['sensitivity_at_95_specificity'])} | {_fmt(c.get('ece_before'))} -> "
                      f"{_fmt(c.get('ece_after'))} |")
     ens = models.get("ensemble", {})
@@ -317,7 +320,8 @@ def render_model_card(result: dict, path: str | Path) -> Path:
                   f"validation for {_fmt(d['target_sensitivity'], 2)} sensitivity); on this split sensitivity "
                   f"{_fmt(ens['binary'].get('sensitivity'))} and specificity {_fmt(ens['binary'].get('specificity'))}. "
                   f"The system abstains (\"uncertain\") when the OOD score exceeds {_fmt(d['ood_threshold'])} or the "
-                  f"top-2 margin is below {_fmt(d['uncertain_margin'], 2)}: {_fmt(d['share_uncertain'])} of images here."]
+                  f"top-2 margin is below {_fmt(d['uncertain_margin'], 2)}: {_fmt(d['share_uncertain'])} of "
+                  "images here."]
     if ens.get("subgroups"):
         lines += ["", "## Subgroups (ensemble)", "| attribute | group | images | malignant | balanced accuracy | "
                   "malignant AUC |", "|---|---|---|---|---|---|"]

@@ -5,11 +5,13 @@ A run directory is a local path (a mounted NFS share included) or a URI that pya
 ``$LESION_CACHE`` overrides ``~/.cache/lesion``): ``pull()`` brings the remote run down and ``push()`` sends finished
 artefacts back, file by file, copying only files whose size or modification time differ (as ``aws s3 sync`` does).
 ``uri`` is the address to hand to Ray (e.g. Ray Train's ``storage_path``) so that every node writes to the same place.
+Ray's own storage under a remote run (``RAY_STORAGE``) is written straight to the URI and never synced.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import hashlib
 import json
 import logging
@@ -21,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# Folders Ray Train/Tune write straight to a remote run's URI (checkpoints, trial state): pull and push leave them be.
+RAY_STORAGE = ("models/*/ray", "tune/ray", "tune/trials")
 
 _VERSIONED_PACKAGES = ("lesion", "torch", "torchvision", "timm", "ray", "optuna", "scikit-learn", "pyarrow", "numpy")
 
@@ -82,7 +87,7 @@ class RunDir:
         if not self.is_remote:
             return 0
         remote, base = self._remote()
-        copied = _mirror(remote, base, _local_fs(), str(self.root), remote_is_source=True)
+        copied = _mirror(remote, base, _local_fs(), str(self.root), "", remote_is_source=True)
         log.info("pulled %d file(s) from %s to %s", copied, self.uri, self.root)
         return copied
 
@@ -98,10 +103,12 @@ class RunDir:
         copied = 0
         for part in parts or ("",):
             part = part.strip("/")
-            copied += _mirror(_local_fs(), _join(str(self.root), part), remote, _join(base, part), remote_is_source=False)
+            copied += _mirror(_local_fs(), _join(str(self.root), part), remote, _join(base, part), part,
+                              remote_is_source=False)
         for name in ("manifest.json", "config.yaml") if parts else ():
             if (self.root / name).is_file():
-                copied += _mirror(_local_fs(), str(self.root / name), remote, _join(base, name), remote_is_source=False)
+                copied += _mirror(_local_fs(), str(self.root / name), remote, _join(base, name), name,
+                                  remote_is_source=False)
         log.info("pushed %d file(s) from %s to %s", copied, self.root, self.uri)
         return copied
 
@@ -190,14 +197,22 @@ def _files(fs, path: str) -> dict[str, Any]:
     return {f.path[len(path.rstrip("/")) + 1 :]: f for f in found if f.type == pafs.FileType.File}
 
 
-def _mirror(src_fs, src: str, dst_fs, dst: str, *, remote_is_source: bool) -> int:
-    """Make ``dst`` hold exactly the files of ``src``; copy only new files and ones whose size or mtime differ.
+def _is_ray_storage(path: str) -> bool:
+    return any(fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, f"{pattern}/*") for pattern in RAY_STORAGE)
+
+
+def _mirror(src_fs, src: str, dst_fs, dst: str, part: str, *, remote_is_source: bool) -> int:
+    """Make ``dst`` hold exactly the files of ``src`` (``part`` of the run); copy only new files and ones whose size
+    or mtime differ. Ray's storage (``RAY_STORAGE``) is left alone on both sides.
 
     After each copy the local file's mtime is set to the remote object's, so the two sides compare equal next time.
     """
     from pyarrow import fs as pafs
 
-    want, have = _files(src_fs, src), _files(dst_fs, dst)
+    def synced(files: dict[str, Any]) -> dict[str, Any]:
+        return {rel: info for rel, info in files.items() if not _is_ray_storage(_join(part, rel).strip("/"))}
+
+    want, have = synced(_files(src_fs, src)), synced(_files(dst_fs, dst))
     copied = []
     for rel, info in sorted(want.items()):
         old = have.get(rel)

@@ -225,7 +225,8 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     spec = ensemble.load_or_fit(run, config, models)
     info = read_info(data_run.root)
     if info["task"] != spec.task:
-        raise ValueError(f"{data_run.root} holds a {info['task']} data set but the models of {run.root} are {spec.task}")
+        raise ValueError(f"{data_run.root} holds a {info['task']} data set but the models of {run.root} are "
+                         f"{spec.task}")
     if split == "val" and not external:
         log.warning("evaluating on the validation split, which the ensemble was fitted on: its scores are optimistic")
     task, classes = spec.task, list(class_names(spec.task))

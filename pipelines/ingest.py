@@ -39,7 +39,7 @@ from pipelines.common import init_ray, resolve_config
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 32  # images per Ray Data block (= per preprocessing task)
-FIGURE_IMAGES = 6  # image pairs in the preprocessing and augmentation figures
+FIGURE_IMAGES = 6  # image pairs in the augmentation figure (the preprocessing figure shows one image per class)
 INPUT_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()), ("lesion_id", pa.string()), ("label", pa.int64()), ("dx", pa.string()),
@@ -72,10 +72,11 @@ def data_fingerprint(data_config: DataConfig) -> str:
     return fingerprint("ingest", values, sources.input_files(data_config), code_version())
 
 
-def ingest(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
+def ingest(config: Config, run: RunDir, force: bool = False, num_cpus: int | None = None) -> dict[str, Any]:
     """Ingest ``config.data`` into ``run.data``; skipped when the fingerprint is unchanged (unless ``force``).
 
-    Returns a summary: info.json's content plus ``skipped``, ``rejected`` (count) and ``seconds``.
+    Ray is started (``num_cpus`` for a local one) only when there is work to do. Returns info.json's content
+    (counts, ``rejected`` count, preprocessing ``seconds`` and ``images_per_second``) plus ``skipped``.
     """
     data_config = config.data
     splits.check_fractions(data_config.split)
@@ -100,7 +101,7 @@ def ingest(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     log.info("ingest: %d images from %s (%d rejected while reading); preprocessing with Ray Data",
              len(records), data_config.source, len(rejected))
 
-    init_ray()
+    init_ray(num_cpus=num_cpus)
     processed = time.perf_counter()
     written = _process(records, data_config, partial)
     seconds = time.perf_counter() - processed
@@ -299,7 +300,7 @@ def _figures(records: list[dict], table: pd.DataFrame, train_sample: list[np.nda
             chosen[record["label"]] = record
     names = class_names(data_config.task)
     pairs, titles = [], []
-    for label, record in sorted(chosen.items())[:FIGURE_IMAGES]:
+    for label, record in sorted(chosen.items()):
         original = prep.decode_image(record["path"] or record["image_bytes"], max_pixels=data_config.max_image_pixels)
         pairs.append((original, prep.preprocess(original, data_config)[0]))
         titles.append(f"{record['image_id']} ({names[label]})")
@@ -340,8 +341,9 @@ def add_arguments(name: str, parser) -> None:
     parser.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="split fractions")
     parser.add_argument("--seed", type=int, help="seed of the split and of the synthetic generator")
     parser.add_argument("--count", type=int, help="images drawn by the synthetic source")
-    parser.add_argument("--crop-border", action=argparse.BooleanOptionalAction, help="crop the black dermatoscope border")
-    parser.add_argument("--remove-hair", action=argparse.BooleanOptionalAction, help="remove hair and small dark artefacts")
+    toggle = argparse.BooleanOptionalAction
+    parser.add_argument("--crop-border", action=toggle, help="crop the black dermatoscope border")
+    parser.add_argument("--remove-hair", action=toggle, help="remove hair and small dark artefacts")
     parser.add_argument("--image-column", help="parquet sources: column of image bytes")
     parser.add_argument("--label-column", help="parquet sources: column of labels")
     parser.add_argument("--id-column", help="parquet sources: column of image ids")
@@ -370,8 +372,7 @@ def run_command(name: str, args) -> int:
         "data.id_column": args.id_column,
     }
     config = resolve_config(run, args.config, overrides)
-    init_ray(num_cpus=args.num_cpus)
-    summary = ingest(config, run, force=args.force)
+    summary = ingest(config, run, force=args.force, num_cpus=args.num_cpus)
     state = "unchanged, skipped (use --force to redo)" if summary["skipped"] else f"written in {summary['seconds']} s"
     print(f"data: {run.data} ({state})")
     print(format_counts(summary))

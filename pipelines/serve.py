@@ -719,7 +719,11 @@ def stop(address: str | None) -> int:
     """Delete the application (and Serve when nothing else runs) on the cluster at ``address`` (default: auto)."""
     import ray
 
-    init_ray(address or "auto")
+    try:
+        init_ray(address or "auto")
+    except ConnectionError as exc:
+        print(f"no running Ray cluster to stop '{APP_NAME}' on: {exc}")
+        return 1
     if APP_NAME not in serve.status().applications:
         print(f"no '{APP_NAME}' application is running")
         return 0

@@ -65,6 +65,7 @@ FAIL_ENV = "LESION_FAIL_AT_EPOCH"  # fault injection: the last worker exits once
 FAIL_MARKER = ".fault-injected"  # in the model dir: the injected failure has happened (so it fires once)
 SHUFFLE_BUFFER_MIN = 512  # rows in the local shuffle buffer (at least 4 batches)
 PREFETCH_BATCHES = 4
+READ_CPUS = 0.25  # CPUs reserved by each Ray Data read task
 
 # The zero-copy view of Arrow image bytes is read-only; the loop never writes into it.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -74,18 +75,23 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 def arrow_images(column: pa.ChunkedArray | pa.Array, image_size: int) -> np.ndarray:
-    """Arrow binary column of raw pixels -> (N, S, S, 3) uint8, a view of the Arrow buffer where possible."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    """Arrow binary column of raw pixels -> (N, S, S, 3) uint8: a view of the Arrow buffer for one chunk, one copy
+    for several."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks != 1:
+            parts = [arrow_images(chunk, image_size) for chunk in column.chunks]
+            return np.concatenate(parts) if parts else decode_images([], image_size)
+        column = column.chunk(0)
     row_bytes = image_size * image_size * 3
-    binary = pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)
-    if binary and array.null_count == 0 and len(array):
-        offset_type = np.int64 if pa.types.is_large_binary(array.type) else np.int32
-        _, offsets_buf, data_buf = array.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[array.offset: array.offset + len(array) + 1]
-        if len(offsets) and offsets[-1] - offsets[0] == row_bytes * len(array) and np.all(np.diff(offsets) == row_bytes):
+    binary = pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
+    if binary and column.null_count == 0 and len(column):
+        offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+        _, offsets_buf, data_buf = column.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[column.offset: column.offset + len(column) + 1]
+        if np.all(np.diff(offsets) == row_bytes):
             flat = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]: offsets[-1]]
-            return flat.reshape(len(array), image_size, image_size, 3)
-    return decode_images(array.to_pylist(), image_size)  # copies; raises on bad sizes
+            return flat.reshape(len(column), image_size, image_size, 3)
+    return decode_images(column.to_pylist(), image_size)  # copies; raises on rows of the wrong size
 
 
 class ImageBatchCollate(ArrowBatchCollateFn):
@@ -110,7 +116,10 @@ def read_split(run: RunDir, split: str, seed: int | None = None) -> ray.data.Dat
     if run.is_remote:  # every node reads the shards from the run's storage, not the driver's staging copy
         files = [f"{run.uri}/data/{split}/{Path(f).name}" for f in files]
     shuffle = None if seed is None else ray.data.FileShuffleConfig(seed=seed)
-    return ray.data.read_parquet(files, shuffle=shuffle).select_columns(["image", "label"])
+    # Reading raw-pixel shards is light work: a fraction of a CPU per read task keeps reads schedulable beside
+    # fractional-CPU train workers and Tune trial drivers on small machines (the 2-CPU hang in RAY-NOTES.md).
+    return ray.data.read_parquet(files, shuffle=shuffle, ray_remote_args={"num_cpus": READ_CPUS}).select_columns(
+        ["image", "label"])
 
 
 def data_config() -> ray.train.DataConfig:

@@ -266,7 +266,8 @@ def write_results(config: Config, run: RunDir, results, seconds: float) -> dict[
     """trials.csv, best.yaml, summary.json and the plots from a ResultGrid."""
     tcfg = config.tune
     spec = tcfg.search_space
-    trials = {trial.path: trial for trial in tune.ExperimentAnalysis(results.experiment_path).trials}
+    trials = {trial.path: trial for trial in tune.ExperimentAnalysis(results.experiment_path,
+                                                                    storage_filesystem=results.filesystem).trials}
     rows = [_trial_row(r, trials[r.path], spec, tcfg.metric, tcfg.mode, tcfg.epochs) for r in results]
     table = pd.DataFrame(rows)
     run.tune.mkdir(parents=True, exist_ok=True)

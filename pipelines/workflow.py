@@ -314,7 +314,12 @@ def start_local_cluster(workers: int = 1, cpus_per_node: float = 2, head_cpus: f
     env = {**os.environ, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")  # no 30 s Serve drain on `down`
+    env["RAY_AUTH_MODE"] = env.get("RAY_AUTH_MODE", "token")  # every node the same; token unless disabled explicitly
+    if env["RAY_AUTH_MODE"] == "token" and not _token_available(env):
+        subprocess.run([_ray_executable(), "get-auth-token", "--generate"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)  # writes ~/.ray/auth_token, read by every node and client here
     state: dict[str, Any] = {
+        "auth_mode": env["RAY_AUTH_MODE"],
         "address": f"127.0.0.1:{gcs_port}",
         "dashboard": f"http://127.0.0.1:{dashboard_port}",
         "client": f"ray://127.0.0.1:{client_port}",
@@ -350,6 +355,11 @@ def start_local_cluster(workers: int = 1, cpus_per_node: float = 2, head_cpus: f
         stop_local_cluster(state_dir)
         raise
     return state
+
+
+def _token_available(env: dict[str, str]) -> bool:
+    home = Path(env.get("HOME", str(Path.home())))
+    return bool(env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (home / ".ray" / "auth_token").is_file())
 
 
 def _alive_nodes(dashboard: str) -> int:
@@ -505,11 +515,14 @@ def _cluster_command(args: argparse.Namespace) -> int:
         print(f"{_alive_nodes(state['dashboard'])} of {len(state['nodes'])} node(s) alive; "
               f"address {state['address']}, dashboard {state['dashboard']}")
         return 0
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # this process talks to the cluster as its nodes do
     state = start_local_cluster(workers=args.workers, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus,
                                 gpus_per_node=args.gpus_per_node, object_store_mb=args.object_store_mb,
                                 state_dir=state_dir)
     cpus = sum(node["cpus"] for node in state["nodes"])
-    print(f"Ray cluster up: head + {args.workers} worker node(s), {cpus:g} CPUs, all on 127.0.0.1\n"
+    auth = ("  auth:      token (~/.ray/auth_token): export RAY_AUTH_MODE=token in shells that use the cluster\n"
+            if state["auth_mode"] == "token" else "  auth:      disabled (RAY_AUTH_MODE=disabled): anyone on this host can use it\n")
+    print(f"Ray cluster up: head + {args.workers} worker node(s), {cpus:g} CPUs, all on 127.0.0.1\n{auth}"
           f"  drivers:   export RAY_ADDRESS={state['address']}   (then `lesion run` runs on this cluster)\n"
           f"  jobs:      {state['dashboard']}\n"
           f"  submit:    ray job submit --address {state['dashboard']} --working-dir . "

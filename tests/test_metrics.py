@@ -34,7 +34,8 @@ def _sk(fn, *args, **kwargs):
 def test_counts_and_rates_match_sklearn_with_missing_classes():
     p = _probs(Y_PRED)
     labels = list(range(7))
-    np.testing.assert_array_equal(metrics.confusion_matrix(Y_TRUE, p), skm.confusion_matrix(Y_TRUE, Y_PRED, labels=labels))
+    np.testing.assert_array_equal(metrics.confusion_matrix(Y_TRUE, p),
+                                  skm.confusion_matrix(Y_TRUE, Y_PRED, labels=labels))
     assert metrics.accuracy(Y_TRUE, p) == pytest.approx(skm.accuracy_score(Y_TRUE, Y_PRED))
     assert metrics.balanced_accuracy(Y_TRUE, p) == pytest.approx(_sk(skm.balanced_accuracy_score, Y_TRUE, Y_PRED))
     ours = metrics.precision_recall_f1(Y_TRUE, p)
@@ -42,7 +43,8 @@ def test_counts_and_rates_match_sklearn_with_missing_classes():
     for k, name in enumerate(("precision", "recall", "f1")):
         np.testing.assert_allclose(ours[name], sk[k], equal_nan=True)
     for average in ("macro", "weighted"):
-        sk = _sk(skm.precision_recall_fscore_support, Y_TRUE, Y_PRED, labels=labels, zero_division=np.nan, average=average)
+        sk = _sk(skm.precision_recall_fscore_support, Y_TRUE, Y_PRED, labels=labels, zero_division=np.nan,
+                 average=average)
         for k, name in enumerate(("precision", "recall", "f1")):
             assert ours[average][name] == pytest.approx(sk[k]), (average, name)
     # specificity of class k = recall of "not k"

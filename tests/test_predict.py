@@ -24,7 +24,7 @@ def run_copy(trained_run, tmp_path_factory) -> RunDir:
     return RunDir(root)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # includes training the session's trained_run fixture when this test runs first
 def test_predict_offline_real_images_with_bad_files_reported(run_copy, ham10000_fullres, tmp_path, capsys):
     images = sorted((ham10000_fullres / "images").glob("*.jpg"))[:6]
     folder = tmp_path / "in"

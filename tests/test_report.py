@@ -70,7 +70,8 @@ def _image_states(page: Path, tmp_path: Path) -> list[list]:
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chr'}"):
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chr'}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
     try:
@@ -94,7 +95,8 @@ def test_report_html_is_offline_and_every_image_loads_in_chromium(tmp_path):
     states = _image_states(page, tmp_path)
     assert len(states) == len(figures)
     assert all(complete and width > 0 for complete, width in states), states
-    for expected in ("balanced accuracy", "Per-class report", "Subgroups", "Explanation quality", "not a medical device"):
+    for expected in ("balanced accuracy", "Per-class report", "Subgroups", "Explanation quality",
+                     "not a medical device"):
         assert expected in text
 
 

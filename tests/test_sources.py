@@ -192,7 +192,8 @@ def test_folder_source(tmp_path):
 def test_generic_parquet_with_configured_columns(tmp_path):
     table = pa.table({"img": [image_bytes(1), image_bytes(2), image_bytes(3), b""],
                       "diagnosis": ["mel", "bcc", "sunburn", "nv"],
-                      "name": ["p1", "p2", "p3", "p4"], "lesion_id": ["L1", "L1", None, "L4"], "age": [30, None, 50, 60]})
+                      "name": ["p1", "p2", "p3", "p4"], "lesion_id": ["L1", "L1", None, "L4"],
+                      "age": [30, None, 50, 60]})
     pq.write_table(table, tmp_path / "set.parquet")
     cfg = config("parquet", tmp_path / "set.parquet", image_column="img", label_column="diagnosis", id_column="name")
     records, rejected = read_source(cfg)

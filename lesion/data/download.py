@@ -204,8 +204,9 @@ def _verify(path: Path, remote: RemoteFile, delete: bool) -> None:
     if digest.hexdigest() != expected:
         if delete:
             path.unlink()
+        action = "the download was deleted" if delete else "delete it to download again"
         raise DownloadError(f"{path}: {algorithm} checksum {digest.hexdigest()} does not match the expected "
-                            f"{expected}" + ("; the download was deleted" if delete else "; delete it to download again"))
+                            f"{expected}; {action}")
 
 
 def extract_zip(archive: Path, folder: Path | None = None) -> Path:

@@ -189,11 +189,13 @@ def read_ham10000(root: str | Path) -> tuple[list[dict], Rejected]:
             continue
         dx = str(row["dx"]).strip().lower()
         if dx not in DX_CLASSES:
-            rejected.append((f"{image_id} ({where})", f"unknown dx {row['dx']!r}; expected one of {', '.join(DX_CLASSES)}"))
+            rejected.append((f"{image_id} ({where})",
+                             f"unknown dx {row['dx']!r}; expected one of {', '.join(DX_CLASSES)}"))
             continue
         path = images.get(image_id)
         if path is None:
-            rejected.append((f"{image_id} ({where})", f"listed in {metadata.name} but no image file {image_id}.* under {root}"))
+            rejected.append((f"{image_id} ({where})",
+                             f"listed in {metadata.name} but no image file {image_id}.* under {root}"))
             continue
         record = _record(
             image_id,
@@ -227,7 +229,8 @@ def _read_packed_masks(path: Path) -> dict[str, bytes]:
             raise ValueError(f"{path}: missing array(s) {', '.join(missing)}; expected image_id and mask")
         ids, masks = data["image_id"], data["mask"]
     if masks.dtype != np.uint8 or masks.ndim != 3 or len(masks) != len(ids):
-        raise ValueError(f"{path}: mask must be uint8 N x H x W/8 with one row per image_id, got {masks.dtype} {masks.shape}")
+        raise ValueError(f"{path}: mask must be uint8 N x H x W/8 with one row per image_id, "
+                         f"got {masks.dtype} {masks.shape}")
     return {str(i): masks[n].tobytes() for n, i in enumerate(ids)}
 
 

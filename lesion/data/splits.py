@@ -22,7 +22,8 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """Validate train/val/test fractions: three non-negative numbers summing to 1, train > 0."""
     values = tuple(float(f) for f in fractions)
     if len(values) != 3 or any(f < 0 for f in values) or values[0] <= 0 or abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be three non-negative numbers (train > 0) summing to 1, got {list(fractions)}")
+        raise ValueError("split fractions must be three non-negative numbers (train > 0) summing to 1, "
+                         f"got {list(fractions)}")
     return values
 
 
