@@ -117,9 +117,8 @@ def read_split(run: RunDir, split: str, seed: int | None = None) -> ray.data.Dat
         files = [f"{run.uri}/data/{split}/{Path(f).name}" for f in files]
     shuffle = None if seed is None else ray.data.FileShuffleConfig(seed=seed)
     # Reading raw-pixel shards is light work: a fraction of a CPU per read task keeps reads schedulable beside
-    # fractional-CPU train workers and Tune trial drivers on small machines (the 2-CPU hang in RAY-NOTES.md).
-    return ray.data.read_parquet(files, shuffle=shuffle, ray_remote_args={"num_cpus": READ_CPUS}).select_columns(
-        ["image", "label"])
+    # fractional-CPU train workers on small machines (the 2-CPU hang in RAY-NOTES.md).
+    return ray.data.read_parquet(files, shuffle=shuffle, num_cpus=READ_CPUS).select_columns(["image", "label"])
 
 
 def data_config() -> ray.train.DataConfig:
@@ -329,13 +328,17 @@ def train_func(loop: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def build_trainer(cfg: TrainConfig, loop: dict[str, Any], run: RunDir, storage: str, run_name: str,
-                  callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer over the run's train/val shards with the config's workers, resources and failure policy.
+def training_datasets(run: RunDir, cfg: TrainConfig, *, materialize_train: bool = False) -> dict[str, ray.data.Dataset]:
+    """The train split streamed from the shards (file order reshuffled each epoch), or read once into the object
+    store with ``materialize_train``; the validation split read once."""
+    train = read_split(run, "train", seed=cfg.seed)
+    return {"train": train.materialize() if materialize_train else train, "val": read_split(run, "val").materialize()}
 
-    The training split streams from the Parquet shards every epoch (file order reshuffled per epoch); the smaller
-    validation split is read once and kept in the object store.
-    """
+
+def build_trainer(cfg: TrainConfig, loop: dict[str, Any], datasets: dict[str, ray.data.Dataset], storage: str,
+                  run_name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer over ``datasets`` (``training_datasets``) with the config's workers, resources and failure
+    policy; checkpoints go to ``storage/run_name``."""
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.gpus_per_worker > 0:
         resources["GPU"] = cfg.gpus_per_worker
@@ -344,7 +347,7 @@ def build_trainer(cfg: TrainConfig, loop: dict[str, Any], run: RunDir, storage: 
         train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                                resources_per_worker=resources),
-        datasets={"train": read_split(run, "train", seed=cfg.seed), "val": read_split(run, "val").materialize()},
+        datasets=datasets,
         dataset_config=data_config(),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage, callbacks=callbacks,
@@ -407,7 +410,7 @@ def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False)
     init_ray()
     log.info("training %s: %d epochs, %d worker(s), balance=%s", name, cfg.epochs, cfg.workers, cfg.balance)
     started = time.perf_counter()
-    result = build_trainer(cfg, loop, run, storage, RAY_RUN_NAME).fit()
+    result = build_trainer(cfg, loop, training_datasets(run, cfg), storage, RAY_RUN_NAME).fit()
     seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} reported no checkpoint (see the Ray logs under {storage})")

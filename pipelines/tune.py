@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
+import ray.train
 import torch
 import yaml
 from ray import tune
@@ -34,7 +35,15 @@ from lesion.data.shards import load_split, read_info
 from lesion.rundir import RunDir, fingerprint
 from lesion.training import array_batches
 from pipelines.common import init_ray, resolve_config
-from pipelines.train import build_trainer, derive_seed, loop_config, read_state, remove_tree, run_training
+from pipelines.train import (
+    build_trainer,
+    derive_seed,
+    loop_config,
+    read_state,
+    remove_tree,
+    run_training,
+    training_datasets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +163,10 @@ def trial_distributed(params: dict[str, Any], *, config: Config, name: str, info
     run = RunDir(run_root)
     context = tune.get_context()
     storage = f"{run.uri}/tune/trials" if run.is_remote else str(run.tune / "trials")
-    trainer = build_trainer(cfg, loop_config(cfg, name, info), run, storage, context.get_trial_id(),
+    # Inside a trial Ray Data gets no CPU budget for streaming reads beside the train workers (the reads would
+    # wait forever), so the trial reads the training split once, before its workers start.
+    datasets = training_datasets(run, cfg, materialize_train=True)
+    trainer = build_trainer(cfg, loop_config(cfg, name, info), datasets, storage, context.get_trial_id(),
                             callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -163,7 +175,7 @@ def _trainable(config: Config, run: RunDir, name: str, info: dict[str, Any]):
     """The trial function with its resources (and, for one-worker trials, the split arrays)."""
     tcfg = config.tune
     if tcfg.workers_per_trial > 1:
-        fn = tune.with_parameters(trial_distributed, config=config, name=name, info=info, run_root=str(run.root))
+        fn = tune.with_parameters(trial_distributed, config=config, name=name, info=info, run_root=run.uri)
         return tune.with_resources(fn, {"cpu": 0.1})
     train, val = load_split(run.root, "train"), load_split(run.root, "val")
     data = {"train_images": train.images, "train_labels": train.labels, "val_images": val.images,
@@ -245,7 +257,11 @@ def _trial_row(result, trial, spec: dict[str, Any], metric: str, mode: str, epoc
     """
     params = {k: result.config[k] for k in spec if k in result.config}
     last = result.metrics or {}
-    history = read_state(result.checkpoint)["history"] if result.checkpoint is not None else []
+    # one-worker trials report Tune checkpoints; multi-worker ones report their Train checkpoint's path
+    checkpoint = result.checkpoint
+    if checkpoint is None and last.get("checkpoint_path"):
+        checkpoint = ray.train.Checkpoint(last["checkpoint_path"])
+    history = read_state(checkpoint)["history"] if checkpoint is not None else []
     values = [row[metric] for row in history if metric in row and not math.isnan(row[metric])]
     best = (min(values) if mode == "min" else max(values)) if values else math.nan
     if trial.status == "ERROR" or result.error is not None:

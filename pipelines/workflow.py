@@ -7,10 +7,11 @@ config and upstream artefacts, and the workflow recomputes that fingerprint befo
 (``RunDir.is_current``). One table shows every stage's status and time as the run goes. The run directory may be a
 URI (``s3://bucket/run``): it is pulled at the start and each stage's artefact is pushed when the stage finishes.
 
-``lesion cluster up``: a head node and N worker nodes, each a separate ``ray start --block`` process group with its
-own ports, CPUs, object store and temp dir, all on 127.0.0.1. ``lesion cluster down`` ends exactly those process
-groups (never ``ray stop``, which would stop every Ray on the machine). Token authentication stays as Ray sets it
-(on by default in Ray 2.60; a real cluster should keep it on); tests start it with ``RAY_AUTH_MODE=disabled``.
+``lesion cluster up``: a head node and N worker nodes, each a separate ``ray start --block`` session with its
+own ports, CPUs, object store and temp dir, all on 127.0.0.1. ``lesion cluster down`` ends exactly the processes
+of those sessions (never ``ray stop``, which would stop every Ray on the machine). Token authentication is on
+(a token is generated into ~/.ray/auth_token when there is none) unless ``RAY_AUTH_MODE=disabled`` is set, as the
+tests do; a real cluster should keep it on.
 """
 
 from __future__ import annotations
@@ -300,8 +301,9 @@ def start_local_cluster(workers: int = 1, cpus_per_node: float = 2, head_cpus: f
                         env: dict[str, str] | None = None, timeout: float = 180) -> dict[str, Any]:
     """Start a head and ``workers`` worker nodes on 127.0.0.1 and wait until all are alive; returns the cluster state.
 
-    Every node is ``ray start --block`` in its own process group with its own ports, temp dir and object store;
-    the state (addresses, process groups, logs) is saved to ``state_dir/cluster.json`` for ``stop_local_cluster``.
+    Every node is ``ray start --block`` in a session of its own with its own ports, temp dir and object store;
+    the state (addresses, session leaders, logs) is saved to ``state_dir/cluster.json`` for ``stop_local_cluster``.
+    Linux only (Ray supports multi-node clusters on Linux).
     """
     state_dir = Path(state_dir)
     if (state_dir / STATE_FILE).is_file():
@@ -347,7 +349,7 @@ def start_local_cluster(workers: int = 1, cpus_per_node: float = 2, head_cpus: f
             with open(log_path, "wb") as out:
                 process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True)
-            state["nodes"].append({"name": name, "pid": process.pid, "pgid": process.pid, "cpus": cpus,
+            state["nodes"].append({"name": name, "pid": process.pid, "cpus": cpus,
                                    "temp_dir": str(temp_dir), "log": str(log_path)})
             (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
             _wait_for_nodes(state, index + 1, process, log_path, timeout)
@@ -385,8 +387,12 @@ def _wait_for_nodes(state: dict, count: int, process: subprocess.Popen, log_path
         time.sleep(1)
 
 
-def node_processes(pgid: int) -> list[tuple[int, str]]:
-    """(pid, command name) of every process in process group ``pgid`` (Linux /proc)."""
+def node_processes(session: int) -> list[tuple[int, str]]:
+    """(pid, command name) of every process in session ``session`` (Linux /proc).
+
+    A node started by ``start_local_cluster`` is one session: ``ray start`` leads it, and Ray's worker processes,
+    which get process groups of their own, stay in it.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -395,45 +401,45 @@ def node_processes(pgid: int) -> list[tuple[int, str]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:
-            found.append((int(entry.name), name))
+        if int(fields[3]) == session and fields[0] != "Z":  # a zombie has ended (its parent has not reaped it yet)
+            found.append((int(entry.name), stat[stat.index("(") + 1 : stat.rindex(")")]))
     return found
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_local_cluster(state_dir: Path = CLUSTER_DIR, timeout: float = 30) -> int:
-    """End the process groups of a cluster started by ``start_local_cluster`` (workers first); returns groups ended.
+    """End every process of a cluster started by ``start_local_cluster`` (workers first); returns nodes ended.
 
-    SIGTERM lets ``ray start --block`` stop its node cleanly; whatever is left after ``timeout`` gets SIGKILL.
+    SIGTERM lets ``ray start --block`` stop its node; whatever is left of the node's session after ``timeout``
+    (workers, jobs' processes) gets SIGKILL. Nothing outside those sessions is touched.
     """
     path = Path(state_dir) / STATE_FILE
     if not path.is_file():
         return 0
     state = json.loads(path.read_text())
-    groups = [node["pgid"] for node in reversed(state["nodes"])]
     ended = 0
-    for pgid in groups:
-        if not _group_alive(pgid):
+    for node in reversed(state["nodes"]):
+        session = node["pid"]
+        if not node_processes(session):
             continue
-        os.killpg(pgid, signal.SIGTERM)
         ended += 1
+        try:
+            os.kill(session, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         deadline = time.monotonic() + timeout
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while any(pid == session for pid, _ in node_processes(session)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        if _group_alive(pgid):
-            log.warning("process group %d still alive after SIGTERM: killing it", pgid)
-            os.killpg(pgid, signal.SIGKILL)
+        for pid, name in node_processes(session):
+            log.info("killing %s (pid %d), left over from node %s", name, pid, node["name"])
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:  # reap `ray start` when this process started it
+            os.waitpid(session, os.WNOHANG)
+        except ChildProcessError:
+            pass
     path.unlink()
     return ended
 

@@ -128,3 +128,16 @@ def test_cli_trains_with_flags_and_the_tuned_config(run):
     assert used["lr"] == 7e-4 and used["epochs"] == 1 and used["workers"] == 1 and used["balance"] == "oversample"
     assert json.loads((run.model_dir(NAME) / "model.json").read_text())["arch_kwargs"]["fc_widths"] == [48, 24]
     assert len(history_of(run)) == 1
+
+
+def test_arrow_image_columns_are_viewed_without_copies():
+    import pyarrow as pa
+
+    from pipelines.train import arrow_images
+
+    images = np.random.default_rng(0).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
+    column = pa.array([im.tobytes() for im in images], type=pa.binary())
+    view = arrow_images(pa.chunked_array([column]), 4)
+    assert np.array_equal(view, images) and not view.flags.owndata  # a view of the Arrow buffer
+    assert np.array_equal(arrow_images(column.slice(1, 3), 4), images[1:4])  # sliced batches keep their offset
+    assert np.array_equal(arrow_images(pa.chunked_array([column.slice(0, 2), column.slice(2)]), 4), images)
