@@ -34,7 +34,7 @@ from pytorch_grad_cam.utils.model_targets import (
 from torch import nn
 
 from lesion import ensemble as ensemble_lib
-from lesion.config import Config, DataConfig, load_config
+from lesion.config import Config, DataConfig, config_from_dict, load_config
 from lesion.data.augment import model_input
 from lesion.data.preprocess import preprocess_bytes
 from lesion.data.shards import read_info
@@ -276,8 +276,12 @@ def faithfulness(model: nn.Module, info: dict, x: torch.Tensor, cams: np.ndarray
 
 
 def run_data_config(run: RunDir, config: Config | None = None) -> DataConfig:
-    """Preprocessing of a run's images: the data section of ``config`` (default: RUN/config.yaml, else defaults)
-    with the image size the data was ingested at (``data/info.json``)."""
+    """Preprocessing of a run's images: the data section ingest recorded in the manifest, so new images are
+    preprocessed exactly like the training images. Runs without that record use the data section of ``config``
+    (default: RUN/config.yaml, else defaults) with the image size of ``data/info.json``."""
+    recorded = run.manifest().get("data", {}).get("config")
+    if recorded is not None:
+        return config_from_dict({"data": recorded}).data
     if config is None:
         saved = run.root / "config.yaml"
         config = load_config(saved if saved.is_file() else None)

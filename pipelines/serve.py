@@ -51,7 +51,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 import lesion
 from lesion import calibration, ensemble, explain
-from lesion.config import Config, DataConfig, ServeConfig, apply_overrides, config_from_dict, load_config
+from lesion.config import Config, DataConfig, ServeConfig, apply_overrides, load_config
 from lesion.data.augment import model_input
 from lesion.data.preprocess import ImageError, preprocess_bytes
 from lesion.labels import DX_NAMES, class_names, malignant_indices
@@ -183,15 +183,6 @@ class CamExplainer:
 # --- the served configuration -----------------------------------------------------------------------------------
 
 
-def ingest_data_config(run: RunDir, config: Config) -> DataConfig:
-    """The data section the run was ingested with (from its manifest), so uploads are preprocessed exactly like the
-    training images; runs without that record fall back to ``lesion.explain.run_data_config``."""
-    recorded = run.manifest().get("data", {}).get("config")
-    if recorded is None:
-        return explain.run_data_config(run, config)
-    return config_from_dict({"data": recorded}).data
-
-
 @dataclasses.dataclass
 class ApiSettings:
     """What the HTTP layer needs: limits, security, the preprocessing and the names it accepts."""
@@ -214,7 +205,7 @@ def serving_setup(run: RunDir, config: Config) -> dict:
     missing = [name for name in models if name not in trained]
     if missing:
         raise FileNotFoundError(f"{run.models}: no trained checkpoint for {', '.join(missing)} (trained: {trained})")
-    data_config = dataclasses.replace(ingest_data_config(run, config), max_image_pixels=config.serve.max_image_pixels)
+    data_config = dataclasses.replace(explain.run_data_config(run, config), max_image_pixels=config.serve.max_image_pixels)
     spec = ensemble.load_or_fit(run, config, models=models)
     serve_config = config.serve
     return {
