@@ -228,8 +228,9 @@ def validation_probs(run: RunDir, models: list[str], *, batch_size: int = 64, tt
 
 
 def load_or_fit(run: RunDir, config, models: list[str] | None = None, device: str = "cpu") -> EnsembleSpec:
-    """The run's ensemble spec (``RUN/eval/ensemble.json``), refitted on the validation split when the checkpoints,
-    data or fitting options changed. ``models`` defaults to every trained model of the run."""
+    """The run's ensemble spec (``RUN/eval/ensemble.json``, or ``ensemble-<a+b>.json`` for a subset of the trained
+    models), refitted on the validation split when the checkpoints, data or fitting options changed. ``models``
+    defaults to every trained model of the run."""
     models = list(models or run.trained_models())
     if not models:
         raise FileNotFoundError(f"no trained models under {run.models}: run `lesion train --run {run.root}` first")
@@ -240,7 +241,10 @@ def load_or_fit(run: RunDir, config, models: list[str] | None = None, device: st
     shas = {name: checkpoint_sha256(run.model_dir(name)) for name in models}
     fp = fingerprint(shas, read_info(run.root).get("fingerprint"), ev.ensemble_weights, ev.tta,
                      sv.target_sensitivity, sv.ood_quantile)
-    path = run.eval / SPEC_FILE
+    # A subset of the trained models (e.g. `lesion serve --models a,b`) gets its own file, so it never overwrites
+    # the full ensemble that `lesion evaluate` fitted.
+    full = sorted(models) == run.trained_models()
+    path = run.eval / (SPEC_FILE if full else f"ensemble-{'+'.join(sorted(models))}.json")
     if path.is_file():
         spec = load(path)
         if spec.fingerprint == fp:
