@@ -226,9 +226,8 @@ def _mirror(src_fs, src: str, dst_fs, dst: str, part: str, *, remote_is_source: 
     for rel in sorted(set(have) - set(want)):
         dst_fs.delete_file(_join(dst, rel))
     if copied:
-        local, remote, base = (dst, src, src) if remote_is_source else (src, dst, dst)
-        remote_fs = src_fs if remote_is_source else dst_fs
-        stamps = _files(remote_fs, base)
+        local, remote = (dst, src) if remote_is_source else (src, dst)
+        stamps = _files(src_fs if remote_is_source else dst_fs, remote)
         for rel in copied:
             ns = stamps[rel].mtime_ns
             os.utime(_join(local, rel), ns=(ns, ns))

@@ -2,10 +2,11 @@
 
 ``lesion run``: ingest -> tune the custom CNN -> train every configured model (the custom CNN with the tuned config)
 -> evaluate with the ensemble -> optionally serve. A stage whose artefact was already made in the same run directory
-from the same inputs is skipped: each stage function records its artefact in the manifest with a fingerprint of its
-config and upstream artefacts, and the workflow recomputes that fingerprint before running the stage
-(``RunDir.is_current``). One table shows every stage's status and time as the run goes. The run directory may be a
-URI (``s3://bucket/run``): it is pulled at the start and each stage's artefact is pushed when the stage finishes.
+from the same inputs is skipped: the stage functions record their artefacts in the manifest with a fingerprint of
+their config and inputs, and the workflow recomputes that fingerprint before running a stage (``RunDir.is_current``;
+for tuning, which records only its own section, the workflow adds the data and base training config itself).
+One table shows every stage's status and time as the run goes. The run directory may be a URI
+(``s3://bucket/run``): it is pulled at the start and each stage's artefact is pushed when the stage finishes.
 
 ``lesion cluster up``: a head node and N worker nodes, each a separate ``ray start --block`` session with its
 own ports, CPUs, object store and temp dir, all on 127.0.0.1. ``lesion cluster down`` ends exactly the processes
@@ -26,12 +27,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from lesion.config import Config, dump_yaml
+from lesion.config import Config, apply_overrides, dump_yaml
 from lesion.rundir import RunDir, fingerprint
 from pipelines.common import RUN_CONFIG, init_ray, resolve_config
 
@@ -99,8 +101,6 @@ def workflow_config(config: Config, *, workers: int | None = None, gpus: float |
     ``gpus`` is the GPU share of every Ray actor that can use one: train workers, tune trials, evaluation actors and
     serve replicas (0 = CPU only).
     """
-    from lesion.config import apply_overrides
-
     overrides: dict[str, Any] = {"train.workers": workers, "workflow.tune": tune, "workflow.serve": serve}
     if gpus is not None:
         overrides.update({"train.gpus_per_worker": gpus, "tune.gpus_per_trial": gpus,
@@ -123,7 +123,8 @@ def model_fingerprint(config: Config, run: RunDir, name: str) -> str:
 
 
 def resource_warnings(config: Config, resources: dict[str, float]) -> list[str]:
-    """What in ``config`` cannot be placed on a cluster with ``resources`` (Ray would wait for it forever)."""
+    """What in ``config`` does not fit a cluster with ``resources``: Ray waits for it until an autoscaler adds nodes,
+    or forever."""
     problems = []
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     for name in config.train.models:
@@ -186,11 +187,14 @@ def run_workflow(config: Config, run: RunDir, table: StageTable | None = None) -
         entry = run.manifest().get(TUNE_RECORD, {})
         current = ((run.tune / "best.yaml").is_file() and entry.get("fingerprint") == fp
                    and entry.get("tune_entry") == run.manifest().get("tune"))
-        stage(f"tune {tuned}", "tune", lambda: tune_model(config, run), current, _tune_note)
-        if not current:
+
+        def tune_and_record() -> dict:
+            summary = tune_model(config, run)
             run.record(TUNE_RECORD, config=config.to_dict()["tune"], fingerprint=fp,
                        tune_entry=run.manifest().get("tune"))
-            run.push("tune")
+            return summary
+
+        stage(f"tune {tuned}", "tune", tune_and_record, current, _tune_note)
         config = apply_best(config, run)
     elif config.workflow.tune:
         table.end(f"tune {tuned}", "skipped", None, f"{tuned} is not in train.models")
@@ -279,16 +283,16 @@ def free_port_range(count: int, taken: set[int]) -> int:
     raise RuntimeError(f"no {count} consecutive free ports between 20000 and 60000")
 
 
-def _node_ports(taken: set[int], head: bool) -> list[str]:
+def _node_ports(taken: set[int]) -> list[str]:
+    """`ray start` flags giving one node ports of its own, so that several nodes share this machine."""
     first = free_port_range(WORKER_PORTS, taken)
-    args = [
+    return [
         f"--node-manager-port={free_port(None, taken)}", f"--object-manager-port={free_port(None, taken)}",
         f"--min-worker-port={first}", f"--max-worker-port={first + WORKER_PORTS - 1}",
         f"--dashboard-agent-listen-port={free_port(None, taken)}",
         f"--dashboard-agent-grpc-port={free_port(None, taken)}",
         f"--runtime-env-agent-port={free_port(None, taken)}", f"--metrics-export-port={free_port(None, taken)}",
     ]
-    return args
 
 
 def _ray_executable() -> str:
@@ -339,7 +343,7 @@ def start_local_cluster(workers: int = 1, cpus_per_node: float = 2, head_cpus: f
             # gRPC servers listen on all interfaces: traffic stays on this machine, but a firewall must guard it.
             args = [_ray_executable(), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
                     f"--num-cpus={cpus:g}", f"--num-gpus={gpus_per_node}", f"--object-store-memory={object_store}",
-                    "--disable-usage-stats", *_node_ports(taken, head)]
+                    "--disable-usage-stats", *_node_ports(taken)]
             if head:
                 args += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
                          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
@@ -518,6 +522,7 @@ def _cluster_command(args: argparse.Namespace) -> int:
             print(f"no cluster recorded in {state_dir}")
             return 1
         state = json.loads(path.read_text())
+        os.environ.setdefault("RAY_AUTH_MODE", state["auth_mode"])
         print(f"{_alive_nodes(state['dashboard'])} of {len(state['nodes'])} node(s) alive; "
               f"address {state['address']}, dashboard {state['dashboard']}")
         return 0
@@ -526,9 +531,10 @@ def _cluster_command(args: argparse.Namespace) -> int:
                                 gpus_per_node=args.gpus_per_node, object_store_mb=args.object_store_mb,
                                 state_dir=state_dir)
     cpus = sum(node["cpus"] for node in state["nodes"])
-    auth = ("  auth:      token (~/.ray/auth_token): export RAY_AUTH_MODE=token in shells that use the cluster\n"
-            if state["auth_mode"] == "token" else "  auth:      disabled (RAY_AUTH_MODE=disabled): anyone on this host can use it\n")
-    print(f"Ray cluster up: head + {args.workers} worker node(s), {cpus:g} CPUs, all on 127.0.0.1\n{auth}"
+    auth = ("token (~/.ray/auth_token): export RAY_AUTH_MODE=token in shells that use the cluster"
+            if state["auth_mode"] == "token" else "disabled (RAY_AUTH_MODE=disabled): anyone on this host can use it")
+    print(f"Ray cluster up: head + {args.workers} worker node(s), {cpus:g} CPUs, all on this machine\n"
+          f"  auth:      {auth}\n"
           f"  drivers:   export RAY_ADDRESS={state['address']}   (then `lesion run` runs on this cluster)\n"
           f"  jobs:      {state['dashboard']}\n"
           f"  submit:    ray job submit --address {state['dashboard']} --working-dir . "

@@ -74,7 +74,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def workflow_job(cluster):
     """The demo workflow (tiny config) submitted with the project's runtime_env; yields (status, logs, run dir)."""
-    state, client, work = cluster
+    _, client, work = cluster
     config = work / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     run = work / "run"
@@ -102,8 +102,8 @@ def test_demo_workflow_runs_as_a_job_on_two_nodes(cluster, workflow_job):
 
 @pytest.mark.timeout(1500)
 def test_training_survives_losing_the_worker_node(cluster, workflow_job):
-    state, client, work = cluster
-    status, logs, run = workflow_job
+    state, client, _ = cluster
+    status, _, run = workflow_job
     assert status == "SUCCEEDED", "needs the workflow job's ingested run"
     worker_node = state["nodes"][1]["pid"]  # leads the worker node's session
 

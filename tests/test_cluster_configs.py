@@ -190,9 +190,9 @@ def test_pip_runtime_env_matches_pyproject_and_the_plain_one():
 
 def test_dockerfile_builds_on_the_ray_version_and_copies_existing_paths():
     text = (CLUSTER / "Dockerfile").read_text()
-    base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
+    base = re.search(r"^FROM\s+(\S+)", text, re.MULTILINE).group(1)
     assert base.startswith(f"rayproject/ray:{_ray_version()}-py3") and base.endswith("-gpu")
-    copies = re.findall(r"^COPY(?:\s+--\S+)*\s+(.+?)\s+\S+$", text, re.M)
+    copies = re.findall(r"^COPY(?:\s+--\S+)*\s+(.+?)\s+\S+$", text, re.MULTILINE)
     sources = [source for line in copies for source in line.split()]
     assert {"pyproject.toml", "lesion", "pipelines", "cluster"} <= set(sources)
     for source in sources:
