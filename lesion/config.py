@@ -127,10 +127,10 @@ class EvaluateConfig:
     split: str = "test"
     tta: bool = False  # test-time augmentation (flips)
     ensemble_weights: str = "fit"  # fit (on validation) or equal
-    bootstrap: int = 500  # bootstrap resamples (of lesions) for confidence intervals; 0 disables
+    bootstrap: int = 200  # bootstrap resamples (of lesions) for confidence intervals; 0 disables
     cam_methods: list[str] = field(default_factory=lambda: ["gradcam", "gradcam++", "eigencam"])
     cam_images: int = 8  # images in the Grad-CAM comparison grid
-    cam_score_images: int = 64  # images used to score explanation quality
+    cam_score_images: int = 16  # images used to score explanation quality
     batch_size: int = 64
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0  # CPUs reserved by each batch-inference actor
