@@ -109,21 +109,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def save_augment_figure(images: np.ndarray, path: str | Path, strength: float = 1.0, seed: int = 0) -> Path:
     """Write a PNG of original/augmented pairs (one pair per row) of uint8 (N,H,W,3) images."""
-    from matplotlib.figure import Figure
+    from lesion.data.preprocess import save_pairs_figure
 
     generator = torch.Generator().manual_seed(seed)
     augmented = to_uint8(augment_batch(to_float(torch.as_tensor(np.ascontiguousarray(images))), strength, generator))
-    fig = Figure(figsize=(5, 2.5 * len(images)))
-    axes = fig.subplots(len(images), 2, squeeze=False)
-    for row, (original, changed) in enumerate(zip(images, augmented)):
-        axes[row, 0].imshow(original)
-        axes[row, 0].set_title("original", fontsize=8)
-        axes[row, 1].imshow(changed)
-        axes[row, 1].set_title(f"augmented (strength {strength:g})", fontsize=8)
-        for ax in axes[row]:
-            ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    titles = [("original", f"augmented (strength {strength:g})")] * len(images)
+    return save_pairs_figure(zip(images, augmented), path, titles, width=5)

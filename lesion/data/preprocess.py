@@ -231,23 +231,31 @@ def _check_mask(img: np.ndarray, mask: np.ndarray | None) -> None:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {img.shape[:2]}")
 
 
-def save_preprocess_figure(pairs, path: str | Path, titles: list[str] | None = None) -> Path:
-    """Write a PNG of (original, preprocessed) image pairs, one pair per row."""
+def save_pairs_figure(pairs, path: str | Path, titles: list[tuple[str, str]], width: float = 6) -> Path:
+    """Write a PNG of image pairs, one pair per row, with a (left, right) title per row."""
     from matplotlib.figure import Figure
 
     pairs = list(pairs)
-    fig = Figure(figsize=(6, 3 * len(pairs)))
+    fig = Figure(figsize=(width, width / 2 * len(pairs)))
     axes = fig.subplots(len(pairs), 2, squeeze=False)
-    for row, (original, processed) in enumerate(pairs):
-        name = f"{titles[row]}: " if titles else ""
-        axes[row, 0].imshow(original)
-        axes[row, 0].set_title(f"{name}original {original.shape[1]}x{original.shape[0]}", fontsize=8)
-        axes[row, 1].imshow(processed)
-        axes[row, 1].set_title(f"preprocessed {processed.shape[1]}x{processed.shape[0]}", fontsize=8)
-        for ax in axes[row]:
+    for row, (pair, pair_titles) in enumerate(zip(pairs, titles)):
+        for ax, image, title in zip(axes[row], pair, pair_titles):
+            ax.imshow(image)
+            ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def save_preprocess_figure(pairs, path: str | Path, titles: list[str] | None = None) -> Path:
+    """Write a PNG of (original, preprocessed) image pairs, one pair per row."""
+    pairs = list(pairs)
+    row_titles = []
+    for row, (original, processed) in enumerate(pairs):
+        name = f"{titles[row]}: " if titles else ""
+        row_titles.append((f"{name}original {original.shape[1]}x{original.shape[0]}",
+                           f"preprocessed {processed.shape[1]}x{processed.shape[0]}"))
+    return save_pairs_figure(pairs, path, row_titles)
