@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from lesion.config import DataConfig  # noqa: E402
 from lesion.data.preprocess import decode_image, preprocess  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-fullres"
 RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
@@ -98,13 +99,6 @@ def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
         ray.shutdown()
     return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
             "ray_start_s": round(startup, 2)}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def write_readme(result: dict) -> None:

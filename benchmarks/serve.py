@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from lesion.config import dump_yaml, load_config  # noqa: E402
 from lesion.models import load_trained  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
 from pipelines import serve as served  # noqa: E402
 
 README = ROOT / "benchmarks" / "README.md"
@@ -176,13 +177,6 @@ def run_ray_serve(run: Path, config_path: Path, images, levels, per_client) -> t
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def write_readme(result: dict) -> None:

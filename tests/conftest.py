@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 for _key, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -82,6 +83,12 @@ def ingested_run(tmp_path_factory, ray_local) -> RunDir:
     run = RunDir(tmp_path_factory.mktemp("ingested") / "run")
     ingest(tiny_config(), run)
     return run
+
+
+@pytest.fixture
+def run(ingested_run, tmp_path) -> RunDir:
+    """A private copy of ``ingested_run`` that a test may train into and change."""
+    return RunDir(shutil.copytree(ingested_run.root, tmp_path / "run"))
 
 
 @pytest.fixture(scope="session")

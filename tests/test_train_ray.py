@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -24,13 +23,6 @@ from pipelines.train import FAIL_ENV, FAIL_MARKER, train_model
 
 NAME = "custom_cnn"
 DETERMINISM_RTOL = 1e-5  # two 2-worker runs with one seed: losses and metrics agree to this relative tolerance
-
-
-@pytest.fixture
-def run(ingested_run, tmp_path) -> RunDir:
-    root = tmp_path / "run"
-    shutil.copytree(ingested_run.root, root)
-    return RunDir(root)
 
 
 def config(**train):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 
 import pandas as pd
@@ -13,15 +12,7 @@ from ray import tune
 
 from conftest import tiny_config
 from lesion.config import ConfigError, apply_overrides, load_config
-from lesion.rundir import RunDir
 from pipelines.tune import apply_best, param_space, tune_model
-
-
-@pytest.fixture
-def run(ingested_run, tmp_path) -> RunDir:
-    root = tmp_path / "run"
-    shutil.copytree(ingested_run.root, root)
-    return RunDir(root)
 
 
 def search_config(**tune_settings):
