@@ -52,7 +52,7 @@ class LocalBackend:
     def __init__(self, setup: dict):
         self.loaded = {name: load_trained(path) for name, path in setup["model_dirs"].items()}
         self.spec = setup["spec"]
-        self.explainer = served.CamExplainer(setup["model_dirs"], self.spec)
+        self.explainer = served.cam_explainer(setup["model_dirs"], self.spec, setup["settings"].data_config)
 
     def _predict(self, image: np.ndarray) -> dict:
         probs = {name: served.predict_probs(model, info, image[None], "cpu")[0]
@@ -65,7 +65,7 @@ class LocalBackend:
         return await asyncio.to_thread(self._predict, image)
 
     async def explain(self, image: np.ndarray, model: str, method: str) -> dict:
-        return await asyncio.to_thread(self.explainer.explain, image, model, method)
+        return await asyncio.to_thread(served.overlay_reply, self.explainer, image, model, method)
 
     async def describe(self) -> dict:
         return {"models": [served.model_summary(info) for _, info in self.loaded.values()]}

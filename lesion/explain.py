@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -299,13 +300,17 @@ def _read_image_bytes(image: bytes | str | Path) -> bytes:
 
 @dataclass
 class Explainer:
-    """A run's trained models, loaded once, explaining single images (used by ``lesion explain`` and serving)."""
+    """A run's trained models, loaded once, explaining single images (used by ``lesion explain`` and serving).
+
+    Thread-safe: one explanation runs at a time (the CAM hooks sit on the shared models).
+    """
 
     models: dict[str, tuple[nn.Module, dict]]  # name -> (model in eval mode, checkpoint info)
     members: list[str]  # ensemble members (those of the run's ensemble spec when it matches the checkpoints)
     spec: ensemble_lib.EnsembleSpec | None  # RUN/eval/ensemble.json when present and current, else None
     data_config: DataConfig
     device: str = "cpu"
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def classes(self) -> list[str]:
@@ -322,13 +327,25 @@ class Explainer:
         ``lesion.ensemble.combine`` (calibrated) when the run has a current ensemble spec, else the equal-weight
         mean of the members' raw probabilities.
         """
+        self._members_of(model, method)  # refuse an unknown model or method before reading the image
+        return self.explain_preprocessed(preprocess_bytes(_read_image_bytes(image), self.data_config), model, method)
+
+    def explain_preprocessed(self, img: np.ndarray, model: str = ENSEMBLE, method: str = "gradcam"
+                             ) -> tuple[dict, np.ndarray]:
+        """``explain`` for an image already through the ingest preprocessing: uint8 RGB (S, S, 3)."""
+        names = self._members_of(model, method)
+        with self.lock:
+            return self._explain(np.array(img), names, model, method)  # a writable copy (Ray's arrays are read-only)
+
+    def _members_of(self, model: str, method: str) -> list[str]:
         names = self.members if model == ENSEMBLE else [model]
-        unknown = [name for name in names if name not in self.models]
-        if unknown:
+        if any(name not in self.models for name in names):
             raise ValueError(f"model {model!r} is not loaded; available: {', '.join([*self.models, ENSEMBLE])}")
         if method not in METHODS:
             raise ValueError(f"unknown explanation method {method!r}; known: {', '.join(METHODS)}")
-        img = preprocess_bytes(_read_image_bytes(image), self.data_config)
+        return names
+
+    def _explain(self, img: np.ndarray, names: list[str], model: str, method: str) -> tuple[dict, np.ndarray]:
         inputs, probs = {}, {}
         for name in names:
             net, info = self.models[name]

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -139,45 +138,25 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class CamExplainer:
-    """Grad-CAM overlays for one model or for the weighted ensemble, from preprocessed images, with
-    ``lesion.explain``'s functions; one explanation at a time (CAM hooks are per model), gradients enabled.
+def cam_explainer(model_dirs: dict[str, str], spec: ensemble.EnsembleSpec, data_config: DataConfig,
+                  device: str = "cpu") -> explain.Explainer:
+    """The served models and ensemble spec as a ``lesion.explain.Explainer``, the one Grad-CAM path of the project:
+    a model explains its own predicted class, the ensemble its predicted class with the weighted mean of its members'
+    maps (as ``lesion explain`` does)."""
+    loaded = {name: load_trained(path, device=device) for name, path in model_dirs.items()}
+    return explain.Explainer(loaded, list(model_dirs), spec, data_config, device)
 
-    As in ``lesion explain``: a model explains its own predicted class; the ensemble explains the ensemble's
-    predicted class with the weighted mean of its members' maps.
-    """
 
-    def __init__(self, model_dirs: dict[str, str], spec: ensemble.EnsembleSpec, device: str = "cpu"):
-        self.loaded = {name: load_trained(path, device=device) for name, path in model_dirs.items()}
-        self.spec = spec
-        self.device = device
-        self.lock = threading.Lock()
-
-    def explain(self, image: np.ndarray, model: str, method: str) -> dict:
-        """Overlay of ``method`` for ``model`` (a model name or "ensemble") on the preprocessed image (S, S, 3)."""
-        names = list(self.loaded) if model == ENSEMBLE else [model]
-        image = np.array(image)  # a writable copy (arrays from Ray's object store are read-only)
-        with self.lock:
-            inputs = {}
-            for name in names:
-                info = self.loaded[name][1]
-                inputs[name] = model_input(image[None], info["mean"], info["std"], info["input_size"], self.device)
-            targets = None
-            if model == ENSEMBLE:
-                probs = {name: predict_probs(*self.loaded[name], image[None], self.device) for name in names}
-                targets = [int(np.argmax(ensemble.combine(probs, self.spec)[0]))]
-            cams = {name: explain.explain_batch(*self.loaded[name], inputs[name], targets, method) for name in names}
-        if model == ENSEMBLE:
-            cam = explain.ensemble_cam(cams, self.spec.weights, size=image.shape[:2])[0]
-        else:
-            cam = cams[model][0]
-        over = explain.overlay(image, cam)
-        return {
-            "explained_model": model,
-            "method": method,
-            "overlay_png": png_base64(over),
-            "overlay_size": [int(over.shape[1]), int(over.shape[0])],
-        }
+def overlay_reply(explainer: explain.Explainer, image: np.ndarray, model: str, method: str) -> dict:
+    """The Grad-CAM part of /v1/explain for a preprocessed image (S, S, 3): the overlay as PNG and what it explains."""
+    prediction, over = explainer.explain_preprocessed(image, model, method)
+    return {
+        "explained_model": model,
+        "explained_class": prediction["predicted_class"],
+        "method": method,
+        "overlay_png": png_base64(over),
+        "overlay_size": [int(over.shape[1]), int(over.shape[0])],
+    }
 
 
 # --- the served configuration -----------------------------------------------------------------------------------
@@ -281,11 +260,11 @@ class EnsembleDeployment:
 class GradCamDeployment:
     """Grad-CAM overlays (all served models loaded; gradients are needed, so no inference mode)."""
 
-    def __init__(self, model_dirs: dict[str, str], spec: ensemble.EnsembleSpec):
-        self.explainer = CamExplainer(model_dirs, spec, _device())
+    def __init__(self, model_dirs: dict[str, str], spec: ensemble.EnsembleSpec, data_config: DataConfig):
+        self.explainer = cam_explainer(model_dirs, spec, data_config, _device())
 
     def explain(self, image: np.ndarray, model: str, method: str) -> dict:
-        return self.explainer.explain(image, model, method)
+        return overlay_reply(self.explainer, image, model, method)
 
 
 class ServeBackend:
@@ -381,7 +360,7 @@ def build_app(config: Config, run: RunDir):
         autoscaling_config={**autoscaling, "target_ongoing_requests": 1},
         max_ongoing_requests=2,
         ray_actor_options=with_gpu,
-    ).bind(setup["model_dirs"], setup["spec"])
+    ).bind(setup["model_dirs"], setup["spec"], setup["settings"].data_config)
     return LesionApi.options(
         autoscaling_config=autoscaling, max_ongoing_requests=PASS_THROUGH_ONGOING_REQUESTS, ray_actor_options=cpu_only
     ).bind(ensemble_app, gradcam_app, setup["settings"])
@@ -446,6 +425,7 @@ class Explanation(Prediction):
     """The prediction plus a Grad-CAM overlay."""
 
     explained_model: str
+    explained_class: str  # the class the overlay explains: the explained model's own prediction
     method: str
     overlay_png: str  # base64 PNG at the preprocessed image size
     overlay_size: list[int]  # width, height

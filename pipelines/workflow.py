@@ -434,12 +434,16 @@ def stop_local_cluster(state_dir: Path = CLUSTER_DIR, timeout: float = 30) -> in
         deadline = time.monotonic() + timeout
         while any(pid == session for pid, _ in node_processes(session)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid, name in node_processes(session):
-            log.info("killing %s (pid %d), left over from node %s", name, pid, node["name"])
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # Until the session is empty: a raylet may still be spawning a worker while its siblings are killed.
+        deadline = time.monotonic() + timeout
+        while (leftovers := node_processes(session)) and time.monotonic() < deadline:
+            for pid, name in leftovers:
+                log.info("killing %s (pid %d), left over from node %s", name, pid, node["name"])
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
         try:  # reap `ray start` when this process started it
             os.waitpid(session, os.WNOHANG)
         except ChildProcessError:

@@ -118,11 +118,14 @@ def test_training_survives_losing_the_worker_node(cluster, workflow_job):
     checkpoints = run / "models" / "scratch_cnn" / "ray" / "train"
     shutil.rmtree(checkpoints)  # the workflow's checkpoints: only the new job's may trigger the kill
     job = client.submit_job(entrypoint=f"{LESION} train --run {run} --model scratch_cnn --epochs 12")
+    # Ray Train writes its checkpoint manager's snapshot once a checkpoint is registered (the checkpoint folder
+    # appears before that): only then will a restart resume from it.
+    snapshot = checkpoints / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 600
-    while not list(checkpoints.glob("checkpoint_*")):
+    while not snapshot.is_file():
         assert client.get_job_status(job) in ("PENDING", "RUNNING"), client.get_job_logs(job)[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint after 600 s"
-        time.sleep(1)
+        assert time.monotonic() < deadline, "no registered checkpoint after 600 s"
+        time.sleep(0.2)
 
     # Free the head, then take the worker node down: SIGKILL its raylet.
     client.stop_job(blocker)
@@ -134,7 +137,7 @@ def test_training_survives_losing_the_worker_node(cluster, workflow_job):
     job_logs = client.get_job_logs(job)
     assert final == "SUCCEEDED", job_logs[-4000:]
     history = pd.read_csv(run / "models" / "scratch_cnn" / "history.csv")
-    assert history["attempt"].max() >= 1, "training was not restarted after the node loss"
+    assert history["attempt"].max() >= 1, f"training was not resumed after the node loss:\n{history}\n{job_logs[-4000:]}"
     resumed = history[history["attempt"] >= 1]["epoch"].min()
     assert resumed > 0, "the restart began at epoch 0 instead of resuming from the checkpoint"
     assert list(history["epoch"]) == list(range(len(history)))  # every epoch once, none repeated

@@ -148,6 +148,9 @@ def test_explain_overlay_is_a_png_of_the_preprocessed_size(app, images, model, m
     body = response.json()
     assert_prediction(body, app["run"])
     assert (body["explained_model"], body["method"]) == (model, method)
+    # The overlay explains the explained model's own prediction (the ensemble's: the calibrated combination).
+    own = body["probabilities"] if model == "ensemble" else body["models"][model]
+    assert body["explained_class"] == max(own, key=own.get)
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
     assert overlay.format == "PNG" and overlay.mode == "RGB"
     assert list(overlay.size) == body["overlay_size"] == body["image_size"]

@@ -121,7 +121,7 @@ function render(result) {
 
   $("original").src = state.url;
   $("overlay").src = `data:image/png;base64,${result.overlay_png}`;
-  $("overlay-caption").textContent = `Grad-CAM: ${result.explained_model}, ${result.method} ` +
+  $("overlay-caption").textContent = `Grad-CAM: ${result.explained_model} explaining ${result.explained_class}, ${result.method} ` +
     `(on the preprocessed ${result.overlay_size[0]}x${result.overlay_size[1]} image the models see)`;
 
   const bars = $("bars");
