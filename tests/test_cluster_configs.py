@@ -159,6 +159,11 @@ def test_study_configs_load_and_name_their_study():
     assert list(binary.train.models) == ["scratch_cnn", "mobilenetv2", "efficientnet_b0"]
     assert not binary.workflow.tune  # tune.model (custom_cnn) is not in this study
 
+    laptop = load_config(CLUSTER / "configs" / "ham10000-laptop.yaml")
+    assert (laptop.data.source, laptop.data.task) == ("ham10000", "multiclass")
+    assert laptop.train.gpus_per_worker == 0 and laptop.train.workers * laptop.train.cpus_per_worker < 2
+    assert laptop.model_config("efficientnet_lite0").pretrained is True
+
 
 # --- runtime_env and image ---------------------------------------------------------------------------------------
 
