@@ -37,13 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 from lesion.config import DataConfig  # noqa: E402
 from lesion.data.preprocess import decode_image, preprocess  # noqa: E402
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
+from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-fullres"
 RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
-README = ROOT / "benchmarks" / "README.md"
 BATCH = 16
-START, END = "<!-- ingest:start -->", "<!-- ingest:end -->"
 
 
 def process_path(path: str, config: DataConfig) -> np.ndarray:
@@ -109,8 +107,7 @@ def write_readme(result: dict) -> None:
         for r in result["runs"]
     )
     config = result["config"]
-    section = f"""{START}
-## Ingest throughput (`benchmarks/ingest.py`)
+    write_section("ingest", f"""## Ingest throughput (`benchmarks/ingest.py`)
 
 Full per-image ingest work (read + decode + black-border crop + hair removal + resize to {config['image_size']} px)
 on the {result['distinct_files']} real 600x450 HAM10000 JPEGs repeated to {result['count']} items. OpenCV runs one
@@ -125,13 +122,7 @@ Command: `{result['command']}`.
 {rows}
 
 Single-process cost per image: {result['ms_per_image_inline']} ms (the same work inline, for reference).
-{END}"""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    README.write_text(text)
+""")
 
 
 def main() -> int:

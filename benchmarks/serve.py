@@ -37,11 +37,9 @@ sys.path.insert(0, str(ROOT))
 from lesion.config import dump_yaml, load_config  # noqa: E402
 from lesion.models import load_trained  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, beside this script)
+from shared import README, cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
 from pipelines import serve as served  # noqa: E402
 
-README = ROOT / "benchmarks" / "README.md"
-START, END = "<!-- serve:start -->", "<!-- serve:end -->"
 IMAGES = ROOT.parent / "shared" / "data" / "ham10000-fullres" / "images"
 ENDPOINTS = {"predict": ("/v1/predict", {}), "explain": ("/v1/explain", {"model": "ensemble", "method": "gradcam"})}
 
@@ -187,8 +185,7 @@ def write_readme(result: dict) -> None:
         for r in sorted(result["results"], key=lambda r: (r["endpoint"], r["clients"], r["server"]))
     ]
     run = result["run"]
-    section = "\n".join([
-        START,
+    write_section("serve", "\n".join([
         "## Serving latency and throughput (`benchmarks/serve.py`)",
         "",
         f"Ray Serve (ingress, ensemble, one replica per model with dynamic batching, max batch "
@@ -206,14 +203,7 @@ def write_readme(result: dict) -> None:
         "| server | endpoint | clients | requests | errors | p50 ms | p95 ms | p99 ms | requests/s |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
-        END,
-    ])
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    README.write_text(text)
+    ]))
 
 
 def main() -> int:

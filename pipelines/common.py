@@ -19,7 +19,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     """Connect to a Ray cluster (``address`` or ``$RAY_ADDRESS``), or start a local one.
 
     A local start uses ``address="local"`` so that a cluster started elsewhere with ``ray start`` is never joined by
-    accident. Calling it when Ray is already up does nothing.
+    accident, with the dashboard (8265, or the next free port): Ray's State API lives there, and Ray Train's
+    placement-group cleaner warns every second without it. Calling it when Ray is already up does nothing.
     """
     import ray
 
@@ -29,7 +30,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False}
+    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": True}
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     if num_gpus is not None:

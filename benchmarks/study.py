@@ -1,0 +1,176 @@
+"""A whole study on real data, end to end on this machine: what the models score and what it costs.
+
+Runs the workflow (``pipelines.workflow.run_workflow``: ingest, tune when configured, train, evaluate) with a study
+config on a data root into a run directory, then records from ``RUN/eval/metrics.json`` the test-split figures of
+every model and of the ensemble (the split is grouped by lesion and never trained, tuned or fitted on): balanced
+accuracy and malignant-vs-benign AUC with their 95% lesion-bootstrap intervals, macro AUC, ECE after temperature
+scaling; the Grad-CAM quality against the data's lesion masks (CAM energy inside the mask and pointing game next to
+the chance level, ROAD faithfulness); and each stage's wall time. Stages already current in the run directory are
+skipped and say so. Results go to ``benchmarks/results/<name>.json`` and the ``<name>`` section of
+``benchmarks/README.md``.
+
+    .venv/bin/python benchmarks/study.py --config cluster/configs/ham10000-laptop.yaml \\
+        --data ../shared/data/ham10000 --run runs/ham10000-laptop [--set train.epochs=12 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lesion.rundir import RunDir, package_versions  # noqa: E402
+from pipelines.common import resolve_config  # noqa: E402
+from pipelines.workflow import StageTable, parse_sets, run_workflow  # noqa: E402
+from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def interval(block: dict | None) -> list[float] | None:
+    """[estimate, low, high] of a bootstrap entry, rounded; None when absent."""
+    if not block:
+        return None
+    return [round(block[key], 3) for key in ("estimate", "low", "high")]
+
+
+def model_rows(metrics: dict) -> dict[str, dict]:
+    """The figures of each model (and the ensemble) that the study table shows."""
+    rows = {}
+    for name, m in metrics["models"].items():
+        bootstrap = m.get("bootstrap", {})
+        rows[name] = {
+            "n": m["n"],
+            "accuracy": round(m["accuracy"], 3),
+            "balanced_accuracy": interval(bootstrap.get("balanced_accuracy")) or [round(m["balanced_accuracy"], 3)],
+            "macro_auc": round(m["macro"]["auc"], 3) if m["macro"].get("auc") is not None else None,
+            "malignant_auc": interval(bootstrap.get("malignant_auc")),
+            "sensitivity_at_90_specificity": m.get("binary", {}).get("sensitivity_at_90_specificity"),
+            "ece_before": m.get("calibration", {}).get("ece_before"),
+            "ece_after": m.get("calibration", {}).get("ece_after"),
+            "pretrained": m.get("pretrained"),
+        }
+    return rows
+
+
+def explanation_rows(metrics: dict) -> list[dict]:
+    """One row per (model, CAM method) of the explanation-quality block."""
+    block = metrics.get("explanations", {})
+    rows = []
+    for name, methods in block.get("models", {}).items():
+        for method, scores in methods.items():
+            rows.append({"model": name, "method": method,
+                         **{key: scores.get(key) for key in ("n_images", "energy_inside", "mask_share",
+                                                             "pointing_game", "road", "confidence_change")}})
+    return rows
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]" if len(value) == 3 else f"{value[0]:.3f}"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_readme(name: str, result: dict) -> None:
+    """The study's section of benchmarks/README.md: test figures per model, explanation quality, stage times."""
+    models = "\n".join(
+        f"| {model} | {fmt(r['pretrained'])} | {r['n']} | {fmt(r['accuracy'])} | {fmt(r['balanced_accuracy'])} | "
+        f"{fmt(r['macro_auc'])} | {fmt(r['malignant_auc'])} | {fmt(r['sensitivity_at_90_specificity'])} | "
+        f"{fmt(r['ece_before'])} → {fmt(r['ece_after'])} |"
+        for model, r in result["models"].items()
+    )
+    cams = "\n".join(
+        f"| {r['model']} | {r['method']} | {fmt(r['n_images'])} | {fmt(r['energy_inside'])} | {fmt(r['mask_share'])} | "
+        f"{fmt(r['pointing_game'])} | {fmt(r['road'])} | {fmt(r['confidence_change'])} |"
+        for r in result["explanations"]
+    )
+    stages = "\n".join(f"| {stage} | {row['status']} | {'-' if row['seconds'] is None else round(row['seconds'])} | "
+                       f"{row['note']} |"
+                       for stage, row in result["stages"].items())
+    device = result["device"]
+    write_section(name, f"""## Study `{name}` (`benchmarks/study.py`)
+
+`{result['config']}` on {result['data']['num_images']} real images ({result['data']['splits']};
+lesion-grouped splits), cached at {result['data']['image_size']} px. Figures on the **{result['split']}** split, which
+nothing is trained, tuned or fitted on; brackets are 95% bootstrap intervals over lesions.
+Machine: {device['cpu']}, {device['cores']} cores, no GPU; load average {device['load_before']} before and
+{device['load_after']} after. Total {result['total_seconds']:.0f} s. Command: `{result['command']}`.
+
+| model | start | images | accuracy | balanced accuracy | macro AUC | malignant AUC | sens. at 90% spec. | ECE before → after T |
+|---|---|---|---|---|---|---|---|---|
+{models}
+
+Grad-CAM against the lesion masks (energy inside the mask and pointing game; chance = the mask's share of the image)
+and faithfulness (ROAD, confidence change):
+
+| model | method | images | energy inside | chance | pointing game | ROAD | confidence change |
+|---|---|---|---|---|---|---|---|
+{cams}
+
+Stages (wall time; `skipped` = already current in the run directory):
+
+| stage | status | seconds | note |
+|---|---|---|---|
+{stages}
+""")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="study config, e.g. cluster/configs/ham10000-laptop.yaml")
+    parser.add_argument("--data", required=True, help="data root (sets data.root)")
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--name", help="results name (default: the config file's stem)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (YAML value)")
+    args = parser.parse_args()
+    name = args.name or Path(args.config).stem
+
+    run = RunDir(args.run)
+    overrides = {"data.root": str(Path(args.data).resolve()), **parse_sets(args.set)}
+    config = resolve_config(run, args.config, overrides)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    table = StageTable(f"study {name}: {run.uri}")
+    started = time.perf_counter()
+    try:
+        run_workflow(config, run, table)
+    finally:
+        print(table.summary(), flush=True)
+    total = time.perf_counter() - started
+
+    metrics = json.loads((run.eval / "metrics.json").read_text())
+    info = json.loads((run.root / "data" / "info.json").read_text())
+    result = {
+        "name": name,
+        "config": args.config,
+        "command": shlex.join(["python", "benchmarks/study.py", *sys.argv[1:]]),
+        "split": metrics.get("split", config.evaluate.split),
+        "data": {"root": config.data.root, "num_images": info["num_images"], "image_size": info["image_size"],
+                 "splits": ", ".join(f"{split} {sum(counts.values())}" for split, counts in info["counts"].items())},
+        "models": model_rows(metrics),
+        "explanations": explanation_rows(metrics),
+        "stages": {stage: {"status": row.status, "seconds": row.seconds, "note": row.note}
+                   for stage, row in table.rows.items()},
+        "total_seconds": round(total, 1),
+        "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None, "load_before": load_before,
+                   "load_after": [round(x, 2) for x in os.getloadavg()]},
+        "versions": package_versions(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_readme(name, result)
+    print(f"wrote {out} and the {name} section of benchmarks/README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
