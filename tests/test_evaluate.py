@@ -153,3 +153,24 @@ def test_evaluate_external_data_via_cli(evaluated, ingested_run, tmp_path, capsy
     assert json.loads((run.eval / "metrics.json").read_text()) == result
     assert external["ensemble_spec"]["validation"] == result["ensemble_spec"]["validation"]
     assert "ensemble" in capsys.readouterr().out
+
+
+def test_study_benchmark_reads_every_model_and_explanation(evaluated):
+    """benchmarks/study.py's tables come from metrics.json: every model, the ensemble and each CAM method, with
+    intervals that bracket their estimates."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import study
+
+    run, result, _, _, _ = evaluated
+    rows = study.model_rows(result)
+    assert set(rows) == {*run.trained_models(), "ensemble"}
+    for row in rows.values():
+        estimate, low, high = row["balanced_accuracy"]
+        assert low <= estimate <= high and row["n"] == result["models"]["ensemble"]["n"]
+    cams = study.explanation_rows(result)
+    methods = tiny_config().evaluate.cam_methods
+    assert {(r["model"], r["method"]) for r in cams} == {(m, k) for m in rows for k in methods}
+    assert all(0 <= r["energy_inside"] <= 1 and r["n_images"] > 0 for r in cams)
