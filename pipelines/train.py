@@ -63,6 +63,8 @@ STATE_FILE = "train_state.pt"  # inside each Ray checkpoint
 RAY_RUN_NAME = "train"  # RUN/models/<name>/ray/<RAY_RUN_NAME>/ holds Ray Train's checkpoints
 FAIL_ENV = "LESION_FAIL_AT_EPOCH"  # fault injection: the last worker exits once, mid-way through this epoch
 FAIL_MARKER = ".fault-injected"  # in the model dir: the injected failure has happened (so it fires once)
+# Ray Train writes this beside the checkpoints once it has registered one (the checkpoint folder appears earlier)
+REGISTERED_FILE = "checkpoint_manager_snapshot.json"
 SHUFFLE_BUFFER_MIN = 512  # rows in the local shuffle buffer (at least 4 batches)
 PREFETCH_BATCHES = 4
 READ_CPUS = 0.25  # CPUs reserved by each Ray Data read task
@@ -175,7 +177,8 @@ def derive_seed(*parts: int) -> int:
 
 
 def loop_config(cfg: TrainConfig, name: str, info: dict[str, Any], *, tb_dir: Path | None = None,
-                fail_at_epoch: int | None = None, fail_marker: Path | None = None) -> dict[str, Any]:
+                fail_at_epoch: int | None = None, fail_marker: Path | None = None,
+                registered: str | None = None) -> dict[str, Any]:
     """Everything a worker needs, as plain data: the resolved training config, data facts, output places."""
     if cfg.balance not in BALANCE_MODES:
         raise ValueError(f"train.balance: expected one of {', '.join(BALANCE_MODES)}, got {cfg.balance!r}")
@@ -193,6 +196,7 @@ def loop_config(cfg: TrainConfig, name: str, info: dict[str, Any], *, tb_dir: Pa
         "tb_dir": str(tb_dir) if tb_dir else None,
         "fail_at_epoch": fail_at_epoch,
         "fail_marker": str(fail_marker) if fail_marker else None,
+        "registered": registered,  # Ray Train's file that says a checkpoint is registered (for fault injection)
     }
 
 
@@ -213,6 +217,11 @@ def _maybe_fail(loop: dict[str, Any], epoch: int, rank: int, world_size: int):
 
     def fail(step: int) -> None:
         if step == 0 and not marker.exists():
+            # Ray Train registers the last report's checkpoint after the report returns: exit only once it has
+            # (at most a minute), so that the restart resumes from it rather than starting afresh.
+            deadline = time.monotonic() + 60
+            while not storage_exists(loop["registered"]) and time.monotonic() < deadline:
+                time.sleep(0.2)
             marker.touch()
             log.warning("fault injection: worker rank %d exits in epoch %d", rank, epoch)
             os._exit(1)
@@ -356,11 +365,26 @@ def build_trainer(cfg: TrainConfig, loop: dict[str, Any], datasets: dict[str, ra
     )
 
 
+def _storage(location: str):
+    """(pyarrow filesystem, path) of a local path or a pyarrow-supported storage URI."""
+    from pyarrow import fs as pafs
+
+    return pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+
+
+def storage_exists(location: str) -> bool:
+    """Whether a local path or a storage URI names an existing file or folder."""
+    from pyarrow import fs as pafs
+
+    filesystem, path = _storage(location)
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
 def remove_tree(location: str) -> None:
     """Delete a local folder or a folder in a pyarrow-supported storage URI (nothing when it is absent)."""
     from pyarrow import fs as pafs
 
-    filesystem, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    filesystem, path = _storage(location)
     if filesystem.get_file_info(path).type == pafs.FileType.Directory:
         filesystem.delete_dir(path)
 
@@ -405,7 +429,8 @@ def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False)
     marker.unlink(missing_ok=True)
     # TensorBoard: live from rank 0 when the run is local; written from the history after the run otherwise
     loop = loop_config(cfg, name, info, tb_dir=None if run.is_remote else model_dir / "tb",
-                       fail_at_epoch=int(fail_at) if fail_at else None, fail_marker=marker if fail_at else None)
+                       fail_at_epoch=int(fail_at) if fail_at else None, fail_marker=marker if fail_at else None,
+                       registered=f"{storage}/{RAY_RUN_NAME}/{REGISTERED_FILE}")
     model_dir.mkdir(parents=True, exist_ok=True)
     init_ray()
     log.info("training %s: %d epochs, %d worker(s), balance=%s", name, cfg.epochs, cfg.workers, cfg.balance)

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipelines.train import REGISTERED_FILE
 from pipelines.workflow import node_processes, start_local_cluster, stop_local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,9 +119,8 @@ def test_training_survives_losing_the_worker_node(cluster, workflow_job):
     checkpoints = run / "models" / "scratch_cnn" / "ray" / "train"
     shutil.rmtree(checkpoints)  # the workflow's checkpoints: only the new job's may trigger the kill
     job = client.submit_job(entrypoint=f"{LESION} train --run {run} --model scratch_cnn --epochs 12")
-    # Ray Train writes its checkpoint manager's snapshot once a checkpoint is registered (the checkpoint folder
-    # appears before that): only then will a restart resume from it.
-    snapshot = checkpoints / "checkpoint_manager_snapshot.json"
+    # Only a checkpoint Ray Train has registered (not merely written) is resumed from after a restart.
+    snapshot = checkpoints / REGISTERED_FILE
     deadline = time.monotonic() + 600
     while not snapshot.is_file():
         assert client.get_job_status(job) in ("PENDING", "RUNNING"), client.get_job_logs(job)[-3000:]
