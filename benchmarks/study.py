@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lesion.data.shards import read_info  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from pipelines.common import resolve_config  # noqa: E402
 from pipelines.workflow import StageTable, parse_sets, run_workflow  # noqa: E402
@@ -147,12 +148,12 @@ def main() -> int:
     total = time.perf_counter() - started
 
     metrics = json.loads((run.eval / "metrics.json").read_text())
-    info = json.loads((run.root / "data" / "info.json").read_text())
+    info = read_info(run.root)
     result = {
         "name": name,
         "config": args.config,
         "command": shlex.join(["python", "benchmarks/study.py", *sys.argv[1:]]),
-        "split": metrics.get("split", config.evaluate.split),
+        "split": metrics["split"],
         "data": {"root": config.data.root, "num_images": info["num_images"], "image_size": info["image_size"],
                  "splits": ", ".join(f"{split} {sum(counts.values())}" for split, counts in info["counts"].items())},
         "models": model_rows(metrics),

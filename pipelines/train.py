@@ -218,9 +218,9 @@ def _maybe_fail(loop: dict[str, Any], epoch: int, rank: int, world_size: int):
     def fail(step: int) -> None:
         if step == 0 and not marker.exists():
             # Ray Train registers the last report's checkpoint after the report returns: exit only once it has
-            # (at most a minute), so that the restart resumes from it rather than starting afresh.
+            # registered the previous epoch's (at most a minute), so that the restart resumes from it.
             deadline = time.monotonic() + 60
-            while not storage_exists(loop["registered"]) and time.monotonic() < deadline:
+            while epoch > 0 and not _registered(loop["registered"], epoch - 1) and time.monotonic() < deadline:
                 time.sleep(0.2)
             marker.touch()
             log.warning("fault injection: worker rank %d exits in epoch %d", rank, epoch)
@@ -372,12 +372,20 @@ def _storage(location: str):
     return pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
 
 
-def storage_exists(location: str) -> bool:
-    """Whether a local path or a storage URI names an existing file or folder."""
+def _registered(snapshot: str, epoch: int) -> bool:
+    """Whether Ray Train's checkpoint-manager snapshot (local path or URI) says the latest registered checkpoint is
+    of ``epoch`` or later (its reported metrics carry our ``epoch``)."""
     from pyarrow import fs as pafs
 
-    filesystem, path = _storage(location)
-    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+    filesystem, path = _storage(snapshot)
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            latest = json.loads(stream.read()).get("latest_checkpoint_result")
+    except json.JSONDecodeError:  # caught mid-write
+        return False
+    return bool(latest) and latest["metrics"]["epoch"] >= epoch
 
 
 def remove_tree(location: str) -> None:
