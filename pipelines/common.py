@@ -38,11 +38,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     ray.init(**kwargs)
 
 
-def resolve_config(run: RunDir, config_path: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    """The configuration of a command: ``--config`` file, else the run's saved config, else the defaults; then flags.
-
-    The result is saved as ``RUN_DIR/config.yaml`` so later commands on the same run agree with this one.
-    """
+def resolve_config(run: RunDir, config_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The configuration of a command: ``--config`` file, else the run's recorded config, else the defaults; then
+    flags. Writes nothing: a command's flags apply to that command only (``record_run_config`` records a run's)."""
     saved = run.root / RUN_CONFIG
     if config_path:
         config = load_config(config_path)
@@ -50,10 +48,14 @@ def resolve_config(run: RunDir, config_path: str | None, overrides: dict[str, An
         config = load_config(saved)
     else:
         config = Config()
-    config = apply_overrides(config, overrides or {})
+    return apply_overrides(config, overrides or {})
+
+
+def record_run_config(run: RunDir, config: Config) -> None:
+    """Record ``config`` as the run's configuration (``RUN_DIR/config.yaml``): only the command that creates a run,
+    ``lesion run --config``, ``--save-config`` and ``lesion config set`` call this."""
     run.root.mkdir(parents=True, exist_ok=True)
-    dump_yaml(config.to_dict(), saved)
-    return config
+    dump_yaml(config.to_dict(), run.root / RUN_CONFIG)
 
 
 def ensure_local_path(path: str | Path) -> Path:

@@ -34,7 +34,7 @@ from lesion.data import shards, sources, splits, synthetic
 from lesion.data.shards import SHARD_SCHEMA, SPLITS
 from lesion.labels import class_names
 from lesion.rundir import RunDir, fingerprint
-from pipelines.common import init_ray, resolve_config
+from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,8 @@ def run_command(name: str, args) -> int:
         "data.id_column": args.id_column,
     }
     config = resolve_config(run, args.config, overrides)
+    if not (run.root / RUN_CONFIG).is_file():  # ingest creates the run: it records the run's config
+        record_run_config(run, config)
     summary = ingest(config, run, force=args.force, num_cpus=args.num_cpus)
     state = "unchanged, skipped (use --force to redo)" if summary["skipped"] else f"written in {summary['seconds']} s"
     print(f"data: {run.data} ({state})")

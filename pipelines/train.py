@@ -553,7 +553,6 @@ def run_command(name: str, args) -> int:
         config = apply_best(config, run)
     names = list(config.train.models) if args.all else [args.model]
     config = apply_overrides(config, _overrides(args, names))
-    dump_yaml(config.to_dict(), run.root / "config.yaml")
     if args.all:
         results = train_all(config, run)
     else:
