@@ -29,6 +29,9 @@ COMMANDS = {
     "cluster": ("workflow", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
 }
 
+# commands whose flags change only their own behaviour, unless --save-config records them as the run's config
+SAVES_CONFIG = ("train", "tune", "evaluate", "predict", "explain", "serve")
+
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported to add its arguments."""
@@ -40,6 +43,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             module = importlib.import_module(f"pipelines.{module_name}")
             module.add_arguments(name, sub_parser)
+            if name in SAVES_CONFIG:
+                sub_parser.add_argument("--save-config", action="store_true",
+                                        help="record this command's effective config (file + flags) as RUN/config.yaml")
     return parser
 
 

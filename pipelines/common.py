@@ -38,9 +38,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     ray.init(**kwargs)
 
 
-def resolve_config(run: RunDir, config_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def resolve_config(run: RunDir, config_path: str | None = None, overrides: dict[str, Any] | None = None, *,
+                   save: bool = False) -> Config:
     """The configuration of a command: ``--config`` file, else the run's recorded config, else the defaults; then
-    flags. Writes nothing: a command's flags apply to that command only (``record_run_config`` records a run's)."""
+    flags. A command's flags apply to that command only; with ``save`` (``--save-config``) the result becomes the
+    run's recorded config."""
     saved = run.root / RUN_CONFIG
     if config_path:
         config = load_config(config_path)
@@ -48,7 +50,11 @@ def resolve_config(run: RunDir, config_path: str | None = None, overrides: dict[
         config = load_config(saved)
     else:
         config = Config()
-    return apply_overrides(config, overrides or {})
+    config = apply_overrides(config, overrides or {})
+    if save:
+        record_run_config(run, config)
+        log.info("recorded this configuration as the run's config: %s", saved)
+    return config
 
 
 def record_run_config(run: RunDir, config: Config) -> None:
