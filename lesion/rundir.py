@@ -6,6 +6,10 @@ A run directory is a local path (a mounted NFS share included) or a URI that pya
 artefacts back, file by file, copying only files whose size or modification time differ (as ``aws s3 sync`` does).
 ``uri`` is the address to hand to Ray (e.g. Ray Train's ``storage_path``) so that every node writes to the same place.
 Ray's own storage under a remote run (``RAY_STORAGE``) is written straight to the URI and never synced.
+
+``manifest.json`` carries the run directory's format (``RUN_FORMAT``): a run written by an older lesion (format 1: a
+manifest without a format field) is migrated when it is read; a run written by a newer lesion is refused with a
+message, never misread.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ log = logging.getLogger(__name__)
 # Folders Ray Train/Tune write straight to a remote run's URI (checkpoints, trial state): pull and push leave them be.
 RAY_STORAGE = ("models/*/ray", "tune/ray", "tune/trials")
 
+RUN_FORMAT = 2  # bump when the run directory's layout or manifest changes; add the migration to _migrate
+_RUN_COMMAND = "lesion run --run {run}"  # what re-makes a run whose format cannot be migrated
+
 _VERSIONED_PACKAGES = ("lesion", "torch", "torchvision", "timm", "ray", "optuna", "scikit-learn", "pyarrow", "numpy")
 
 
@@ -45,6 +52,59 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+class RunFormatError(ValueError):
+    """A run directory this lesion cannot read: written by a newer lesion, or with a malformed manifest."""
+
+
+def filesystem_of(location: str):
+    """(pyarrow filesystem, path) of a local path or a pyarrow-supported storage URI."""
+    from pyarrow import fs as pafs
+
+    return pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+
+
+def remove_tree(location: str) -> None:
+    """Delete a local folder or a folder in a pyarrow-supported storage URI (nothing when it is absent)."""
+    from pyarrow import fs as pafs
+
+    filesystem, path = filesystem_of(location)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
+
+
+def read_manifest(path: Path, run: str) -> dict[str, Any]:
+    """The artefact entries of the manifest at ``path`` (``{}`` when absent), migrated from older formats.
+
+    Raises ``RunFormatError`` for a manifest of a newer format than ``RUN_FORMAT`` or one that is malformed.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunFormatError(f"{path}: not valid JSON ({exc}); re-make the run with `{_RUN_COMMAND.format(run=run)}`"
+                             f" in a new run directory") from exc
+    if not isinstance(document, dict):
+        raise RunFormatError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    version = document.get("format", 1)  # format 1 (lesion before run formats) had no field
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RunFormatError(f"{path}: format must be an integer from 1 to {RUN_FORMAT}, got {version!r}")
+    if version > RUN_FORMAT:
+        raise RunFormatError(f"{path}: run format {version} is newer than this lesion reads (format {RUN_FORMAT}): "
+                             f"open it with the lesion that wrote it (the manifest's versions.lesion) or upgrade lesion")
+    return _migrate(document, version)
+
+
+def _migrate(document: dict[str, Any], version: int) -> dict[str, Any]:
+    """Artefact entries of a manifest of format ``version``, in the current format's terms."""
+    if version == 1:
+        # Format 1: the artefact entries at the top level, and the workflow's own record of what tuning searched
+        # on ("workflow/tune"), which the "tune" entry's fingerprint now covers. Fingerprints of format 1 are of
+        # other formulas: stages whose inputs are unchanged re-run once, and nothing is misread.
+        return {name: entry for name, entry in document.items() if name != "workflow/tune"}
+    return dict(document["artefacts"])
 
 
 def is_uri(location: str | Path) -> bool:
@@ -73,6 +133,7 @@ class RunDir:
         else:
             self.root = Path(text.removeprefix("file://")).expanduser().resolve()
             self.uri = str(self.root)
+            self.manifest()  # a run this lesion cannot read fails here, before any stage starts
 
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"
@@ -89,6 +150,7 @@ class RunDir:
         remote, base = self._remote()
         copied = _mirror(remote, base, _local_fs(), str(self.root), "", remote_is_source=True)
         log.info("pulled %d file(s) from %s to %s", copied, self.uri, self.root)
+        self.manifest()  # a run this lesion cannot read fails here, before any stage starts
         return copied
 
     def push(self, *parts: str) -> int:
@@ -148,10 +210,8 @@ class RunDir:
         return sorted(p.parent.name for p in self.models.glob("*/best.pt"))
 
     def manifest(self) -> dict[str, Any]:
-        """The manifest: one entry per artefact (``data``, ``models/<name>``, ``tune``, ``eval``)."""
-        if not self.manifest_path.is_file():
-            return {}
-        return json.loads(self.manifest_path.read_text())
+        """The manifest's artefact entries: one per artefact (``data``, ``models/<name>``, ``tune``, ``eval``)."""
+        return read_manifest(self.manifest_path, self.uri)
 
     def record(self, artefact: str, *, config: Any, fingerprint: str, **extra: Any) -> None:
         """Record in the manifest what made ``artefact``: command line, config, fingerprint, versions, time."""
@@ -166,7 +226,7 @@ class RunDir:
             **extra,
         }
         tmp = self.manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(entries, indent=2, default=str))
+        tmp.write_text(json.dumps({"format": RUN_FORMAT, "artefacts": entries}, indent=2, default=str))
         tmp.replace(self.manifest_path)
 
     def is_current(self, artefact: str, fingerprint: str) -> bool:

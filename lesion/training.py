@@ -1,7 +1,8 @@
 """The pieces of a training run, without Ray: optimizer, scheduler, loss, class balance, one training epoch, one
-validation pass, early stopping, the two-phase transfer-learning schedule and the learning-curve plot.
+validation pass, early stopping, the two-phase transfer-learning schedule and the metrics history (CSV, JSON,
+TensorBoard, learning-curve plot).
 
-``pipelines/train.py`` drives them on Ray Train workers (DDP); a notebook can drive them on one process. Batches are
+``pipelines/loop.py`` drives them on Ray Train workers (DDP); a notebook can drive them on one process. Batches are
 ``(images, labels)`` with images uint8 (N, H, W, 3), on any device; augmentation runs on the batch's device.
 When ``torch.distributed`` is initialised, epoch statistics are summed over the ranks, so every rank sees the same
 numbers and takes the same decisions (early stopping, learning-rate changes).
@@ -10,6 +11,7 @@ numbers and takes the same decisions (early stopping, learning-rate changes).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -232,7 +234,7 @@ def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opti
     train_balanced_accuracy, images (count) and seen (images per class), summed over DDP ranks.
 
     Statistics accumulate on the device: the only host synchronisation is at the end of the epoch.
-    ``on_step(step)`` is called after each optimiser step (used for fault injection in tests).
+    ``on_step(step)`` is called after each optimiser step.
     """
     model.train()
     loss_fn = loss_fn.to(settings.device)
@@ -425,7 +427,36 @@ def phase_epochs(phase: str, cfg: TrainConfig) -> int:
     return cfg.epochs
 
 
-# ------------------------------------------------------------------------------------------- history plot
+# ------------------------------------------------------------------------------------------- history
+
+
+def tensorboard_writer(folder: str | Path):
+    """A TensorBoard event writer into ``folder`` (feed it rows with ``add_scalars``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
+def add_scalars(writer, row: dict[str, Any]) -> None:
+    """One history row as TensorBoard scalars: every numeric column, at step ``row["epoch"]``."""
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "attempt"):
+            writer.add_scalar(key, value, row["epoch"])
+    writer.flush()
+
+
+def write_history(history: list[dict[str, Any]], folder: str | Path, *, tensorboard: bool = False) -> None:
+    """``history.csv`` and ``history.json`` in ``folder``; with ``tensorboard`` also its events under ``tb/``
+    (for runs whose workers could not write them live)."""
+    import pandas as pd
+
+    folder = Path(folder)
+    pd.DataFrame(history).to_csv(folder / "history.csv", index=False)
+    (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    if tensorboard:
+        with tensorboard_writer(folder / "tb") as writer:
+            for row in history:
+                add_scalars(writer, row)
 
 
 def plot_learning_curve(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:

@@ -1,6 +1,6 @@
 """``lesion tune``: search the custom CNN's hyperparameters with Ray Tune, OptunaSearch (seeded TPE) and ASHA.
 
-Every trial runs the training loop of ``lesion train`` (``pipelines.train.run_training``), reporting each epoch to
+Every trial runs the training loop of ``lesion train`` (``pipelines.loop.run_training``), reporting each epoch to
 Tune so ASHA can stop poor trials early. A one-worker trial is a Tune function with its own CPU/GPU share (fractional
 GPUs work) that reads the ingested split from the object store (put there once for all trials: no Ray Data tasks
 inside the trial, so concurrent trials cannot starve a data read of CPUs). With ``workers_per_trial > 1`` a trial is
@@ -9,7 +9,8 @@ a small driver that runs a multi-worker TorchTrainer on the shards and forwards 
 Writes ``RUN/tune/``: ``trials.csv`` (every trial: parameters, status, epochs, metrics), ``best.yaml`` (a config
 file setting ``train.models.<model>``; ``lesion train --from-tune`` applies it), ``summary.json`` (sampler and seed,
 scheduler, counts, timing), ``history.png`` (optimisation history), ``importance.png`` (parameter importances) and
-``ray/search/`` (Tune's experiment state, for ``--resume``).
+``ray/search/`` (Tune's experiment state, for ``--resume``). The manifest's ``tune`` entry carries
+``tune_fingerprint``: the search's inputs and ``TUNE_VERSION``.
 """
 
 from __future__ import annotations
@@ -26,29 +27,29 @@ import numpy as np
 import pandas as pd
 import ray
 import ray.train
-import torch
 import yaml
 from ray import tune
 
 from lesion.config import Config, ConfigError, TrainConfig, apply_overrides
 from lesion.data.shards import load_split, read_info
-from lesion.rundir import RunDir, fingerprint
-from lesion.training import array_batches
+from lesion.rundir import RunDir, fingerprint, remove_tree
 from pipelines.common import init_ray, resolve_config
-from pipelines.train import (
-    build_trainer,
-    derive_seed,
-    loop_config,
-    read_state,
-    remove_tree,
-    run_training,
-    training_datasets,
-)
+from pipelines.datasets import training_datasets
+from pipelines.loop import TuneSession, build_trainer, loop_config, read_state, run_training
+from pipelines.tuned import BEST_FILE
 
 log = logging.getLogger(__name__)
 
+TUNE_VERSION = 1  # bump when a change makes the search write different results (re-tunes every run)
 EXPERIMENT = "search"  # RUN/tune/ray/<EXPERIMENT>/: Tune's experiment state
 SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
+
+
+def tune_fingerprint(config: Config, info: dict[str, Any]) -> str:
+    """What a search depends on: ``TUNE_VERSION``, the tune section, the untuned training config of the tuned model
+    and the data's fingerprint (``info``: the run's ``data/info.json``)."""
+    return fingerprint("tune", TUNE_VERSION, config.to_dict()["tune"],
+                       dataclasses.asdict(config.model_config(config.tune.model)), info.get("fingerprint"))
 
 
 # --------------------------------------------------------------------------------------------- search space
@@ -110,36 +111,6 @@ def trial_config(config: Config, name: str, params: dict[str, Any], epochs: int)
 
 
 # --------------------------------------------------------------------------------------------- trials
-
-
-class TuneSession:
-    """The training loop's view of a one-worker Tune trial: arrays from the object store, ``tune.report``."""
-
-    rank = 0
-    world_size = 1
-
-    def __init__(self, loop: dict[str, Any], data: dict[str, np.ndarray]):
-        self.loop = loop
-        self.data = data
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def train_batches(self, epoch: int):
-        batch_size = self.loop["cfg"]["batch_size"]
-        labels = self.data["train_labels"]
-        return array_batches(self.data["train_images"], labels, batch_size, drop_last=len(labels) % batch_size == 1,
-                             seed=derive_seed(self.loop["cfg"]["seed"], epoch, 0))
-
-    def val_batches(self):
-        return array_batches(self.data["val_images"], self.data["val_labels"], 2 * self.loop["cfg"]["batch_size"])
-
-    def checkpoint(self):
-        return tune.get_checkpoint()
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
 def trial_single(params: dict[str, Any], *, config: Config, name: str, info: dict[str, Any],
@@ -297,7 +268,7 @@ def write_results(config: Config, run: RunDir, results, seconds: float) -> dict[
         header = (f"# Best configuration found by `lesion tune` for {tcfg.model}: trial {best_row['trial_id']}, "
                   f"{tcfg.metric} = {best_row[score]:.4f}\n# Apply with `lesion train --from-tune` "
                   f"(or --config this file).\n")
-        (run.tune / "best.yaml").write_text(header + yaml.safe_dump({"train": {"models": {tcfg.model: params}}},
+        (run.tune / BEST_FILE).write_text(header + yaml.safe_dump({"train": {"models": {tcfg.model: params}}},
                                                                     sort_keys=False))
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     summary = {
@@ -316,7 +287,7 @@ def write_results(config: Config, run: RunDir, results, seconds: float) -> dict[
     (run.tune / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_history(table, tcfg.metric, tcfg.mode, run.tune / "history.png")
     plot_importance(table, spec, tcfg.metric, tcfg.mode, run.tune / "importance.png")
-    run.record("tune", config=config.to_dict()["tune"], fingerprint=fingerprint(config.to_dict()["tune"]),
+    run.record("tune", config=config.to_dict()["tune"], fingerprint=tune_fingerprint(config, read_info(run.root)),
                best_trial=summary["best_trial"], best_value=summary["best_value"], complete=summary["complete"])
     return summary
 
@@ -404,19 +375,6 @@ def plot_importance(table: pd.DataFrame, spec: dict[str, Any], metric: str, mode
     return path
 
 
-def apply_best(config: Config, run: RunDir) -> Config:
-    """``config`` with ``RUN/tune/best.yaml`` (the best trial's settings per model) applied."""
-    path = run.tune / "best.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `lesion tune --run {run.root}` first")
-    best = yaml.safe_load(path.read_text()) or {}
-    models = best.get("train", {}).get("models") if isinstance(best, dict) else None
-    if not isinstance(models, dict) or not models:
-        raise ConfigError(f"{path}: expected train: models: <name>: {{settings}}")
-    overrides = {f"train.models.{name}.{key}": value for name, values in models.items() for key, value in values.items()}
-    return apply_overrides(config, overrides)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -439,7 +397,7 @@ def run_command(name: str, args) -> int:
     overrides = {"tune.model": args.model, "tune.trials": args.trials, "tune.epochs": args.epochs,
                  "tune.gpus_per_trial": args.gpus_per_trial, "tune.cpus_per_trial": args.cpus_per_trial,
                  "tune.max_concurrent": args.max_concurrent}
-    config = resolve_config(run, args.config, overrides)
+    config = resolve_config(run, args.config, overrides, save=args.save_config)
     summary = tune_model(config, run, resume=args.resume)
     print(f"trials: {summary['trials_finished']}/{summary['trials']} {summary['status_counts']}  "
           f"({summary['trials_per_minute']:.2f} trials/minute)")
@@ -447,5 +405,5 @@ def run_command(name: str, args) -> int:
         print(f"best trial {summary['best_trial']}: {summary['metric']} = {summary['best_value']:.4f}")
         for key, value in summary["best_params"].items():
             print(f"  {key}: {value}")
-        print(f"best config: {run.tune / 'best.yaml'} (apply with `lesion train --run {run.root} --from-tune`)")
+        print(f"best config: {run.tune / BEST_FILE} (apply with `lesion train --run {run.root} --from-tune`)")
     return 0

@@ -2,10 +2,10 @@
 
 ``lesion run``: ingest -> tune the custom CNN -> train every configured model (the custom CNN with the tuned config)
 -> evaluate with the ensemble -> optionally serve. A stage whose artefact was already made in the same run directory
-from the same inputs is skipped: the stage functions record their artefacts in the manifest with a fingerprint of
-their config and inputs, and the workflow recomputes that fingerprint before running a stage (``RunDir.is_current``;
-for tuning, which records only its own section, the workflow adds the data and base training config itself).
-One table shows every stage's status and time as the run goes. The run directory may be a URI
+from the same inputs is skipped: each stage records its artefact in the manifest with a fingerprint of its inputs,
+its config section and its version constant, and the workflow asks the stage's own fingerprint function
+(``train_fingerprint``, ``tune_fingerprint``, ``evaluation_fingerprint``; ingest checks its own) before running it.
+The stages are called as functions, never through the command line. One table shows every stage's status and time as the run goes. The run directory may be a URI
 (``s3://bucket/run``): it is pulled at the start and each stage's artefact is pushed when the stage finishes.
 
 ``lesion cluster up``: a head node and N worker nodes, each a separate ``ray start --block`` session with its
@@ -33,9 +33,9 @@ from typing import Any
 
 import yaml
 
-from lesion.config import Config, apply_overrides, dump_yaml
-from lesion.rundir import RunDir, fingerprint
-from pipelines.common import RUN_CONFIG, init_ray, resolve_config
+from lesion.config import Config, apply_overrides, load_config
+from lesion.rundir import RunDir
+from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,11 @@ def workflow_config(config: Config, *, workers: int | None = None, gpus: float |
 
 
 def model_fingerprint(config: Config, run: RunDir, name: str) -> str:
-    """The fingerprint ``pipelines.train`` records for model ``name``: its resolved config + the data's."""
+    """The fingerprint ``pipelines.train`` records for model ``name`` (``train_fingerprint``)."""
     from lesion.data.shards import read_info
+    from pipelines.train import train_fingerprint
 
-    return fingerprint({**dataclasses.asdict(config.model_config(name)), "models": {}},
-                       read_info(run.root).get("fingerprint"))
+    return train_fingerprint(config.model_config(name), read_info(run.root))
 
 
 def resource_warnings(config: Config, resources: dict[str, float]) -> list[str]:
@@ -181,20 +181,13 @@ def run_workflow(config: Config, run: RunDir, table: StageTable | None = None) -
 
     tuned = config.tune.model
     if config.workflow.tune and tuned in config.train.models:
-        from pipelines.tune import apply_best, tune_model
+        from lesion.data.shards import read_info
+        from pipelines.tune import tune_fingerprint, tune_model
+        from pipelines.tuned import BEST_FILE, apply_best
 
-        fp = tune_fingerprint(config, run)
-        entry = run.manifest().get(TUNE_RECORD, {})
-        current = ((run.tune / "best.yaml").is_file() and entry.get("fingerprint") == fp
-                   and entry.get("tune_entry") == run.manifest().get("tune"))
-
-        def tune_and_record() -> dict:
-            summary = tune_model(config, run)
-            run.record(TUNE_RECORD, config=config.to_dict()["tune"], fingerprint=fp,
-                       tune_entry=run.manifest().get("tune"))
-            return summary
-
-        stage(f"tune {tuned}", "tune", tune_and_record, current, _tune_note)
+        current = ((run.tune / BEST_FILE).is_file()
+                   and run.is_current("tune", tune_fingerprint(config, read_info(run.root))))
+        stage(f"tune {tuned}", "tune", lambda: tune_model(config, run), current, _tune_note)
         config = apply_best(config, run)
     elif config.workflow.tune:
         table.end(f"tune {tuned}", "skipped", None, f"{tuned} is not in train.models")
@@ -209,17 +202,6 @@ def run_workflow(config: Config, run: RunDir, table: StageTable | None = None) -
                                                                                                        "test"))
     stage("evaluate", "eval", lambda: evaluate(config, run), current, _evaluate_note)
     return results
-
-
-TUNE_RECORD = "workflow/tune"  # manifest entry: what the tune artefact was searched on (data, base config)
-
-
-def tune_fingerprint(config: Config, run: RunDir) -> str:
-    """What tuning depends on: the tune section, the untuned training config of the tuned model, the data."""
-    from lesion.data.shards import read_info
-
-    return fingerprint(config.to_dict()["tune"], dataclasses.asdict(config.model_config(config.tune.model)),
-                       read_info(run.root).get("fingerprint"))
 
 
 def _ingest_note(run: RunDir) -> str:
@@ -487,7 +469,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     run.pull()
     config = resolve_config(run, args.config, parse_sets(args.set))
     config = workflow_config(config, workers=args.workers, gpus=args.gpus, tune=args.tune, serve=args.serve)
-    dump_yaml(config.to_dict(), run.root / RUN_CONFIG)
+    record_workflow_config(run, config, args.config)
     table = StageTable(f"lesion run {run.uri}" + (f" (config {args.config})" if args.config else ""))
     print(table.title, flush=True)
     try:
@@ -496,11 +478,44 @@ def run_command(name: str, args: argparse.Namespace) -> int:
         print(table.summary(), flush=True)
     print(f"report: {run.eval / 'report.html'}")
     if config.workflow.serve:
-        from pipelines.cli import main
-
-        detach = ["--detach"] if os.environ.get("RAY_ADDRESS") else []
-        return main(["serve", "--run", str(run.root), *detach])
+        serve_workflow(config, run, detach=bool(os.environ.get("RAY_ADDRESS")))
     return 0
+
+
+def record_workflow_config(run: RunDir, config: Config, config_path: str | None, out=None) -> None:
+    """Make ``config`` the run's recorded config: a new run records it; an existing run whose recorded config
+    differs has it replaced, with one line saying so."""
+    recorded = run.root / RUN_CONFIG
+    previous = load_config(recorded) if recorded.is_file() else None
+    if previous == config:
+        return
+    record_run_config(run, config)
+    if previous is not None:
+        old, new = previous.to_dict(), config.to_dict()
+        changed = ", ".join(key for key in new if old.get(key) != new.get(key))
+        source = f"--config {config_path}" if config_path else "the flags"
+        print(f"replaced the run's recorded config {recorded} with {source} (changed: {changed})",
+              file=out or sys.stdout, flush=True)
+
+
+def serve_workflow(config: Config, run: RunDir, *, detach: bool) -> None:
+    """Serve the run's models (``pipelines.serve.deploy``); unless ``detach``, until Ctrl-C, then stop serving."""
+    from ray import serve
+
+    from pipelines.serve import APP_NAME, deploy
+
+    url = deploy(config, RunDir(run.root))  # Serve reads local model folders: a remote run's staging copy
+    print(f"serving {APP_NAME} at {url}/  (API docs {url}/docs)", flush=True)
+    if detach:
+        print("detached: `lesion serve --stop` stops it")
+        return
+    print("Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
+        serve.shutdown()
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines.train import REGISTERED_FILE
+from faults import REGISTERED_FILE
 from pipelines.workflow import node_processes, start_local_cluster, stop_local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,13 @@ import torch
 import yaml
 
 from conftest import tiny_config
+from faults import REGISTERED_FILE, KillWorkerOnce
 from lesion.config import TrainConfig, apply_overrides, dump_yaml
 from lesion.data.shards import load_split, read_info
 from lesion.models import load_trained
 from lesion.rundir import RunDir
 from lesion.training import LoopSettings, array_batches, predict_logits, validation_metrics
-from pipelines.train import FAIL_ENV, FAIL_MARKER, train_model
+from pipelines.train import RAY_RUN_NAME, ray_storage, train_model
 
 NAME = "custom_cnn"
 DETERMINISM_RTOL = 1e-5  # two 2-worker runs with one seed: losses and metrics agree to this relative tolerance
@@ -94,11 +96,13 @@ def test_oversampling_balances_classes_and_two_worker_runs_agree(run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_killed_worker_resumes_from_the_last_checkpoint(run, monkeypatch):
-    monkeypatch.setenv(FAIL_ENV, "1")  # the last worker exits mid-way through epoch 1, once
-    result = train_model(config(epochs=3), run, NAME)
+def test_killed_worker_resumes_from_the_last_checkpoint(run, tmp_path):
+    marker = tmp_path / "fault-injected"
+    snapshot = Path(ray_storage(run, NAME)) / RAY_RUN_NAME / REGISTERED_FILE
+    kill = KillWorkerOnce(epoch=1, marker=marker, snapshot=snapshot)  # the last worker exits in epoch 1, once
+    result = train_model(config(epochs=3), run, NAME, step_hook=kill)
     history = history_of(run)
-    assert (run.model_dir(NAME) / FAIL_MARKER).exists()  # the failure did happen
+    assert marker.exists()  # the failure did happen
     assert [row["epoch"] for row in history] == [0, 1, 2]  # epoch 0 was not trained again
     assert [row["attempt"] for row in history] == [0, 1, 1]  # epochs 1-2 ran on the restarted worker group
     assert result["attempts"] == 2 and (run.model_dir(NAME) / "best.pt").is_file()
@@ -125,7 +129,7 @@ def test_cli_trains_with_flags_and_the_tuned_config(run):
 def test_arrow_image_columns_are_viewed_without_copies():
     import pyarrow as pa
 
-    from pipelines.train import arrow_images
+    from lesion.data.shards import arrow_images
 
     images = np.random.default_rng(0).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
     column = pa.array([im.tobytes() for im in images], type=pa.binary())

@@ -12,7 +12,8 @@ from ray import tune
 
 from conftest import tiny_config
 from lesion.config import ConfigError, apply_overrides, load_config
-from pipelines.tune import apply_best, param_space, tune_model
+from pipelines.tune import param_space, tune_model
+from pipelines.tuned import apply_best
 
 
 def search_config(**tune_settings):

@@ -78,6 +78,26 @@ def decode_images(column, image_size: int) -> np.ndarray:
     return flat.reshape(len(column), image_size, image_size, 3)
 
 
+def arrow_images(column: pa.ChunkedArray | pa.Array, image_size: int) -> np.ndarray:
+    """Arrow binary column of raw pixels -> (N, S, S, 3) uint8: a view of the Arrow buffer for one chunk, one copy
+    for several. The view is read-only."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks != 1:
+            parts = [arrow_images(chunk, image_size) for chunk in column.chunks]
+            return np.concatenate(parts) if parts else decode_images([], image_size)
+        column = column.chunk(0)
+    row_bytes = image_size * image_size * 3
+    binary = pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
+    if binary and column.null_count == 0 and len(column):
+        offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+        _, offsets_buf, data_buf = column.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[column.offset: column.offset + len(column) + 1]
+        if np.all(np.diff(offsets) == row_bytes):
+            flat = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]: offsets[-1]]
+            return flat.reshape(len(column), image_size, image_size, 3)
+    return decode_images(column.to_pylist(), image_size)  # copies; raises on rows of the wrong size
+
+
 def decode_masks(column, image_size: int) -> np.ndarray | None:
     """Raw-bytes mask column -> (N, S, S) bool, or None when any row has no mask."""
     if len(column) == 0 or any(m is None for m in column):

@@ -1,0 +1,323 @@
+"""The one training loop of ``lesion train`` and ``lesion tune``, and the sessions it runs in.
+
+The loop (``run_training``) does not know where it runs: a *session* gives it data, the device, DDP wrapping,
+checkpoint restore and reporting. Ray Train workers use ``TrainSession`` (dataset shards streamed by Ray Data);
+one-worker Ray Tune trials use ``TuneSession`` (split arrays from the object store). Each epoch every worker reports
+its metrics and rank 0 a checkpoint (model, optimizer, scheduler, early stopping with the best weights, history);
+a restarted worker group resumes from the last checkpoint.
+
+The loop's input is plain data (``loop_config``): the resolved training config, facts about the data and output
+places. Its optional ``step_hook`` is a picklable callable ``hook(epoch=, step=, rank=, world_size=)`` called on
+every worker after each optimiser step: instrumentation from the caller's side (the tests inject faults with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from lesion.config import TrainConfig
+from lesion.models import create_model, model_spec, unwrap
+from lesion.training import (
+    BALANCE_MODES,
+    EarlyStopping,
+    LoopSettings,
+    add_scalars,
+    apply_phase,
+    array_batches,
+    balanced_batches,
+    build_loss,
+    build_optimizer,
+    build_scheduler,
+    evaluate_epoch,
+    phase_epochs,
+    phase_of,
+    sampling_rates,
+    seed_everything,
+    step_scheduler,
+    tensorboard_writer,
+    train_epoch,
+)
+from pipelines.datasets import ImageBatchCollate, data_config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"  # inside each checkpoint
+SHUFFLE_BUFFER_MIN = 512  # rows in the local shuffle buffer (at least 4 batches)
+PREFETCH_BATCHES = 4
+
+StepHook = Callable[..., None]  # hook(epoch=, step=, rank=, world_size=)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from integers (base seed, epoch, rank, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------------------- sessions
+
+
+class TrainSession:
+    """The loop's view of a Ray Train worker: dataset shards, device, DDP, checkpoints, ``ray.train.report``."""
+
+    def __init__(self, loop: dict[str, Any]):
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.loop = loop
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def _batches(self, name: str, batch_size: int, **kwargs):
+        return ray.train.get_dataset_shard(name).iter_torch_batches(
+            batch_size=batch_size, collate_fn=ImageBatchCollate(self.loop["image_size"]), device=self.device,
+            pin_memory=self.device.type == "cuda", prefetch_batches=PREFETCH_BATCHES, **kwargs)
+
+    def train_batches(self, epoch: int):
+        batch_size = self.loop["cfg"]["batch_size"]
+        rows = self.loop["train_rows"] // self.world_size  # the equal split of every epoch
+        return self._batches("train", batch_size, drop_last=rows % batch_size == 1,  # no batch of 1 for BatchNorm
+                             local_shuffle_buffer_size=max(SHUFFLE_BUFFER_MIN, 4 * batch_size),
+                             local_shuffle_seed=derive_seed(self.loop["cfg"]["seed"], epoch, self.rank))
+
+    def val_batches(self):
+        return self._batches("val", 2 * self.loop["cfg"]["batch_size"])
+
+    def checkpoint(self) -> ray.train.Checkpoint | None:
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneSession:
+    """The loop's view of a one-worker Tune trial: arrays from the object store, ``tune.report``."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, loop: dict[str, Any], data: dict[str, np.ndarray]):
+        self.loop = loop
+        self.data = data
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def train_batches(self, epoch: int):
+        batch_size = self.loop["cfg"]["batch_size"]
+        labels = self.data["train_labels"]
+        return array_batches(self.data["train_images"], labels, batch_size, drop_last=len(labels) % batch_size == 1,
+                             seed=derive_seed(self.loop["cfg"]["seed"], epoch, 0))
+
+    def val_batches(self):
+        return array_batches(self.data["val_images"], self.data["val_labels"], 2 * self.loop["cfg"]["batch_size"])
+
+    def checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def loop_config(cfg: TrainConfig, name: str, info: dict[str, Any], *, tb_dir: Path | None = None,
+                step_hook: StepHook | None = None) -> dict[str, Any]:
+    """Everything a worker needs: the resolved training config, data facts, output places, an optional step hook."""
+    if cfg.balance not in BALANCE_MODES:
+        raise ValueError(f"train.balance: expected one of {', '.join(BALANCE_MODES)}, got {cfg.balance!r}")
+    classes = list(info["classes"])
+    counts = info["counts"]
+    return {
+        "name": name,
+        "cfg": {**dataclasses.asdict(cfg), "models": {}},
+        "task": info["task"],
+        "classes": classes,
+        "image_size": int(info["image_size"]),
+        "input_size": int(cfg.input_size or info["image_size"]),
+        "train_counts": [int(counts["train"].get(c, 0)) for c in classes],
+        "train_rows": int(sum(counts["train"].values())),
+        "tb_dir": str(tb_dir) if tb_dir else None,
+        "step_hook": step_hook,
+    }
+
+
+def build_model(loop: dict[str, Any]) -> torch.nn.Module:
+    """The model of ``loop`` (pretrained weights as configured), with the config's architecture options."""
+    cfg = loop["cfg"]
+    pretrained = cfg["weights"] or cfg["pretrained"]
+    outputs = 1 if loop["task"] == "binary" else len(loop["classes"])
+    arch = {key: cfg[key] for key in model_spec(loop["name"])["arch_kwargs"]}
+    return create_model(loop["name"], outputs, pretrained=pretrained, input_size=loop["input_size"], **arch)
+
+
+def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The training state saved in a checkpoint by ``run_training``."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+class TrainingRun:
+    """One worker's training: the model, its wrapper (DDP, compile), optimizer, scheduler, early stopping and
+    history, restored from the session's checkpoint when there is one. The optimizer and scheduler are rebuilt
+    when the transfer-learning phase changes."""
+
+    def __init__(self, loop: dict[str, Any], session):
+        self.loop, self.session = loop, session
+        self.cfg = cfg = TrainConfig(**loop["cfg"])
+        seed_everything(cfg.seed)
+        if session.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        spec = model_spec(loop["name"])
+        self.settings = LoopSettings(task=loop["task"], num_classes=len(loop["classes"]), mean=spec["mean"],
+                                     std=spec["std"], input_size=loop["input_size"], device=session.device,
+                                     amp=cfg.amp, channels_last=cfg.channels_last)
+        self.loss_fn = build_loss(loop["task"], cfg, loop["train_counts"])
+        self.rates = sampling_rates(loop["train_counts"]) if cfg.balance == "oversample" else None
+        self.stopper = EarlyStopping(cfg.monitor, cfg.patience)
+        self.history: list[dict[str, Any]] = []
+        self.attempt = 0
+        checkpoint = session.checkpoint()
+        state = read_state(checkpoint) if checkpoint is not None else None
+        self.start = state["epoch"] + 1 if state else 0
+        model = build_model(loop)
+        self.enter_phase(phase_of(self.start, model, cfg), model, state)
+        if state:
+            self._resume(state)
+
+    def enter_phase(self, phase: str, model: torch.nn.Module, state: dict[str, Any] | None = None) -> None:
+        """Train ``model`` (weights from ``state`` if given) in ``phase``: freeze or unfreeze as configured, wrap it,
+        build the phase's optimizer and scheduler."""
+        self.phase = phase
+        lr = apply_phase(model, phase, self.cfg)
+        if state:
+            model.load_state_dict(state["model"])
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        net = self.session.prepare(model)
+        self.net = torch.compile(net) if self.cfg.compile else net
+        self.optimizer = build_optimizer(self.net, self.cfg, lr)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, phase_epochs(phase, self.cfg))
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        if state["phase"] == self.phase:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.history = list(state["history"])
+        self.attempt = state["attempt"] + 1
+        log.info("resuming %s at epoch %d (attempt %d)", self.loop["name"], self.start, self.attempt)
+
+    def run(self) -> None:
+        """Train from ``start`` to the configured epochs (or early stopping), reporting every epoch."""
+        cfg, session = self.cfg, self.session
+        writer = tensorboard_writer(self.loop["tb_dir"]) if session.rank == 0 and self.loop.get("tb_dir") else None
+        try:
+            for epoch in range(self.start, cfg.epochs):
+                phase = phase_of(epoch, unwrap(self.net), cfg)
+                if phase != self.phase:
+                    self.enter_phase(phase, unwrap(self.net))
+                row = self.epoch(epoch)
+                self.history.append(row)
+                if writer is not None:
+                    add_scalars(writer, row)
+                self.report(row)
+                if self.stopper.should_stop:
+                    log.info("early stopping at epoch %d: best %s %.4f at epoch %d", epoch, cfg.monitor,
+                             self.stopper.best, self.stopper.best_epoch)
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch and validate: the epoch's history row."""
+        cfg, session = self.cfg, self.session
+        lr = self.optimizer.param_groups[0]["lr"]
+        generator = torch.Generator(device=session.device).manual_seed(derive_seed(cfg.seed, epoch, session.rank, 1))
+        batches = session.train_batches(epoch)
+        if self.rates is not None:
+            batches = balanced_batches(batches, self.rates, generator)
+        hook = self.loop.get("step_hook")
+        on_step = None if hook is None else (lambda step: hook(epoch=epoch, step=step, rank=session.rank,
+                                                                world_size=session.world_size))
+        started = time.perf_counter()
+        train = train_epoch(self.net, batches, self.optimizer, self.loss_fn, self.settings, augment_strength=cfg.augment,
+                            generator=generator, grad_clip=cfg.grad_clip, on_step=on_step)
+        train_seconds = time.perf_counter() - started
+        val = evaluate_epoch(self.net, session.val_batches(), self.settings)
+        best = self.stopper.step(epoch, val, self.net)
+        step_scheduler(self.scheduler, val, cfg.monitor)
+        seen = train.pop("seen")
+        return {"epoch": epoch, "phase": self.phase, "attempt": self.attempt, "lr": lr, **train, **val, "best": best,
+                "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - started,
+                "images_per_second": train["images"] / train_seconds if train_seconds > 0 else 0.0,
+                **{f"seen_{c}": int(n) for c, n in zip(self.loop["classes"], seen)}}
+
+    def report(self, row: dict[str, Any]) -> None:
+        """Report the epoch's metrics, with rank 0's checkpoint of the whole training state."""
+        stopper = self.stopper
+        metrics = {**row, "best_epoch": stopper.best_epoch, f"best_{self.cfg.monitor}": stopper.best,
+                   "early_stop": stopper.should_stop}
+        with tempfile.TemporaryDirectory() as folder:
+            if self.session.rank == 0:
+                model = unwrap(self.net)
+                torch.save({"epoch": row["epoch"], "phase": self.phase, "attempt": self.attempt,
+                            "model": model.state_dict(), "pretrained_origin": model.pretrained_origin,
+                            "optimizer": self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                            "early_stopping": stopper.state_dict(), "history": self.history},
+                           Path(folder) / STATE_FILE)
+            self.session.report(metrics, folder if self.session.rank == 0 else None)
+
+
+def run_training(loop: dict[str, Any], session) -> None:
+    """Train for the configured epochs (resuming from the session's checkpoint), reporting every epoch."""
+    TrainingRun(loop, session).run()
+
+
+def train_func(loop: dict[str, Any]) -> None:
+    """Ray Train's per-worker function."""
+    run_training(loop, TrainSession(loop))
+
+
+def build_trainer(cfg: TrainConfig, loop: dict[str, Any], datasets: dict[str, ray.data.Dataset], storage: str,
+                  run_name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer running the loop over ``datasets`` (``pipelines.datasets.training_datasets``) with the
+    config's workers, resources and failure policy; checkpoints go to ``storage/run_name``."""
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.gpus_per_worker > 0:
+        resources["GPU"] = cfg.gpus_per_worker
+    return ray.train.torch.TorchTrainer(
+        train_func,
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=data_config(),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
