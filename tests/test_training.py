@@ -1,5 +1,6 @@
 """The training pieces without Ray: losses, class balance, one epoch, validation metrics, early stopping, phases."""
 
+import json
 import math
 
 import numpy as np
@@ -211,3 +212,16 @@ def test_learning_curve_plot_is_written(tmp_path):
                 "val_balanced_accuracy": 0.08 * e, "best": True} for e in range(3)]
     path = plot_learning_curve(history, tmp_path / "curve.png", title="x")
     assert path.stat().st_size > 5000
+
+
+def test_history_is_written_as_csv_json_and_tensorboard_events(tmp_path):
+    from lesion.training import write_history
+
+    history = [{"epoch": e, "attempt": 0, "train_loss": 1.0 / (e + 1), "val_loss": 2.0, "best": e == 1, "phase": "all"}
+               for e in range(2)]
+    write_history(history, tmp_path, tensorboard=True)
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("epoch,attempt,train_loss")
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    write_history(history, tmp_path / "tb" / "..", tensorboard=False)  # no second event file without tensorboard
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1

@@ -14,7 +14,7 @@ import yaml
 from lesion.config import Config, config_from_dict
 from lesion.rundir import RunDir
 from pipelines.cli import main
-from pipelines.workflow import parse_sets, resource_warnings, workflow_config
+from pipelines.workflow import parse_sets, record_workflow_config, resource_warnings, workflow_config
 
 TINY = {
     "data": {"source": "synthetic", "image_size": 32, "synthetic_count": 280, "seed": 0},
@@ -90,6 +90,57 @@ def _rows(output: str) -> dict[str, str]:
     raise AssertionError(f"no total line in:\n{table}")
 
 
+LOCAL = {**TINY, "train": {**TINY["train"], "epochs": 1,
+                            "models": {"custom_cnn": TINY["train"]["models"]["custom_cnn"]}}}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_docs_help_and_plots_rerun_nothing_a_version_bump_retrains(tmp_path, ray_local, monkeypatch, capsys):
+    import lesion.training
+    import pipelines.cli
+    import pipelines.train
+    import pipelines.tune
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(LOCAL))
+    argv = ["run", "--run", str(tmp_path / "run"), "--config", str(config_file)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert _rows(first) == {"ingest": "done", "tune custom_cnn": "done", "train custom_cnn": "done",
+                            "evaluate": "done"}, first
+
+    # Edit docs, help text and plotting code: nothing is made again (a plot call would raise).
+    monkeypatch.setattr(pipelines.train.train_model, "__doc__", "Edited docstring.")
+    monkeypatch.setattr(pipelines.tune, "__doc__", "Edited module docstring.")
+    monkeypatch.setitem(pipelines.cli.COMMANDS, "run", ("workflow", "edited help text"))
+    with monkeypatch.context() as patch:
+        patch.setattr(lesion.training, "plot_learning_curve", lambda *a, **k: pytest.fail("plotted again"))
+        patch.setattr(pipelines.train, "plot_learning_curve", lambda *a, **k: pytest.fail("plotted again"))
+        assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert _rows(second) == {"ingest": "current", "tune custom_cnn": "skipped", "train custom_cnn": "skipped",
+                             "evaluate": "skipped"}, second
+    assert "replaced the run's recorded config" not in second
+
+    # A training change, declared by bumping TRAIN_VERSION: the model is trained and evaluated again, nothing else.
+    monkeypatch.setattr(pipelines.train, "TRAIN_VERSION", pipelines.train.TRAIN_VERSION + 1)
+    assert main(argv) == 0
+    third = capsys.readouterr().out
+    assert _rows(third) == {"ingest": "current", "tune custom_cnn": "skipped", "train custom_cnn": "done",
+                            "evaluate": "done"}, third
+
+    # A different --config on the existing run replaces its recorded config, and says so in one line.
+    changed = {**LOCAL, "serve": {"port": 8123}}
+    config_file.write_text(yaml.safe_dump(changed))
+    assert main(argv) == 0
+    fourth = capsys.readouterr().out
+    lines = [line for line in fourth.splitlines() if "replaced the run's recorded config" in line]
+    assert len(lines) == 1 and f"--config {config_file}" in lines[0] and "changed: serve" in lines[0], fourth
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["serve"]["port"] == 8123
+    assert set(_rows(fourth).values()) <= {"current", "skipped"}, fourth
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_lesion_run_end_to_end_on_s3_then_resumes_by_fingerprint(tmp_path, ray_s3, monkeypatch, capsys):
@@ -126,13 +177,29 @@ def test_lesion_run_end_to_end_on_s3_then_resumes_by_fingerprint(tmp_path, ray_s
     assert time.perf_counter() - started < first_seconds
     after = run.manifest()
     for artefact in ("data", "tune", "models/custom_cnn", "models/scratch_cnn", "eval"):
-        assert after[artefact] == manifest[artefact], f"{artefact} was made again"
+        assert after[artefact] == manifest["artefacts"][artefact], f"{artefact} was made again"
 
     # The custom CNN was trained with the tuned settings.
     best = yaml.safe_load((run.tune / "best.yaml").read_text())["train"]["models"]["custom_cnn"]
     trained = yaml.safe_load((run.model_dir("custom_cnn") / "config.yaml").read_text())
     assert trained["lr"] == pytest.approx(best["lr"]) and trained["batch_size"] == best["batch_size"]
     assert trained["conv_widths"] == [8, 16, 32, 64]  # the config's own per-model settings still hold
+
+
+def test_lesion_run_records_a_new_runs_config_and_replaces_a_different_one_loudly(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    config = config_from_dict(TINY)
+    record_workflow_config(run, config, None)
+    assert capsys.readouterr().out == ""  # a new run: recorded silently
+    assert config_from_dict(yaml.safe_load((run.root / "config.yaml").read_text())) == config
+    record_workflow_config(run, config, "same.yaml")
+    assert capsys.readouterr().out == ""  # unchanged: nothing written, nothing said
+    other = config_from_dict({**TINY, "evaluate": {**TINY["evaluate"], "bootstrap": 99}})
+    record_workflow_config(run, other, "other.yaml")
+    out = capsys.readouterr().out
+    assert out == (f"replaced the run's recorded config {run.root / 'config.yaml'} with --config other.yaml "
+                   f"(changed: evaluate)\n")
+    assert yaml.safe_load((run.root / "config.yaml").read_text())["evaluate"]["bootstrap"] == 99
 
 
 def test_remote_run_dir_pushes_changes_only_and_mirrors_deletions(tmp_path, bucket, monkeypatch):
