@@ -94,17 +94,20 @@ def read_manifest(path: Path, run: str) -> dict[str, Any]:
     if version > RUN_FORMAT:
         raise RunFormatError(f"{path}: run format {version} is newer than this lesion reads (format {RUN_FORMAT}): "
                              f"open it with the lesion that wrote it (the manifest's versions.lesion) or upgrade lesion")
-    return _migrate(document, version)
+    entries = _migrate(document, version)
+    if not isinstance(entries, dict) or not all(isinstance(entry, dict) for entry in entries.values()):
+        raise RunFormatError(f"{path}: expected an object of artefact entries (format {version}), got {entries!r}")
+    return entries
 
 
-def _migrate(document: dict[str, Any], version: int) -> dict[str, Any]:
+def _migrate(document: dict[str, Any], version: int) -> Any:
     """Artefact entries of a manifest of format ``version``, in the current format's terms."""
     if version == 1:
         # Format 1: the artefact entries at the top level, and the workflow's own record of what tuning searched
         # on ("workflow/tune"), which the "tune" entry's fingerprint now covers. Fingerprints of format 1 are of
         # other formulas: stages whose inputs are unchanged re-run once, and nothing is misread.
         return {name: entry for name, entry in document.items() if name != "workflow/tune"}
-    return dict(document["artefacts"])
+    return document.get("artefacts")
 
 
 def is_uri(location: str | Path) -> bool:

@@ -49,6 +49,9 @@ def test_a_newer_run_is_refused_with_a_clear_message(tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps({"format": bad, "artefacts": {}}))
         with pytest.raises(RunFormatError, match=rf"format must be an integer from 1 to {RUN_FORMAT}, got"):
             RunDir(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": RUN_FORMAT, "data": {}}))
+    with pytest.raises(RunFormatError, match=rf"expected an object of artefact entries \(format {RUN_FORMAT}\), got None"):
+        RunDir(tmp_path)
 
 
 def test_the_command_line_names_the_problem_instead_of_misreading(tmp_path):
