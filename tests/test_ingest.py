@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +18,8 @@ from conftest import tiny_config
 from lesion.config import apply_overrides
 from lesion.data.shards import SHARD_SCHEMA, SPLITS, load_split, read_info, split_files
 from lesion.rundir import RunDir
-from pipelines.ingest import format_counts, ingest, print_summary
+from pipelines import ingest as ingest_module
+from pipelines.ingest import data_fingerprint, format_counts, ingest, print_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,3 +181,27 @@ def test_cli_ingest_and_summary(tmp_path):
     assert summary.returncode == 0, summary.stderr[-3000:]
     assert "rejected: 0" in summary.stdout and "synthetic" in summary.stdout and "total" in summary.stdout
     assert "image_size: 32" in (run / "config.yaml").read_text().replace("  ", " ")
+
+
+def test_fingerprint_follows_inputs_and_version_not_source_text(tmp_path, monkeypatch):
+    """Editing ingest's docs or help text re-runs nothing; changing its inputs or bumping INGEST_VERSION does."""
+    write_jpeg(tmp_path / "images" / "nv" / "a.jpg", 0)
+    data = apply_overrides(tiny_config(), {"data.source": "folder", "data.root": str(tmp_path / "images")}).data
+    baseline = data_fingerprint(data)
+    source = Path(ingest_module.__file__).read_text()
+    edited = source.replace('"""``lesion ingest``', '"""Edited docs. ``lesion ingest``', 1).replace(
+        'help="side of the cached square images, in pixels"', 'help="edited help text"')
+    assert edited.count("Edited docs") == 1 and "edited help text" in edited
+    (tmp_path / "ingest_edited.py").write_text(edited)
+    spec = importlib.util.spec_from_file_location("ingest_edited", tmp_path / "ingest_edited.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.data_fingerprint(data) == baseline  # same inputs, same version: the edited copy agrees
+    assert data_fingerprint(apply_overrides(tiny_config(), {"data.source": "folder", "data.root": str(
+        tmp_path / "images"), "data.image_size": 48}).data) != baseline  # a config change
+    write_jpeg(tmp_path / "images" / "nv" / "b.jpg", 1)
+    assert data_fingerprint(data) != baseline  # an input change
+    (tmp_path / "images" / "nv" / "b.jpg").unlink()
+    assert data_fingerprint(data) == baseline
+    monkeypatch.setattr(ingest_module, "INGEST_VERSION", ingest_module.INGEST_VERSION + 1)
+    assert data_fingerprint(data) != baseline  # a bumped version
