@@ -2,13 +2,21 @@
 it is read, with its path, the bad value and what was expected."""
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from lesion import config as config_module
 from lesion.config import Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, load_config
+from lesion.rundir import RunDir
 from pipelines.cli import main
+from pipelines.common import RUN_CONFIG, record_run_config, resolve_config, resolve_config_sources
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):
@@ -150,3 +158,86 @@ def test_choice_lists_agree_with_the_code_that_uses_them():
     assert training.OPTIMIZERS == config_module.OPTIMIZERS and training.SCHEDULERS == config_module.SCHEDULERS
     assert training.BALANCE_MODES == config_module.BALANCE_MODES and training.VAL_METRICS == config_module.VAL_METRICS
     assert [f.name for f in dataclasses.fields(Config)] == ["data", "train", "tune", "evaluate", "serve", "workflow"]
+
+
+@pytest.fixture
+def recorded_run(tmp_path) -> RunDir:
+    """A run whose recorded config trains for 5 epochs."""
+    run = RunDir(tmp_path / "run")
+    record_run_config(run, apply_overrides(Config(), {"train.epochs": 5}))
+    return run
+
+
+def test_resolve_config_writes_nothing_unless_saved(recorded_run, tmp_path):
+    saved = recorded_run.root / RUN_CONFIG
+    before = saved.read_text()
+    assert resolve_config(recorded_run, None, {"train.epochs": 2}).train.epochs == 2
+    assert saved.read_text() == before  # a command's flags are its own
+    assert resolve_config(recorded_run).train.epochs == 5
+    resolve_config(recorded_run, None, {"train.epochs": 2}, save=True)  # --save-config
+    assert load_config(saved).train.epochs == 2
+
+
+def test_sources_name_default_run_config_file_and_flag(recorded_run, tmp_path):
+    file = tmp_path / "study.yaml"
+    dump_yaml({"train": {"lr": 0.01, "models": {"resnet50": {"balance": "weights"}}}}, file)
+    config, sources = resolve_config_sources(recorded_run, None, {"evaluate.tta": True, "train.lr": None})
+    assert config.train.epochs == 5 and sources["train.epochs"] == f"run config {recorded_run.root / RUN_CONFIG}"
+    assert sources["evaluate.tta"] == "flag" and sources["train.lr"].startswith("run config")
+    config, sources = resolve_config_sources(recorded_run, str(file), {"data.task": "binary"})
+    assert (config.train.lr, config.train.epochs) == (0.01, 8)  # a --config file replaces the run's config
+    assert sources["train.lr"] == f"--config {file}" and sources["train.epochs"] == "default"
+    assert sources["train.models.resnet50.balance"] == f"--config {file}" and sources["data.task"] == "flag"
+    assert set(sources) == set(config_module.flatten(config.to_dict()))
+
+
+def test_config_show_prints_every_field_with_its_source(recorded_run, tmp_path, capsys):
+    before = (recorded_run.root / RUN_CONFIG).read_text()
+    assert main(["config", "show", "--run", str(recorded_run.root), "--set", "train.balance=weights"]) == 0
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in capsys.readouterr().out.splitlines()}
+    assert set(rows) == set(config_module.flatten(Config().to_dict()))
+    assert rows["train.balance"] == ["weights", "flag"] and rows["train.epochs"][0] == "5"
+    assert rows["train.epochs"][1] == f"run config {recorded_run.root / RUN_CONFIG}"
+    assert (recorded_run.root / RUN_CONFIG).read_text() == before  # show writes nothing
+    assert main(["config", "show", "--run", str(recorded_run.root), "--set", "train.balance=both"]) == 2
+    assert re.search(r"train\.balance: expected one of none, weights, oversample; got 'both'",
+                     capsys.readouterr().err)
+
+
+def test_config_set_changes_the_recorded_config_and_says_what_changed(recorded_run, capsys):
+    saved = recorded_run.root / RUN_CONFIG
+    assert main(["config", "set", "--run", str(recorded_run.root), "train.epochs=3",
+                 "train.models.resnet50.balance=oversample"]) == 0
+    out = capsys.readouterr().out
+    assert "2 field(s) changed" in out and "train.epochs: 5 -> 3" in out
+    assert "train.models.resnet50.balance: (unset) -> oversample" in out
+    config = load_config(saved)
+    assert config.train.epochs == 3 and config.model_config("resnet50").balance == "oversample"
+    assert main(["config", "set", "--run", str(recorded_run.root), "train.epochs=3"]) == 0
+    assert "nothing changed" in capsys.readouterr().out
+    before = saved.read_text()
+    assert main(["config", "set", "--run", str(recorded_run.root), "train.models.resnet50.monitor=auc"]) == 2
+    err = capsys.readouterr().err
+    assert "train.models.resnet50.monitor: expected one of val_loss, val_accuracy" in err and "got 'auc'" in err
+    assert saved.read_text() == before  # a rejected value changes nothing
+
+
+def test_config_set_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["config", "set", "--run", str(tmp_path / "typo"), "train.epochs=3"]) == 2
+    assert "not a run directory" in capsys.readouterr().err and not (tmp_path / "typo" / RUN_CONFIG).exists()
+
+
+def test_console_script_config_show_and_set(recorded_run):
+    """The installed ``lesion`` entry point (this tree's code through PYTHONPATH) runs both actions."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    lesion = [sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())"]
+    script = Path(sys.executable).with_name("lesion")
+    if script.exists():
+        lesion = [str(script)]
+    show = subprocess.run([*lesion, "config", "show", "--run", str(recorded_run.root), "--set", "data.task=binary"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert show.returncode == 0, show.stderr
+    assert re.search(r"^data\.task +binary +flag$", show.stdout, re.M)
+    change = subprocess.run([*lesion, "config", "set", "--run", str(recorded_run.root), "data.task=ternary"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert change.returncode == 2 and "data.task: expected one of multiclass, binary; got 'ternary'" in change.stderr
