@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,11 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from lesion.config import apply_overrides
+from lesion.config import apply_overrides, load_config
 from lesion.data.shards import SHARD_SCHEMA, SPLITS, load_split, read_info, split_files
 from lesion.rundir import RunDir
 from pipelines import ingest as ingest_module
+from pipelines.cli import main
 from pipelines.ingest import data_fingerprint, format_counts, ingest, print_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,11 +167,11 @@ def test_real_ham10000_subset(ray_local, ham_subset, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_cli_ingest_and_summary(tmp_path):
-    lesion = ROOT / ".venv" / "bin" / "lesion"
+    lesion = Path(sys.executable).with_name("lesion")  # the venv running the tests; PYTHONPATH selects this tree
     if not lesion.exists():
         pytest.skip(f"{lesion} not installed (pip install -e .)")
     run = tmp_path / "run"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([str(lesion), "ingest", "--source", "synthetic", "--count", "40", "--image-size", "32",
                              "--run", str(run), "--num-cpus", "1"], capture_output=True, text=True, env=env,
                             timeout=280)
@@ -205,3 +207,15 @@ def test_fingerprint_follows_inputs_and_version_not_source_text(tmp_path, monkey
     assert data_fingerprint(data) == baseline
     monkeypatch.setattr(ingest_module, "INGEST_VERSION", ingest_module.INGEST_VERSION + 1)
     assert data_fingerprint(data) != baseline  # a bumped version
+
+
+@pytest.mark.timeout(300)
+def test_ingest_records_the_run_config_only_when_it_creates_the_run(ray_local, tmp_path):
+    run = tmp_path / "run"
+    assert main(["ingest", "--run", str(run), "--count", "40", "--image-size", "32"]) == 0
+    recorded = (run / "config.yaml").read_text()
+    assert load_config(run / "config.yaml").data.synthetic_count == 40
+    assert main(["ingest", "--run", str(run), "--count", "48", "--image-size", "32"]) == 0
+    assert (run / "config.yaml").read_text() == recorded  # a later ingest's flags are its own
+    assert read_info(run)["num_images"] == 48  # ... recorded with the data it wrote
+    assert RunDir(run).manifest()["data"]["config"]["synthetic_count"] == 48
