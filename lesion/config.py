@@ -147,7 +147,7 @@ class TrainConfig:
     plateau_factor: float = checked(0.2, interval(0, 1, low_open=True, high_open=True))
     plateau_patience: int = checked(3, NON_NEGATIVE)
     patience: int = checked(10, NON_NEGATIVE)  # early stopping on the monitored metric; the best weights are restored
-    monitor: str = checked("val_loss", one_of(*VAL_METRICS))  # picks the best epoch (val_loss minimised, others maximised)
+    monitor: str = checked("val_loss", one_of(*VAL_METRICS))  # picks the best epoch (val_loss minimised, others max.)
     label_smoothing: float = checked(0.0, interval(0, 1, high_open=True))
     grad_clip: float = checked(1.0, NON_NEGATIVE)  # max gradient norm; 0 disables
     balance: str = checked("none", one_of(*BALANCE_MODES))  # weights: inverse-frequency loss weights
@@ -353,7 +353,8 @@ def _build(cls, values: dict[str, Any], where: str):
     known = set(hints)
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"{where or 'config'}: unknown field(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in values.items():
         if dataclasses.is_dataclass(hints[name]):
@@ -377,7 +378,8 @@ def check_search_space(space: dict[str, Any], where: str = "tune.search_space") 
         if key not in fields:
             raise ConfigError(f"{at}: not a train field; known: {', '.join(sorted(fields))}")
         if not isinstance(entry, dict) or entry.get("type") not in SEARCH_SPACE_TYPES:
-            raise ConfigError(f"{at}: expected a mapping with type one of {', '.join(SEARCH_SPACE_TYPES)}, got {entry!r}")
+            raise ConfigError(f"{at}: expected a mapping with type one of {', '.join(SEARCH_SPACE_TYPES)}, "
+                              f"got {entry!r}")
         kind = entry["type"]
         needed = ("values",) if kind == "choice" else ("low", "high")
         extra = sorted(set(entry) - {"type", *needed})
