@@ -27,6 +27,8 @@ COMMANDS = {
     "serve": ("serve", "serve the trained ensemble with Ray Serve (HTTP API + web page)"),
     "run": ("workflow", "run the whole workflow: ingest, tune, train, evaluate (and serve)"),
     "cluster": ("workflow", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
+    "config": ("config_cmd", "show a run's effective config and where each value came from, or change it "
+                             "(`lesion config show|set`)"),
 }
 
 # commands whose flags change only their own behaviour, unless --save-config records them as the run's config
