@@ -1,9 +1,9 @@
 """Serving latency and throughput: the Ray Serve application beside a plain single-process FastAPI + PyTorch server.
 
 Both servers run the same HTTP app (``pipelines.api.build_api``: same body checks, same decoding and ingest
-preprocessing) on the same run's inference core (``lesion.inference``). The Ray Serve one spreads it over deployments (ingress,
-ensemble, one replica per model with dynamic batching, Grad-CAM); the baseline is one uvicorn process (a
-subprocess) calling PyTorch in threads, without batching. A bounded load generator on loopback sends the real
+preprocessing) on the same run's inference core (``lesion.inference``). The Ray Serve one spreads it over
+deployments (ingress, ensemble, one replica per model with dynamic batching, Grad-CAM); the baseline is one uvicorn
+process (a subprocess) running ``pipelines.api.LocalBackend`` in threads, without batching. A bounded load generator on loopback sends the real
 600x450 HAM10000 JPEGs with 1, 8 and 32 concurrent clients, a fixed number of requests each, to /v1/predict and to
 /v1/explain (ensemble Grad-CAM), and measures latency percentiles and throughput.
 

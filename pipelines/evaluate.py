@@ -251,12 +251,14 @@ def ensemble_result(core: Inference, labels: np.ndarray, probs: dict[str, np.nda
     }
 
 
-def _scored_probs(core: Inference, files: list[str], meta: pd.DataFrame, image_size: int,
-                  config: Config) -> dict[str, np.ndarray]:
-    """Every member's raw probabilities on the shards (Ray Data), in ``meta``'s row order."""
+def score(core: Inference, files: list[str], meta: pd.DataFrame, image_size: int, config: Config
+          ) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Evaluation's scoring: every member's raw probabilities on the shards (Ray Data actors running ``core``), in
+    ``meta``'s row order, and the core's answer per image."""
     init_ray()
     scored = batch_predict(files, core, image_size, config)
-    return {name: _aligned(meta["image_id"], *scored[name]) for name in core.names}
+    probs = {name: _aligned(meta["image_id"], *scored[name]) for name in core.names}
+    return probs, core.answers(probs)
 
 
 def _cam_figures(core: Inference, files: list[str], meta: pd.DataFrame, image_size: int, final: np.ndarray,
@@ -301,8 +303,7 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     files = evaluation_files(data_run.root, split)
     meta = read_meta(files)
     labels = meta["label"].to_numpy(np.int64)
-    probs = _scored_probs(core, files, meta, int(info["image_size"]), config)
-    answers = core.answers(probs)
+    probs, answers = score(core, files, meta, int(info["image_size"]), config)
     final = core.combine(probs)
 
     out.mkdir(parents=True, exist_ok=True)
