@@ -49,7 +49,7 @@ def serve_baseline(run: str, config_path: str, port: int) -> None:
     import uvicorn
 
     config = resolve_config(RunDir(run), config_path)
-    core = Inference.from_run(RunDir(run), config, config.serve.models)
+    core = Inference.from_run(RunDir(run), config, config.serve.models, tta=config.serve.tta)
     app = build_api(LocalBackend(core), ApiSettings.of(core, config.serve))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 

@@ -233,6 +233,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = checked(8000, interval(1, 65535))
     models: list[str] | None = None  # None = every trained model
+    tta: bool | None = None  # flip TTA when serving; None = as evaluated (evaluate.tta); its own spec is fitted for it
     gpus_per_replica: float = checked(0.0, NON_NEGATIVE)
     cpus_per_replica: float = checked(0.5, NON_NEGATIVE)  # CPU share of each replica (ingress, ensemble, models, CAM)
     min_replicas: int = checked(1, NON_NEGATIVE)

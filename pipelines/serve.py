@@ -52,7 +52,7 @@ PASS_THROUGH_ONGOING_REQUESTS = 64
 
 def serving_core(run: RunDir, config: Config) -> Inference:
     """The inference core of the served models (``serve.models``, default every trained one), without weights."""
-    return Inference.from_run(run, config, config.serve.models, load=False)
+    return Inference.from_run(run, config, config.serve.models, tta=config.serve.tta, load=False)
 
 
 # --- Ray Serve deployments -------------------------------------------------------------------------------------

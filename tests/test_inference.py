@@ -210,3 +210,12 @@ def test_http_api_runs_without_ray_on_the_inference_core(tta_run, image):
                                 ("too_large", 413, "limit"), ("unknown_model", 404, "resnet9000")):
         assert out[case]["status"] == status, (case, out[case])
         assert words in out[case]["body"]["detail"], (case, out[case])
+
+
+def test_serving_can_use_a_faster_mode_with_its_own_spec(tta_run):
+    from pipelines.serve import serving_core
+
+    run, config, _ = tta_run  # evaluated with flip TTA
+    assert serving_core(run, config).spec.tta  # by default serving applies the mode evaluation used
+    fast = serving_core(run, apply_overrides(config, {"serve.tta": False}))
+    assert not fast.spec.tta and Path(fast.spec_file).name == "ensemble.json"
