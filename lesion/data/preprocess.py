@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # formats decode_image accepts; anything else is an ImageError
 BORDER_WORK_SIDE = 512  # the border is searched on a copy whose longer side is at most this many pixels
 BORDER_MAX_LINE_DARK = 0.02  # an edge row/column may keep this share of border pixels (inscribed box of a circle)
-BORDER_MIN_KEEP = 0.25  # a crop that would keep less than this share of the area is refused (image kept whole)
+BORDER_MIN_FOV = 0.1  # a field of view (non-border pixels) below this share of the image is refused (kept whole)
+BORDER_MIN_KEEP = 0.5  # a box keeping less than this share of the field of view is refused (a disc's box keeps 2/pi)
 HAIR_KERNEL_FRACTION = 0.03  # black-hat kernel side as a share of the shorter image side (17 px at 600 x 450)
 HAIR_THRESHOLD = 15  # black-hat response (grey levels) above which a pixel is hair or a dark artefact
 HAIR_MIN_AREA = 1e-4  # hair/artefact components smaller than this share of the image are texture, not hair
@@ -116,8 +117,11 @@ def find_border_box(img: np.ndarray) -> tuple[int, int, int, int]:
     Border pixels are dark pixels (below a third of the image's bright level) in dark regions that touch an image
     corner, after an opening that drops thin structures such as hair. Edge rows and columns are then peeled off, the
     darkest edge first, until no edge line holds more than ``BORDER_MAX_LINE_DARK`` border pixels: for a rectangular
-    frame this is the frame's inside, for a circular vignette the box inscribed in the bright disc. Without a border,
-    or when the box would keep less than ``BORDER_MIN_KEEP`` of the area, the whole image is returned.
+    frame this is the frame's inside (a square or rectangular field of view), for a circular vignette the box
+    inscribed in the bright disc, whether the disc is cut by the image edges or lies wholly inside them. Without a
+    border, when the field of view (the non-border pixels) is under ``BORDER_MIN_FOV`` of the image (a dark image
+    with a bright spot), or when the box would keep less than ``BORDER_MIN_KEEP`` of the field of view, the whole
+    image is returned.
     """
     height, width = img.shape[:2]
     whole = (0, height, 0, width)
@@ -134,9 +138,11 @@ def find_border_box(img: np.ndarray) -> tuple[int, int, int, int]:
     if count <= 1 or not corners:
         return whole
     border = np.isin(labels, list(corners)).astype(np.int64)
+    field = h * w - int(border.sum())
     top, bottom, left, right = _peel(border)
-    if (bottom - top) * (right - left) < BORDER_MIN_KEEP * h * w:
-        log.debug("border crop refused: box %s keeps too little of %dx%d", (top, bottom, left, right), w, h)
+    if field < BORDER_MIN_FOV * h * w or (bottom - top) * (right - left) < BORDER_MIN_KEEP * field:
+        log.debug("border crop refused: box %s, field of view %d pixels of %dx%d", (top, bottom, left, right),
+                  field, w, h)
         return whole
     if scale == 1.0:
         return top, bottom, left, right
