@@ -87,12 +87,12 @@ def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
         rgba = image.convert("RGBA")
         rgb = Image.new("RGB", rgba.size)  # black
         rgb.paste(rgba, mask=rgba.getchannel("A"))  # composite on black
-        return np.asarray(rgb, dtype=np.uint8).copy()
+        return np.asarray(rgb, dtype=np.uint8)
     try:
         rgb = image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageError(f"{name}: cannot convert mode {mode} to RGB: {exc}") from exc
-    return np.asarray(rgb, dtype=np.uint8).copy()
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _scale_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
@@ -126,14 +126,14 @@ def find_border_box(img: np.ndarray) -> tuple[int, int, int, int]:
     height, width = img.shape[:2]
     whole = (0, height, 0, width)
     scale = min(1.0, BORDER_WORK_SIDE / max(height, width))
-    small = img if scale == 1.0 else cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))  # at least 1 pixel, even for 1 x 10000
+    small = img if scale == 1.0 else cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     bright = float(np.percentile(gray, 90))
     dark = (gray < max(10.0, bright / 3)).astype(np.uint8)
     side = max(3, round(min(gray.shape) * 0.02) | 1)
     dark = cv2.morphologyEx(dark, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
     count, labels = cv2.connectedComponents(dark, connectivity=8)
-    h, w = gray.shape
     corners = {labels[0, 0], labels[0, w - 1], labels[h - 1, 0], labels[h - 1, w - 1]} - {0}
     if count <= 1 or not corners:
         return whole
@@ -146,12 +146,9 @@ def find_border_box(img: np.ndarray) -> tuple[int, int, int, int]:
         return whole
     if scale == 1.0:
         return top, bottom, left, right
-    return (
-        min(height, round(top / scale)),
-        max(0, min(height, round(bottom / scale))),
-        min(width, round(left / scale)),
-        max(0, min(width, round(right / scale))),
-    )
+    rows, cols = height / h, width / w
+    return (min(height, round(top * rows)), min(height, round(bottom * rows)),
+            min(width, round(left * cols)), min(width, round(right * cols)))
 
 
 def _peel(border: np.ndarray) -> tuple[int, int, int, int]:
