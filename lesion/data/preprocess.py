@@ -26,6 +26,7 @@ BORDER_MIN_KEEP = 0.5  # a box keeping less than this share of the field of view
 HAIR_KERNEL_FRACTION = 0.03  # black-hat kernel side as a share of the shorter image side (17 px at 600 x 450)
 HAIR_THRESHOLD = 15  # black-hat response (grey levels) above which a pixel is hair or a dark artefact
 HAIR_MIN_AREA = 1e-4  # hair/artefact components smaller than this share of the image are texture, not hair
+WORK_SIDE = 1024  # after the border crop, larger images are shrunk to this longer side (or image_size if larger)
 MIN_IMAGE_SIDE = 32  # images with a shorter side are refused (data.min_image_side where the config has it)
 RESIZE_FITS = ("crop", "pad")  # how resize_to_square keeps the aspect ratio
 COLOR_CONSTANCY = ("none", "shades_of_gray")  # colour constancy methods preprocess can apply
@@ -275,13 +276,27 @@ def check_image_side(img: np.ndarray, min_side: int = MIN_IMAGE_SIDE) -> None:
                          f"(data.min_image_side)")
 
 
+def shrink_to(img: np.ndarray, longest: int, mask: np.ndarray | None = None):
+    """Shrink (area interpolation; nearest for the mask) so the longer side is at most ``longest``, aspect kept."""
+    height, width = img.shape[:2]
+    if max(height, width) <= longest:
+        return img, mask
+    scale = longest / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    if mask is None:
+        return small, None
+    return small, cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
 def preprocess(img: np.ndarray, data_config, mask: np.ndarray | None = None):
     """Refuse images smaller than ``data_config.min_image_side`` (ImageError), crop the border (if
-    ``crop_border``), remove hair (if ``remove_hair``), resize to ``image_size`` keeping the aspect (``resize``:
-    crop or pad), correct the colour cast (``color_constancy``: none or shades_of_gray).
+    ``crop_border``), shrink to WORK_SIDE, remove hair (if ``remove_hair``), resize to ``image_size`` keeping the
+    aspect (``resize``: crop or pad), correct the colour cast (``color_constancy``: none or shades_of_gray).
 
-    Fields that a config lacks take the module defaults (MIN_IMAGE_SIDE, crop, none).
-    Returns (uint8 S x S x 3, bool S x S mask or None).
+    Shrinking before hair removal keeps a large photo's hair kernel at the scale the detector was tuned on (HAM10000's
+    600 x 450) and its cost and memory bounded. Fields that a config lacks take the module defaults
+    (MIN_IMAGE_SIDE, crop, none). Returns (uint8 S x S x 3, bool S x S mask or None).
     """
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected a uint8 H x W x 3 image, got {img.dtype} {img.shape}")
@@ -292,6 +307,7 @@ def preprocess(img: np.ndarray, data_config, mask: np.ndarray | None = None):
         raise ValueError(f"data.color_constancy must be one of {', '.join(COLOR_CONSTANCY)}, got {constancy!r}")
     if data_config.crop_border:
         img, mask = crop_black_border(img, mask)
+    img, mask = shrink_to(img, max(WORK_SIDE, data_config.image_size), mask)
     if data_config.remove_hair:
         img = remove_hair(img)
     img, mask = resize_to_square(img, data_config.image_size, mask, getattr(data_config, "resize", "crop"))
