@@ -111,8 +111,8 @@ def test_folder_of_other_cameras_preprocesses_as_at_ingest(folder):
         assert min(rows.min(), cols.min()) > 0 and max(rows.max(), cols.max()) < 63, f"{name}: lesion cut"
         lesion_colour = out[mask].mean(0)
         assert np.abs(lesion_colour - LESION[record["dx"]]).max() < 25, f"{name}: lesion not where its mask is"
-        border_kept = mask.sum() / (64 * 64)
-        assert 0.03 < border_kept < 0.3, f"{name}: lesion covers {border_kept:.2f} of the image"
+        share = mask.sum() / (64 * 64)
+        assert 0.03 < share < 0.3, f"{name}: lesion covers {share:.2f} of the image"
     assert scored == 4 * len(IMAGES)
 
 

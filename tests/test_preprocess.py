@@ -25,6 +25,7 @@ from lesion.data.preprocess import (
     resize_to_square,
     save_preprocess_figure,
     shades_of_gray,
+    shrink_to,
 )
 
 
@@ -307,6 +308,14 @@ def test_resize_pad_keeps_the_whole_image_on_black():
     assert out_mask.sum() == pytest.approx(mask.sum() / 100, rel=0.1)  # all of the lesion kept, at 1/10 scale
     with pytest.raises(ValueError, match="resize fit must be one of crop, pad, got 'stretch'"):
         resize_to_square(img, 60, fit="stretch")
+
+
+def test_large_images_are_shrunk_with_their_mask_and_aspect():
+    img, mask = disc(1500, 2000)
+    small, small_mask = shrink_to(img, 1024, mask)
+    assert small.shape == (768, 1024, 3) and small_mask.shape == (768, 1024)
+    assert 0.95 <= box_ratio(small_mask) <= 1.05
+    assert shrink_to(img[:500, :600], 1024)[0].shape == (500, 600, 3)  # small enough already: untouched
 
 
 def with_cast(img: np.ndarray, gains) -> np.ndarray:
