@@ -26,6 +26,8 @@ import yaml
 from lesion.data.splits import check_fractions
 
 TASKS = ("multiclass", "binary")
+RESIZE_FITS = ("crop", "pad")  # how preprocessing makes an image square without stretching it
+COLOR_CONSTANCY = ("none", "shades_of_gray")  # colour constancy applied at ingest, evaluation and serving
 SOURCES = ("ham10000", "isic-task3", "isic-binary", "folder", "parquet", "synthetic")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("plateau", "cosine", "none")
@@ -115,6 +117,8 @@ class DataConfig:
     id_column: str = "image_id"  # parquet source: optional column of image ids
     max_image_pixels: int = checked(50_000_000, POSITIVE)  # decompression-bomb guard for decoding
     min_image_side: int = checked(32, POSITIVE)  # images narrower or shorter than this (pixels) are refused
+    resize: str = checked("crop", one_of(*RESIZE_FITS))  # square by centre crop or by padding; never stretched
+    color_constancy: str = checked("none", one_of(*COLOR_CONSTANCY))  # Shades of Gray evens out the illuminant
     shard_rows: int = checked(256, POSITIVE)  # rows per written Parquet shard
 
     def validate(self, where: str) -> None:

@@ -10,7 +10,6 @@ import io
 import struct
 import subprocess
 import sys
-import types
 import zlib
 from pathlib import Path
 
@@ -32,9 +31,9 @@ FAST = settings(max_examples=300, deadline=None, database=None, suppress_health_
 SLOW = settings(max_examples=3000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def config(min_side: int) -> types.SimpleNamespace:
-    """DataConfig at 32 px with ``min_image_side`` (read by preprocess whether or not DataConfig has the field)."""
-    return types.SimpleNamespace(**{**dataclasses.asdict(DataConfig(image_size=32)), "min_image_side": min_side})
+def config(min_side: int) -> DataConfig:
+    """DataConfig at 32 px with ``min_image_side``."""
+    return dataclasses.replace(DataConfig(image_size=32), min_image_side=min_side)
 
 
 def pixels(seed: int, width: int, height: int, sixteen: bool) -> np.ndarray:

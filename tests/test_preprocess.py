@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import types
 from pathlib import Path
 
 import cv2
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesion.config import DataConfig
+from lesion.config import ConfigError, DataConfig, config_from_dict
 from lesion.data.preprocess import (
     ImageError,
     crop_black_border,
@@ -343,9 +342,9 @@ def test_shades_of_gray_removes_a_colour_cast(clean_real):
         shades_of_gray(neutral, p=0)
 
 
-def settings(**fields) -> types.SimpleNamespace:
-    """DataConfig at 32 px with fields it may not have yet (min_image_side, resize, color_constancy)."""
-    return types.SimpleNamespace(**{**dataclasses.asdict(DataConfig(image_size=32)), **fields})
+def settings(**fields) -> DataConfig:
+    """DataConfig at 32 px with ``fields`` changed."""
+    return dataclasses.replace(DataConfig(image_size=32), **fields)
 
 
 def test_preprocess_applies_colour_constancy_and_the_resize_fit_when_asked(clean_real):
@@ -356,8 +355,8 @@ def test_preprocess_applies_colour_constancy_and_the_resize_fit_when_asked(clean
     assert np.array_equal(corrected, shades_of_gray(plain))
     padded, _ = preprocess(cast, settings(resize="pad", crop_border=False, remove_hair=False))
     assert padded[:3].max() == 0 and padded[-3:].max() == 0  # 600x450 padded to a square: bars above and below
-    with pytest.raises(ValueError, match="color_constancy must be one of none, shades_of_gray, got 'retinex'"):
-        preprocess(cast, settings(color_constancy="retinex"))
+    with pytest.raises(ConfigError, match="data.color_constancy: expected one of none, shades_of_gray; got 'retinex'"):
+        config_from_dict({"data": {"color_constancy": "retinex"}})
 
 
 # --- the whole step -----------------------------------------------------------------------------------------------

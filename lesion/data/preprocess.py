@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from lesion.config import RESIZE_FITS, DataConfig
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # formats decode_image accepts; anything else is an ImageError
@@ -27,9 +29,7 @@ HAIR_KERNEL_FRACTION = 0.03  # black-hat kernel side as a share of the shorter i
 HAIR_THRESHOLD = 15  # black-hat response (grey levels) above which a pixel is hair or a dark artefact
 HAIR_MIN_AREA = 1e-4  # hair/artefact components smaller than this share of the image are texture, not hair
 WORK_SIDE = 1024  # after the border crop, larger images are shrunk to this longer side (or image_size if larger)
-MIN_IMAGE_SIDE = 32  # images with a shorter side are refused (data.min_image_side where the config has it)
-RESIZE_FITS = ("crop", "pad")  # how resize_to_square keeps the aspect ratio
-COLOR_CONSTANCY = ("none", "shades_of_gray")  # colour constancy methods preprocess can apply
+MIN_IMAGE_SIDE = DataConfig.min_image_side  # images with a shorter side are refused
 
 
 class ImageError(ValueError):
@@ -296,23 +296,19 @@ def preprocess(img: np.ndarray, data_config, mask: np.ndarray | None = None):
 
     Shrinking before hair removal keeps a large photo's hair kernel near the scale the detector was tuned on
     (HAM10000's 600 x 450: skin texture of a 4000 px photo is otherwise taken for hair) and bounds cost and memory.
-    Fields that a config lacks take the module defaults (MIN_IMAGE_SIDE, crop, none).
     Returns (uint8 S x S x 3, bool S x S mask or None).
     """
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected a uint8 H x W x 3 image, got {img.dtype} {img.shape}")
     _check_mask(img, mask)
-    check_image_side(img, getattr(data_config, "min_image_side", MIN_IMAGE_SIDE))
-    constancy = getattr(data_config, "color_constancy", "none")
-    if constancy not in COLOR_CONSTANCY:
-        raise ValueError(f"data.color_constancy must be one of {', '.join(COLOR_CONSTANCY)}, got {constancy!r}")
+    check_image_side(img, data_config.min_image_side)
     if data_config.crop_border:
         img, mask = crop_black_border(img, mask)
     img, mask = shrink_to(img, max(WORK_SIDE, data_config.image_size), mask)
     if data_config.remove_hair:
         img = remove_hair(img)
-    img, mask = resize_to_square(img, data_config.image_size, mask, getattr(data_config, "resize", "crop"))
-    if constancy == "shades_of_gray":
+    img, mask = resize_to_square(img, data_config.image_size, mask, data_config.resize)
+    if data_config.color_constancy == "shades_of_gray":
         img = shades_of_gray(img)
     return img, mask
 
