@@ -22,7 +22,8 @@ from lesion.rundir import RunDir
 from pipelines.ingest import INGEST_VERSION, ingest
 
 # INGEST_VERSION -> sha256 of the decoded shard contents of the golden data set
-GOLDEN = {1: "35a6f611882f7f8e81220eacd43ac47bc82cd84dc453816e2fd2aecfd5d39dfa"}
+GOLDEN = {1: "35a6f611882f7f8e81220eacd43ac47bc82cd84dc453816e2fd2aecfd5d39dfa",
+          2: "be9bb679ae70f6b68284fddad2c30e5988df2fb77b29443da4133844d8e522fa"}  # aspect-kept resize, min side
 LESIONS_PER_CLASS = 5  # 35 lesions, every third with a second view: 47 images, more than one Ray Data block
 HEIGHT, WIDTH = 48, 64
 LESION_RGB = ((70, 40, 35), (120, 80, 60), (170, 110, 120), (150, 90, 70), (110, 90, 70), (130, 100, 90),
