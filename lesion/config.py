@@ -266,6 +266,7 @@ class WorkflowConfig:
 
     tune: bool = True
     serve: bool = False
+    autoscaling: bool = False  # the Ray cluster adds nodes on demand: a request larger than it warns, never fails
 
 
 @dataclass

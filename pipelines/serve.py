@@ -34,10 +34,11 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import LoggingConfig
 
-from lesion.config import Config, ServeConfig
+from lesion.config import Config, ServeConfig, apply_overrides
 from lesion.explain import Explainer
 from lesion.inference import Inference
 from lesion.rundir import RunDir
+from pipelines import capacity
 from pipelines.api import ApiError, ApiSettings, build_api, overlay_reply
 from pipelines.common import ensure_local_path, init_ray, resolve_config
 
@@ -173,9 +174,22 @@ class LesionApi:
         return build_api(self.backend, self.settings, RayMetrics().observe)
 
 
+def fit_to_cluster(config: Config, models: int) -> Config:
+    """``config`` with each replica's CPU share fitted to the cluster (one line says so when it shrinks), after
+    checking that the application can start at all: a request no node can hold fails here, before any replica."""
+    cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
+    share, note = capacity.serve_replica_cpus(config, models, cluster)
+    if note:
+        print(note, flush=True)
+    capacity.check("lesion serve", capacity.serve_needs(config, models, share), cluster)
+    return apply_overrides(config, {"serve.cpus_per_replica": share})
+
+
 def build_app(config: Config, run: RunDir):
-    """The Serve application for ``run``'s trained models, with replicas, batching and GPUs from ``config.serve``."""
+    """The Serve application for ``run``'s trained models, with replicas, batching and GPUs from ``config.serve``
+    (fitted to the cluster)."""
     core = serving_core(run, config)
+    config = fit_to_cluster(config, len(core.names))
     s = config.serve
     autoscaling = {
         "min_replicas": s.min_replicas,
@@ -229,8 +243,13 @@ def app_builder(args: dict[str, Any]):
 
 def deploy(config: Config, run: RunDir) -> str:
     """Start Serve (HTTP on ``config.serve.host:port``) and run the application; returns the base URL."""
+    if config.serve.host not in ("127.0.0.1", "localhost", "::1") and not config.serve.api_key:
+        log.warning("serving on %s without serve.api_key: anyone who reaches this address can use the API and its "
+                    "models; set serve.api_key, and put TLS in front of it at a gateway", config.serve.host)
+    app = build_app(config, run)  # checks capacity before Serve starts anything
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=QUIET_LOGS)
-    serve.run(build_app(config, run), name=APP_NAME, route_prefix="/", logging_config=QUIET_LOGS)
+    with capacity.waiting_notice("lesion serve"):
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config=QUIET_LOGS)
     return f"http://{config.serve.host}:{config.serve.port}"
 
 
