@@ -1,9 +1,9 @@
 """Serving latency and throughput: the Ray Serve application beside a plain single-process FastAPI + PyTorch server.
 
-Both servers run the same HTTP app (``pipelines.serve.build_api``: same body checks, same decoding and ingest
-preprocessing) on the same run's models and ensemble. The Ray Serve one spreads it over deployments (ingress,
-ensemble, one replica per model with dynamic batching, Grad-CAM); the baseline is one uvicorn process (a
-subprocess) calling PyTorch in threads, without batching. A bounded load generator on loopback sends the real
+Both servers run the same HTTP app (``pipelines.api.build_api``: same body checks, same decoding and ingest
+preprocessing) on the same run's inference core (``lesion.inference``). The Ray Serve one spreads it over
+deployments (ingress, ensemble, one replica per model with dynamic batching, Grad-CAM); the baseline is one uvicorn
+process (a subprocess) running ``pipelines.api.LocalBackend`` in threads, without batching. A bounded load generator on loopback sends the real
 600x450 HAM10000 JPEGs with 1, 8 and 32 concurrent clients, a fixed number of requests each, to /v1/predict and to
 /v1/explain (ensemble Grad-CAM), and measures latency percentiles and throughput.
 
@@ -16,7 +16,6 @@ threads share the machine with the servers, as on any single-box deployment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import dataclasses
 import json
@@ -34,48 +33,24 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lesion.config import dump_yaml, load_config  # noqa: E402
-from lesion.models import load_trained  # noqa: E402
+from lesion.config import dump_yaml  # noqa: E402
+from lesion.inference import Inference  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from shared import README, cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
-from pipelines import serve as served  # noqa: E402
+from pipelines.api import ApiSettings, LocalBackend, build_api  # noqa: E402
+from pipelines.common import resolve_config  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "data" / "ham10000-fullres" / "images"
 ENDPOINTS = {"predict": ("/v1/predict", {}), "explain": ("/v1/explain", {"model": "ensemble", "method": "gradcam"})}
-
-
-class LocalBackend:
-    """The baseline's backend: the run's models in this process, the same ensemble and Grad-CAM code, no batching."""
-
-    def __init__(self, setup: dict):
-        self.loaded = {name: load_trained(path) for name, path in setup["model_dirs"].items()}
-        self.spec = setup["spec"]
-        self.explainer = served.cam_explainer(setup["model_dirs"], self.spec, setup["settings"].data_config)
-
-    def _predict(self, image: np.ndarray) -> dict:
-        probs = {name: served.predict_probs(model, info, image[None], "cpu")[0]
-                 for name, (model, info) in self.loaded.items()}
-        result = served.answer_for(probs, self.spec)
-        result["model_versions"] = {name: served.model_version(info) for name, (_, info) in self.loaded.items()}
-        return result
-
-    async def predict(self, image: np.ndarray) -> dict:
-        return await asyncio.to_thread(self._predict, image)
-
-    async def explain(self, image: np.ndarray, model: str, method: str) -> dict:
-        return await asyncio.to_thread(served.overlay_reply, self.explainer, image, model, method)
-
-    async def describe(self) -> dict:
-        return {"models": [served.model_summary(info) for _, info in self.loaded.values()]}
 
 
 def serve_baseline(run: str, config_path: str, port: int) -> None:
     """Run the baseline server (blocking): uvicorn, one process, the same FastAPI app on a local backend."""
     import uvicorn
 
-    config = load_config(config_path)
-    setup = served.serving_setup(RunDir(run), config)
-    app = served.build_api(LocalBackend(setup), setup["settings"])
+    config = resolve_config(RunDir(run), config_path)
+    core = Inference.from_run(RunDir(run), config, config.serve.models, tta=config.serve.tta)
+    app = build_api(LocalBackend(core), ApiSettings.of(core, config.serve))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -163,12 +138,14 @@ def run_ray_serve(run: Path, config_path: Path, images, levels, per_client) -> t
     import ray
     from ray import serve
 
-    config = load_config(config_path)
+    from pipelines.serve import deploy
+
+    config = resolve_config(RunDir(run), str(config_path))
     config.serve.port = free_port()
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         started = time.perf_counter()
-        url = served.deploy(config, RunDir(run))
+        url = deploy(config, RunDir(run))
         wait_ready(url)
         startup = time.perf_counter() - started
         return measure("ray-serve", url, images, levels, per_client), startup
@@ -222,7 +199,7 @@ def main() -> int:
         serve_baseline(str(run), args.config, args.port)
         return 0
 
-    config = load_config(args.config or (run / "config.yaml"))
+    config = resolve_config(RunDir(run), args.config)
     # fixed replicas: autoscaling in the middle of a short burst on two cores would measure replica start-up
     config.serve.min_replicas = config.serve.max_replicas = 1
     config.serve.cpus_per_replica = args.cpus_per_replica

@@ -1,46 +1,132 @@
 """The workflow configuration: one typed dataclass per stage, loaded from YAML, overridable from the command line.
 
-Defaults live here and nowhere else. A YAML file has one section per stage (``data``, ``train``, ``tune``,
-``evaluate``, ``serve``, ``workflow``); ``train.models`` maps a model name to a partial ``train`` section that
-overrides the training defaults for that model only.
+Defaults live here and nowhere else, and so do the allowed values: every field that takes one of a few names, or a
+number in a range, says so where it is declared (``checked``), and the check runs whenever a file or an override is
+read (``config_from_dict``), so a bad value fails at once with its path (``train.models.resnet50.balance``), the value
+and what was expected, never an epoch into training. A YAML file has one section per stage (``data``, ``train``,
+``tune``, ``evaluate``, ``serve``, ``workflow``); ``train.models`` maps a model name to a partial ``train`` section
+that overrides the training defaults for that model only.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import math
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lesion.data.splits import check_fractions
+
 TASKS = ("multiclass", "binary")
+RESIZE_FITS = ("crop", "pad")  # how preprocessing makes an image square without stretching it
+COLOR_CONSTANCY = ("none", "shades_of_gray")  # colour constancy applied at ingest, evaluation and serving
 SOURCES = ("ham10000", "isic-task3", "isic-binary", "folder", "parquet", "synthetic")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("plateau", "cosine", "none")
+BALANCE_MODES = ("none", "weights", "oversample")
+VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
+TUNE_MODES = ("min", "max")
+TUNE_SCHEDULERS = ("asha", "none")
+SEARCH_SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
+EVALUATE_SPLITS = ("train", "val", "test", "all")  # all: every ingested image (an external test set)
+ENSEMBLE_WEIGHTS = ("fit", "equal")
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
 
 
 class ConfigError(ValueError):
-    """A configuration file or override names an unknown field or holds a value of the wrong kind."""
+    """A configuration file or override names an unknown field, or holds a value of the wrong kind or out of range."""
+
+
+# A check returns None for a good value, else what is wrong with it ("expected one of a, b; got 'c'").
+Check = Callable[[Any], "str | None"]
+
+
+def one_of(*options: str) -> Check:
+    """A check: the value is one of ``options``."""
+
+    def check(value: Any) -> str | None:
+        return None if value in options else f"expected one of {', '.join(options)}; got {value!r}"
+
+    return check
+
+
+def interval(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Check:
+    """A check: ``low <= value <= high`` (``<`` on an open side)."""
+    if high == math.inf:
+        expected = f"{'>' if low_open else '>='} {low}"
+    else:
+        expected = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def check(value: Any) -> str | None:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return None if above and below else f"expected {expected}; got {value!r}"
+
+    return check
+
+
+def each(inner: Check) -> Check:
+    """A check: every item of a list passes ``inner``."""
+
+    def check(values: list) -> str | None:
+        for i, value in enumerate(values):
+            problem = inner(value)
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+
+    return check
+
+
+def checked(default: Any, check: Check) -> Any:
+    """A dataclass field with ``default`` whose values must pass ``check`` (None, where allowed, is not checked)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+POSITIVE = interval(1)  # a count of at least one
+NON_NEGATIVE = interval(0)
+FRACTION = interval(0, 1)
+SHARE = interval(0, 1, low_open=True)  # a probability or share that cannot be zero
 
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they are split and preprocessed at ingest."""
 
-    source: str = "synthetic"  # one of SOURCES
+    source: str = checked("synthetic", one_of(*SOURCES))
     root: str | None = None  # data set folder or file; not needed for synthetic
-    task: str = "multiclass"  # multiclass (7 dx classes) or binary (malignant = mel, bcc, akiec)
-    image_size: int = 64  # side of the square cached image, in pixels
-    split: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train/val/test fractions
-    seed: int = 0  # seed of the split and of the synthetic generator
+    task: str = checked("multiclass", one_of(*TASKS))  # multiclass (7 dx classes) or binary (mel, bcc, akiec)
+    image_size: int = checked(64, POSITIVE)  # side of the square cached image, in pixels
+    split: list[float] = checked([0.7, 0.15, 0.15], each(FRACTION))  # train/val/test fractions, summing to 1
+    seed: int = checked(0, NON_NEGATIVE)  # seed of the split and of the synthetic generator
     crop_border: bool = True  # crop the black dermatoscope border
     remove_hair: bool = True  # black-hat + inpainting hair and small dark artefact removal
-    synthetic_count: int = 560  # images drawn by the synthetic source
+    synthetic_count: int = checked(560, POSITIVE)  # images drawn by the synthetic source
     image_column: str = "image"  # parquet source: column of encoded image bytes (or struct with 'bytes')
     label_column: str = "label"  # parquet source: column of class names or integer labels
     id_column: str = "image_id"  # parquet source: optional column of image ids
-    max_image_pixels: int = 50_000_000  # decompression-bomb guard for decoding
-    shard_rows: int = 256  # rows per written Parquet shard
+    max_image_pixels: int = checked(50_000_000, POSITIVE)  # decompression-bomb guard for decoding
+    min_image_side: int = checked(32, POSITIVE)  # images narrower or shorter than this (pixels) are refused
+    resize: str = checked("crop", one_of(*RESIZE_FITS))  # square by centre crop or by padding; never stretched
+    color_constancy: str = checked("none", one_of(*COLOR_CONSTANCY))  # Shades of Gray evens out the illuminant
+    shard_rows: int = checked(256, POSITIVE)  # rows per written Parquet shard
+
+    def validate(self, where: str) -> None:
+        """Checks across fields: the split fractions."""
+        try:
+            check_fractions(self.split)
+        except ValueError as exc:
+            raise ConfigError(f"{_join(where, 'split')}: {exc}") from None
 
 
 @dataclass
@@ -55,38 +141,38 @@ class TrainConfig:
             "efficientnet_lite0": {"pretrained": True, "lr": 3e-4},
         }
     )
-    epochs: int = 8
-    batch_size: int = 32
-    optimizer: str = "adamw"  # adam, adamw or sgd
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "plateau"  # plateau, cosine or none
-    plateau_factor: float = 0.2
-    plateau_patience: int = 3
-    patience: int = 10  # early stopping on the monitored metric; the best weights are restored
-    monitor: str = "val_loss"  # metric that picks the best epoch (val_loss is minimised, others maximised)
-    label_smoothing: float = 0.0
-    grad_clip: float = 1.0  # max gradient norm; 0 disables
-    balance: str = "none"  # none, weights (inverse-frequency loss weights) or oversample
-    augment: float = 1.0  # augmentation strength; 0 disables
-    input_size: int | None = None  # model input side; None = the cached image size
+    epochs: int = checked(8, POSITIVE)
+    batch_size: int = checked(32, POSITIVE)
+    optimizer: str = checked("adamw", one_of(*OPTIMIZERS))
+    lr: float = checked(1e-3, interval(0, low_open=True))
+    weight_decay: float = checked(1e-4, NON_NEGATIVE)
+    momentum: float = checked(0.9, FRACTION)  # sgd only
+    scheduler: str = checked("plateau", one_of(*SCHEDULERS))
+    plateau_factor: float = checked(0.2, interval(0, 1, low_open=True, high_open=True))
+    plateau_patience: int = checked(3, NON_NEGATIVE)
+    patience: int = checked(10, NON_NEGATIVE)  # early stopping on the monitored metric; the best weights are restored
+    monitor: str = checked("val_loss", one_of(*VAL_METRICS))  # picks the best epoch (val_loss minimised, others max.)
+    label_smoothing: float = checked(0.0, interval(0, 1, high_open=True))
+    grad_clip: float = checked(1.0, NON_NEGATIVE)  # max gradient norm; 0 disables
+    balance: str = checked("none", one_of(*BALANCE_MODES))  # weights: inverse-frequency loss weights
+    augment: float = checked(1.0, NON_NEGATIVE)  # augmentation strength; 0 disables
+    input_size: int | None = checked(None, POSITIVE)  # model input side; None = the cached image size
     pretrained: bool | str = False  # False, True (ImageNet via timm / packaged weights) or a weights path
     weights: str | None = None  # explicit local weights file or directory (implies pretrained)
-    freeze_epochs: int = 2  # transfer learning phase 1: epochs with the backbone frozen
-    unfreeze_fraction: float = 0.25  # phase 2: share of backbone layers unfrozen
-    finetune_lr_factor: float = 0.1  # phase 2 learning rate = lr * factor
-    dropout: list[float] = field(default_factory=lambda: [0.3, 0.5])  # head dropouts (transfer head, custom CNN FC)
-    conv_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # custom_cnn conv blocks
-    fc_widths: list[int] = field(default_factory=lambda: [512, 128])  # custom_cnn hidden FC layers
+    freeze_epochs: int = checked(2, NON_NEGATIVE)  # transfer learning phase 1: epochs with the backbone frozen
+    unfreeze_fraction: float = checked(0.25, FRACTION)  # phase 2: share of backbone layers unfrozen
+    finetune_lr_factor: float = checked(0.1, interval(0, low_open=True))  # phase 2 learning rate = lr * factor
+    dropout: list[float] = checked([0.3, 0.5], each(interval(0, 1, high_open=True)))  # transfer head, custom CNN FC
+    conv_widths: list[int] = checked([64, 128, 256, 512], each(POSITIVE))  # custom_cnn conv blocks
+    fc_widths: list[int] = checked([512, 128], each(POSITIVE))  # custom_cnn hidden FC layers
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
-    workers: int = 2  # Ray Train workers (DDP)
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 0.0
-    max_failures: int = 2  # worker failures survived by restarting from the last checkpoint
-    seed: int = 0
+    workers: int = checked(2, POSITIVE)  # Ray Train workers (DDP)
+    cpus_per_worker: float = checked(0.5, NON_NEGATIVE)
+    gpus_per_worker: float = checked(0.0, NON_NEGATIVE)
+    max_failures: int = checked(2, interval(-1))  # worker failures survived from the last checkpoint; -1: no limit
+    seed: int = checked(0, NON_NEGATIVE)
 
 
 @dataclass
@@ -94,18 +180,18 @@ class TuneConfig:
     """Ray Tune + Optuna search over the custom CNN."""
 
     model: str = "custom_cnn"
-    trials: int = 4
-    epochs: int = 4
-    metric: str = "val_balanced_accuracy"
-    mode: str = "max"
-    scheduler: str = "asha"  # asha or none
-    grace_period: int = 1
-    reduction_factor: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    workers_per_trial: int = 1  # >1 runs each trial as a multi-worker TorchTrainer
-    max_concurrent: int | None = None  # None = what the resources allow
-    seed: int = 0
+    trials: int = checked(4, POSITIVE)
+    epochs: int = checked(4, POSITIVE)
+    metric: str = checked("val_balanced_accuracy", one_of(*VAL_METRICS))
+    mode: str = checked("max", one_of(*TUNE_MODES))
+    scheduler: str = checked("asha", one_of(*TUNE_SCHEDULERS))
+    grace_period: int = checked(1, POSITIVE)  # epochs before ASHA may stop a trial; at most ``epochs``
+    reduction_factor: int = checked(2, interval(2))
+    cpus_per_trial: float = checked(1.0, NON_NEGATIVE)
+    gpus_per_trial: float = checked(0.0, NON_NEGATIVE)
+    workers_per_trial: int = checked(1, POSITIVE)  # >1 runs each trial as a multi-worker TorchTrainer
+    max_concurrent: int | None = checked(None, POSITIVE)  # None = what the resources allow
+    seed: int = checked(0, NON_NEGATIVE)
     search_space: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
@@ -117,24 +203,31 @@ class TuneConfig:
             "fc_widths": {"type": "choice", "values": [[128, 64], [256, 128], [512, 128]]},
             "augment": {"type": "uniform", "low": 0.0, "high": 1.0},
         }
-    )
+    )  # {train field: {type: loguniform|uniform|int|choice, low, high | values}}
+
+    def validate(self, where: str) -> None:
+        """Checks across fields: the grace period fits the epochs; the search space names train fields and values."""
+        if self.scheduler == "asha" and self.grace_period > self.epochs:
+            raise ConfigError(f"{_join(where, 'grace_period')}: expected at most tune.epochs ({self.epochs}); "
+                              f"got {self.grace_period}")
+        check_search_space(self.search_space, _join(where, "search_space"))
 
 
 @dataclass
 class EvaluateConfig:
     """Batch inference, ensemble, calibration, explanations and the report."""
 
-    split: str = "test"
+    split: str = checked("test", one_of(*EVALUATE_SPLITS))
     tta: bool = False  # test-time augmentation (flips)
-    ensemble_weights: str = "fit"  # fit (on validation) or equal
-    bootstrap: int = 200  # bootstrap resamples (of lesions) for confidence intervals; 0 disables
-    cam_methods: list[str] = field(default_factory=lambda: ["gradcam", "gradcam++", "eigencam"])
-    cam_images: int = 8  # images in the Grad-CAM comparison grid
-    cam_score_images: int = 16  # images used to score explanation quality
-    batch_size: int = 64
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0  # CPUs reserved by each batch-inference actor
-    actors: int = 1
+    ensemble_weights: str = checked("fit", one_of(*ENSEMBLE_WEIGHTS))  # fit (on validation) or equal
+    bootstrap: int = checked(200, NON_NEGATIVE)  # bootstrap resamples (of lesions) for confidence intervals; 0 disables
+    cam_methods: list[str] = checked(["gradcam", "gradcam++", "eigencam"], each(one_of(*CAM_METHODS)))
+    cam_images: int = checked(8, NON_NEGATIVE)  # images in the Grad-CAM comparison grid
+    cam_score_images: int = checked(16, NON_NEGATIVE)  # images used to score explanation quality
+    batch_size: int = checked(64, POSITIVE)
+    gpus_per_actor: float = checked(0.0, NON_NEGATIVE)
+    cpus_per_actor: float = checked(1.0, NON_NEGATIVE)  # CPUs reserved by each batch-inference actor
+    actors: int = checked(1, POSITIVE)
 
 
 @dataclass
@@ -142,22 +235,29 @@ class ServeConfig:
     """The Ray Serve application."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = checked(8000, interval(1, 65535))
     models: list[str] | None = None  # None = every trained model
-    gpus_per_replica: float = 0.0
-    cpus_per_replica: float = 0.5  # CPU share of each replica (ingress, ensemble, each model, Grad-CAM)
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 4.0
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
+    tta: bool | None = None  # flip TTA when serving; None = as evaluated (evaluate.tta); its own spec is fitted for it
+    gpus_per_replica: float = checked(0.0, NON_NEGATIVE)
+    cpus_per_replica: float = checked(0.5, NON_NEGATIVE)  # CPU share of each replica (ingress, ensemble, models, CAM)
+    min_replicas: int = checked(1, NON_NEGATIVE)
+    max_replicas: int = checked(2, POSITIVE)  # at least min_replicas
+    target_ongoing_requests: float = checked(4.0, interval(0, low_open=True))
+    max_batch_size: int = checked(8, POSITIVE)
+    batch_wait_timeout_s: float = checked(0.02, NON_NEGATIVE)
+    max_body_bytes: int = checked(10 * 1024 * 1024, POSITIVE)
+    max_image_pixels: int = checked(50_000_000, POSITIVE)
     api_key: str | None = None  # when set, requests need the X-API-Key header
     cors_origins: list[str] = field(default_factory=list)
-    target_sensitivity: float = 0.95  # malignancy threshold chosen on validation for this sensitivity
-    uncertain_margin: float = 0.1  # abstain when the top-2 probability gap is below this
-    ood_quantile: float = 0.99  # abstain when the OOD score exceeds this validation quantile
+    target_sensitivity: float = checked(0.95, SHARE)  # malignancy threshold chosen on validation for this sensitivity
+    uncertain_margin: float = checked(0.1, FRACTION)  # abstain when the top-2 probability gap is below this
+    ood_quantile: float = checked(0.99, SHARE)  # abstain when the OOD score exceeds this validation quantile
+
+    def validate(self, where: str) -> None:
+        """Checks across fields: the replica range."""
+        if self.max_replicas < self.min_replicas:
+            raise ConfigError(f"{_join(where, 'max_replicas')}: expected at least min_replicas ({self.min_replicas}); "
+                              f"got {self.max_replicas}")
 
 
 @dataclass
@@ -166,6 +266,7 @@ class WorkflowConfig:
 
     tune: bool = True
     serve: bool = False
+    autoscaling: bool = False  # the Ray cluster adds nodes on demand: a request larger than it warns, never fails
 
 
 @dataclass
@@ -195,61 +296,125 @@ def _shallow(obj) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-def _check_type(value, annotation, where: str):
-    """Coerce ``value`` to a field's annotated type where that is lossless (int -> float), else raise ConfigError."""
-    hints = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) else (annotation,)
-    if value is None:
-        if type(None) in hints:
-            return None
-        raise ConfigError(f"{where}: null is not allowed")
-    for hint in hints:
-        origin = typing.get_origin(hint) or hint
-        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if origin in (bool, str, list, dict) and isinstance(value, origin):
-            return value
-        if hint is Any:
-            return value
-    names = ", ".join(getattr(h, "__name__", str(h)) for h in hints)
-    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
 
 
-_UnionType = type(int | None)
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arm) for arm in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint, where: str) -> Any:
+    """``value`` as the annotated type (ints widen to floats, list items are checked), else raise ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError:
+                pass
+    elif origin is list and isinstance(value, list):
+        return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    elif (origin is dict or hint is dict) and isinstance(value, dict):
+        return {key: _coerce(item, args[1], _join(where, str(key))) for key, item in value.items()} if args else value
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint in (bool, str) and isinstance(value, hint):
+        return value
+    elif hint is type(None) and value is None:
+        return None
+    raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r}")
+
+
+@functools.cache
+def _fields(cls) -> dict[str, tuple[Any, Check | None]]:
+    """Each field of a config dataclass: its type hint and its check."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata.get("check")) for f in dataclasses.fields(cls)}
+
+
+def _check_field(cls, name: str, value: Any, where: str) -> Any:
+    """``value`` checked as field ``name`` of ``cls``: its type, then its allowed values or range."""
+    hint, check = _fields(cls)[name]
+    value = _coerce(value, hint, where)
+    problem = check(value) if check and value is not None else None
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    return value
 
 
 def _build(cls, values: dict[str, Any], where: str):
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints = {name: hint for name, (hint, _) in _fields(cls).items()}
+    known = set(hints)
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"{where or 'config'}: unknown field(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in values.items():
         if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{name}: expected a mapping, got {value!r}")
-            kwargs[name] = _build(hints[name], value, f"{where}.{name}")
+                raise ConfigError(f"{_join(where, name)}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(hints[name], value, _join(where, name))
         else:
-            kwargs[name] = _check_type(value, hints[name], f"{where}.{name}")
-    return cls(**kwargs)
+            kwargs[name] = _check_field(cls, name, value, _join(where, name))
+    built = cls(**kwargs)
+    if hasattr(built, "validate"):
+        built.validate(where)
+    return built
+
+
+def check_search_space(space: dict[str, Any], where: str = "tune.search_space") -> None:
+    """Check a Tune search space: each key a train field, each entry ``{type, low, high}`` or ``{type: choice,
+    values}`` whose bounds and values are valid values of that field."""
+    fields = set(_fields(TrainConfig)) - {"models"}
+    for key, entry in space.items():
+        at = _join(where, key)
+        if key not in fields:
+            raise ConfigError(f"{at}: not a train field; known: {', '.join(sorted(fields))}")
+        if not isinstance(entry, dict) or entry.get("type") not in SEARCH_SPACE_TYPES:
+            raise ConfigError(f"{at}: expected a mapping with type one of {', '.join(SEARCH_SPACE_TYPES)}, "
+                              f"got {entry!r}")
+        kind = entry["type"]
+        needed = ("values",) if kind == "choice" else ("low", "high")
+        extra = sorted(set(entry) - {"type", *needed})
+        missing = [name for name in needed if name not in entry]
+        if missing or extra:
+            raise ConfigError(f"{at}: a {kind} entry needs exactly type, {', '.join(needed)}; "
+                              f"missing {missing or 'nothing'}, unknown {extra or 'nothing'}")
+        if kind == "choice":
+            if not isinstance(entry["values"], list) or not entry["values"]:
+                raise ConfigError(f"{at}.values: expected a non-empty list, got {entry['values']!r}")
+            for i, value in enumerate(entry["values"]):
+                _check_field(TrainConfig, key, value, f"{at}.values[{i}]")
+            continue
+        low, high = (_check_field(TrainConfig, key, entry[name], f"{at}.{name}") for name in ("low", "high"))
+        if not low < high or (kind == "loguniform" and low <= 0):
+            raise ConfigError(f"{at}: need 0 < low < high (loguniform) or low < high, got {low}, {high}")
 
 
 def config_from_dict(values: dict[str, Any] | None) -> Config:
-    """Build a Config from nested dicts (as read from YAML), rejecting unknown fields with their path."""
-    config = _build(Config, values or {}, "config")
-    for name, overrides in config.train.models.items():
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"train.models.{name}: expected a mapping of training fields, got {overrides!r}")
-        config.model_config(name)  # validates the overrides
+    """Build a Config from nested dicts (as read from YAML), checking every field: unknown names, types, allowed
+    values and ranges, each per-model section of ``train.models``; errors name the field's path."""
+    config = _build(Config, values or {}, "")
+    for name in config.train.models:
+        config.model_config(name)  # checks the model's overrides
     return config
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Load a YAML config file (or the built-in defaults when ``path`` is None)."""
-    if path is None:
-        return Config()
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw sections of a YAML config file (not yet checked)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -259,18 +424,28 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return config_from_dict(values)
+    return values or {}
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and check a YAML config file (or the built-in defaults when ``path`` is None)."""
+    if path is None:
+        return Config()
+    values = read_config_file(path)
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
-    """Return a copy of ``config`` with dotted-path overrides applied, e.g. ``{"train.epochs": 3}``.
+    """Return a copy of ``config`` with dotted-path overrides applied and checked, e.g. ``{"train.epochs": 3}``.
 
     None values are skipped, so unset command-line flags can be passed straight through.
     """
     values = config.to_dict()
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
+    applied = {dotted: value for dotted, value in overrides.items() if value is not None}
+    for dotted, value in applied.items():
         node = values
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -278,7 +453,23 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
                 node[part] = {}
             node = node[part]
         node[leaf] = value
-    return config_from_dict(values)
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        shown = ", ".join(f"{dotted}={value!r}" for dotted, value in applied.items())
+        raise ConfigError(f"{exc} (overrides: {shown})") from None
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as ``{dotted.path: value}`` leaves (lists and empty mappings are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        path = _join(prefix, str(key))
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
 
 
 def dump_yaml(values: Any, path: str | Path) -> None:

@@ -4,36 +4,24 @@ and the out-of-distribution threshold, all fitted on the validation split only.
 ``combine(probs_by_model, spec)`` turns the members' probabilities into the ensemble's calibrated probabilities:
 each member's probabilities are temperature-scaled (``softmax(log p / T_m)``), averaged with the weights, and the
 mixture is scaled by the ensemble temperature. ``decide`` turns those into "malignant", "benign" or "uncertain".
-Evaluation, offline prediction and serving all go through these two functions.
+``fit`` fits a spec on validation probabilities; ``lesion.inference`` owns when and for which inference mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from scipy.optimize import minimize
 from scipy.special import softmax
 
 from lesion import calibration
-from lesion.data.augment import model_input
-from lesion.data.shards import load_split, read_info
 from lesion.labels import class_names, malignant_indices
 from lesion.metrics import expected_calibration_error, log_loss
-from lesion.models import load_trained, logits_to_probs
-from lesion.rundir import RunDir, fingerprint
-
-log = logging.getLogger(__name__)
-
-SPEC_FILE = "ensemble.json"
-TTA_FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (dims of an N,3,H,W tensor)
 
 
 @dataclass
@@ -52,28 +40,11 @@ class EnsembleSpec:
     target_sensitivity: float  # validation sensitivity the malignancy threshold was chosen for
     ood_quantile: float  # validation quantile the OOD threshold was set at
     weighting: str = "fit"  # fit (NLL on validation over the simplex) or equal
-    tta: bool = False  # whether the validation probabilities used flip test-time augmentation
+    tta: bool = False  # the inference mode it was fitted for: flip test-time augmentation (True) or a single pass
     fitted_on: str = "val"
     fingerprint: str = ""  # of checkpoints, data and the fitting options; a mismatch triggers a refit
     model_versions: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> checkpoint_sha256, run_id
     validation: dict[str, Any] = field(default_factory=dict)  # n images and NLL/ECE before and after calibration
-
-
-def predict_proba(model: torch.nn.Module, info: dict, images: np.ndarray, *, batch_size: int = 64,
-                  tta: bool = False, device: str = "cpu") -> np.ndarray:
-    """Class probabilities (N, C) of uint8 images (N, H, W, 3) through the evaluation transform; with ``tta`` the
-    mean over the four flips."""
-    model = model.to(device).eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunk = np.array(images[start:start + batch_size])  # a writable copy (shard views are read-only)
-            x = model_input(chunk, info["mean"], info["std"], info["input_size"], device)
-            flips = TTA_FLIPS if tta else ((),)
-            probs = sum(logits_to_probs(model(torch.flip(x, f) if f else x), info["task"]) for f in flips)
-            out.append((probs / len(flips)).float().cpu().numpy())
-    classes = len(class_names(info["task"]))
-    return np.concatenate(out) if out else np.zeros((0, classes), np.float32)
 
 
 def mix(probs_by_model: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -204,64 +175,3 @@ def load(path: str | Path) -> EnsembleSpec:
         return EnsembleSpec(**values)
     except TypeError as exc:
         raise ValueError(f"{path}: incomplete ensemble spec: {exc}") from exc
-
-
-def checkpoint_sha256(model_dir: Path) -> str:
-    """SHA-256 of a model's ``best.pt``."""
-    digest = hashlib.sha256()
-    with open(Path(model_dir) / "best.pt", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def validation_probs(run: RunDir, models: list[str], *, batch_size: int = 64, tta: bool = False,
-                     device: str = "cpu") -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, dict]]:
-    """Run every model on the run's validation split: (probs_by_model, labels, info_by_model)."""
-    val = load_split(run.root, "val")
-    probs, infos = {}, {}
-    for name in models:
-        model, info = load_trained(run.model_dir(name), device=device)
-        probs[name] = predict_proba(model, info, val.images, batch_size=batch_size, tta=tta, device=device)
-        infos[name] = info
-    return probs, val.labels, infos
-
-
-def load_or_fit(run: RunDir, config, models: list[str] | None = None, device: str = "cpu") -> EnsembleSpec:
-    """The run's ensemble spec (``RUN/eval/ensemble.json``, or ``ensemble-<a+b>.json`` for a subset of the trained
-    models), refitted on the validation split when the checkpoints, data or fitting options changed. ``models``
-    defaults to every trained model of the run."""
-    models = list(models or run.trained_models())
-    if not models:
-        raise FileNotFoundError(f"no trained models under {run.models}: run `lesion train --run {run.root}` first")
-    for name in models:
-        if not (run.model_dir(name) / "best.pt").is_file():
-            raise FileNotFoundError(f"model {name!r} has no checkpoint at {run.model_dir(name) / 'best.pt'}")
-    ev, sv = config.evaluate, config.serve
-    shas = {name: checkpoint_sha256(run.model_dir(name)) for name in models}
-    fp = fingerprint(shas, read_info(run.root).get("fingerprint"), ev.ensemble_weights, ev.tta,
-                     sv.target_sensitivity, sv.ood_quantile)
-    # A subset of the trained models (e.g. `lesion serve --models a,b`) gets its own file, so it never overwrites
-    # the full ensemble that `lesion evaluate` fitted.
-    full = sorted(models) == run.trained_models()
-    path = run.eval / (SPEC_FILE if full else f"ensemble-{'+'.join(sorted(models))}.json")
-    if path.is_file():
-        spec = load(path)
-        if spec.fingerprint == fp:
-            spec.uncertain_margin = sv.uncertain_margin
-            return spec
-        log.info("%s is out of date (checkpoints, data or options changed): refitting on validation", path)
-    probs, labels, infos = validation_probs(run, models, batch_size=ev.batch_size, tta=ev.tta, device=device)
-    tasks = {n: info["task"] for n, info in infos.items()}
-    if len(set(tasks.values())) != 1:
-        raise ValueError(f"ensemble members were trained for different tasks: {tasks}")
-    task = tasks[models[0]]
-    spec = fit(probs, labels, task=task, weighting=ev.ensemble_weights, target_sensitivity=sv.target_sensitivity,
-               ood_quantile=sv.ood_quantile, uncertain_margin=sv.uncertain_margin, tta=ev.tta)
-    spec.fingerprint = fp
-    spec.model_versions = {n: {"checkpoint_sha256": shas[n], "run_id": infos[n].get("run_id")} for n in models}
-    save(spec, path)
-    log.info("ensemble fitted on %d validation images: weights %s, T=%.3f, malignant threshold %.3f",
-             len(labels), {n: round(w, 3) for n, w in spec.weights.items()}, spec.temperature,
-             spec.malignant_threshold)
-    return spec

@@ -6,7 +6,8 @@
 - ``cam_mask_scores`` says how well maps agree with lesion masks (energy inside the mask, pointing game) next to the
   chance level; ``faithfulness`` says how much the model's confidence depends on the highlighted pixels (grad-cam's
   ROAD and CAM-times-image confidence change).
-- ``Explainer`` / ``explain_image`` explain one image file of a run end to end (``lesion explain`` and serving).
+- ``Explainer`` explains one image with a run's inference core (``lesion.inference``): ``lesion explain``, the
+  served Grad-CAM deployment.
 """
 
 from __future__ import annotations
@@ -34,13 +35,9 @@ from pytorch_grad_cam.utils.model_targets import (
 )
 from torch import nn
 
-from lesion import ensemble as ensemble_lib
-from lesion.config import Config, DataConfig, config_from_dict, load_config
 from lesion.data.augment import model_input
-from lesion.data.preprocess import preprocess_bytes
-from lesion.data.shards import read_info
-from lesion.models import MODEL_NAMES, load_trained, logits_to_probs, model_spec, unwrap
-from lesion.rundir import RunDir
+from lesion.inference import Inference
+from lesion.models import MODEL_NAMES, model_spec, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -276,19 +273,6 @@ def faithfulness(model: nn.Module, info: dict, x: torch.Tensor, cams: np.ndarray
 # ------------------------------------------------------------------------------------------ one image of a run
 
 
-def run_data_config(run: RunDir, config: Config | None = None) -> DataConfig:
-    """Preprocessing of a run's images: the data section ingest recorded in the manifest, so new images are
-    preprocessed exactly like the training images. Runs without that record use the data section of ``config``
-    (default: RUN/config.yaml, else defaults) with the image size of ``data/info.json``."""
-    recorded = run.manifest().get("data", {}).get("config")
-    if recorded is not None:
-        return config_from_dict({"data": recorded}).data
-    if config is None:
-        saved = run.root / "config.yaml"
-        config = load_config(saved if saved.is_file() else None)
-    return dataclasses.replace(config.data, image_size=int(read_info(run.root)["image_size"]))
-
-
 def _read_image_bytes(image: bytes | str | Path) -> bytes:
     if isinstance(image, (bytes, bytearray)):
         return bytes(image)
@@ -300,123 +284,61 @@ def _read_image_bytes(image: bytes | str | Path) -> bytes:
 
 @dataclass
 class Explainer:
-    """A run's trained models, loaded once, explaining single images (used by ``lesion explain`` and serving).
+    """Grad-CAM for single images over a run's inference core (``lesion.inference.Inference``, members loaded):
+    the prediction is the core's answer, so ``lesion explain`` and the served /v1/explain agree with /v1/predict.
 
     Thread-safe: one explanation runs at a time (the CAM hooks sit on the shared models).
     """
 
-    models: dict[str, tuple[nn.Module, dict]]  # name -> (model in eval mode, checkpoint info)
-    members: list[str]  # ensemble members (those of the run's ensemble spec when it matches the checkpoints)
-    spec: ensemble_lib.EnsembleSpec | None  # RUN/eval/ensemble.json when present and current, else None
-    data_config: DataConfig
-    device: str = "cpu"
+    core: Inference
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
-    def classes(self) -> list[str]:
-        return list(next(iter(self.models.values()))[1]["classes"])
+    def targets(self) -> list[str]:
+        """What can be explained: ``ensemble`` and each member."""
+        return [ENSEMBLE, *self.core.names]
 
     def explain(self, image: bytes | str | Path, model: str = ENSEMBLE, method: str = "gradcam"
                 ) -> tuple[dict, np.ndarray]:
-        """Preprocess an encoded image (bytes or file), predict it and explain the prediction.
+        """Preprocess an encoded image (bytes or file) as at ingest, predict it and explain ``model``'s prediction.
 
-        Returns (prediction, overlay): prediction = {model, method, predicted_class, probabilities {class: p},
-        calibrated, models {name: {class: p}}, weights (ensemble only)}; overlay = uint8 RGB at the preprocessed
-        image size (what the models saw). A single model reports its raw probabilities. The ensemble explains its
-        own predicted class with the ensemble-weighted mean of its members' maps; its probabilities are
-        ``lesion.ensemble.combine`` (calibrated) when the run has a current ensemble spec, else the equal-weight
-        mean of the members' raw probabilities.
+        Returns (answer, overlay): answer = the core's answer (``Inference.answers``) plus ``explained_model``,
+        ``explained_class`` (the class the overlay explains: the ensemble's predicted class, or a single model's own
+        prediction) and ``method``; overlay = uint8 RGB at the preprocessed image size (what the models saw). The
+        ensemble's map is the spec-weighted mean of its members' maps.
         """
-        self._members_of(model, method)  # refuse an unknown model or method before reading the image
-        return self.explain_preprocessed(preprocess_bytes(_read_image_bytes(image), self.data_config), model, method)
+        self._check(model, method)  # refuse an unknown model or method before reading the image
+        return self.explain_preprocessed(self.core.preprocess(_read_image_bytes(image)), model, method)
 
     def explain_preprocessed(self, img: np.ndarray, model: str = ENSEMBLE, method: str = "gradcam"
                              ) -> tuple[dict, np.ndarray]:
         """``explain`` for an image already through the ingest preprocessing: uint8 RGB (S, S, 3)."""
-        names = self._members_of(model, method)
+        self._check(model, method)
         with self.lock:
-            return self._explain(np.array(img), names, model, method)  # a writable copy (Ray's arrays are read-only)
+            return self._explain(np.array(img), model, method)  # a writable copy (Ray's arrays are read-only)
 
-    def _members_of(self, model: str, method: str) -> list[str]:
-        names = self.members if model == ENSEMBLE else [model]
-        if any(name not in self.models for name in names):
-            raise ValueError(f"model {model!r} is not loaded; available: {', '.join([*self.models, ENSEMBLE])}")
+    def _check(self, model: str, method: str) -> None:
+        if model not in self.targets:
+            raise ValueError(f"model {model!r} is not one of this run's models; available: {', '.join(self.targets)}")
         if method not in METHODS:
             raise ValueError(f"unknown explanation method {method!r}; known: {', '.join(METHODS)}")
-        return names
 
-    def _explain(self, img: np.ndarray, names: list[str], model: str, method: str) -> tuple[dict, np.ndarray]:
-        inputs, probs = {}, {}
-        for name in names:
-            net, info = self.models[name]
-            inputs[name] = model_input(img[None], info["mean"], info["std"], int(info["input_size"]), self.device)
-            with torch.no_grad():
-                probs[name] = logits_to_probs(net(inputs[name]).float(), info["task"]).cpu().numpy()
+    def _explain(self, img: np.ndarray, model: str, method: str) -> tuple[dict, np.ndarray]:
+        core = self.core
+        probs = core.probabilities(img[None])
+        answer = core.answers(probs)[0]
         if model == ENSEMBLE:
-            weights = self.spec.weights if self.spec else {name: 1.0 / len(names) for name in names}
-            final = (ensemble_lib.combine(probs, self.spec) if self.spec else ensemble_lib.mix(probs, weights))[0]
+            names, weights = core.names, core.spec.weights
+            explained = core.classes.index(answer["predicted_class"])
         else:
-            weights, final = None, probs[model][0]
-        predicted = int(np.argmax(final))
-        cams = {name: explain_batch(self.models[name][0], self.models[name][1], inputs[name], [predicted], method)
-                for name in names}
+            names, weights = [model], None
+            explained = int(np.argmax(probs[model][0]))
+        cams = {}
+        for name in names:
+            member = core.member(name)
+            x = model_input(img[None], member.info["mean"], member.info["std"], int(member.info["input_size"]),
+                            member.device)
+            cams[name] = explain_batch(member.net, member.info, x, [explained], method)
         cam = ensemble_cam(cams, weights, size=img.shape[:2])[0] if model == ENSEMBLE else cams[model][0]
-        classes = self.classes
-        prediction = {
-            "model": model,
-            "method": method,
-            "predicted_class": classes[predicted],
-            "probabilities": {c: float(p) for c, p in zip(classes, final)},
-            "calibrated": model == ENSEMBLE and self.spec is not None,
-            "models": {name: {c: float(p) for c, p in zip(classes, probs[name][0])} for name in names},
-        }
-        if weights is not None:
-            prediction["weights"] = {name: float(w) for name, w in weights.items()}
-        return prediction, overlay(img, cam)
-
-
-def _current_spec(run: RunDir, models: dict[str, tuple[nn.Module, dict]]) -> ensemble_lib.EnsembleSpec | None:
-    """The run's ensemble spec when it exists and was fitted on exactly the loaded checkpoints' members."""
-    path = run.eval / ensemble_lib.SPEC_FILE
-    if not path.is_file():
-        return None
-    spec = ensemble_lib.load(path)
-    stale = [name for name in spec.models if name not in models
-             or spec.model_versions.get(name, {}).get("checkpoint_sha256") != models[name][1].get("checkpoint_sha256")]
-    if stale:
-        log.warning("%s does not match the trained checkpoints of %s (run `lesion evaluate` to refit): using equal "
-                    "weights without calibration", path, ", ".join(stale))
-        return None
-    return spec
-
-
-def load_explainer(run_root: str | Path, models: Sequence[str] | None = None, device: str = "cpu",
-                   config: Config | None = None) -> Explainer:
-    """Load a run's trained models (all of them, or only ``models``: then without the ensemble) and its ensemble
-    spec, for ``Explainer.explain``."""
-    run = RunDir(run_root)
-    trained = run.trained_models()
-    if not trained:
-        raise FileNotFoundError(f"no trained models under {run.models}: run `lesion train --run {run.root}` first")
-    names = list(models) if models else trained
-    missing = [name for name in names if name not in trained]
-    if missing:
-        raise ValueError(f"model(s) {', '.join(missing)} not trained in {run.root}; trained models: "
-                         f"{', '.join(trained)} (or {ENSEMBLE!r})")
-    loaded = {name: load_trained(run.model_dir(name), device=device) for name in names}
-    tasks = {name: info["task"] for name, (_, info) in loaded.items()}
-    if len(set(tasks.values())) != 1:
-        raise ValueError(f"models of {run.root} were trained for different tasks: {tasks}")
-    spec = None if models else _current_spec(run, loaded)
-    members = list(spec.models) if spec else names
-    return Explainer(loaded, members, spec, run_data_config(run, config), device)
-
-
-def explain_image(run_root: str | Path, image: bytes | str | Path, model: str = ENSEMBLE, method: str = "gradcam",
-                  device: str = "cpu") -> tuple[dict, np.ndarray]:
-    """Predict and explain one encoded image (bytes or file) with a run's ``model`` or its ensemble.
-
-    Returns (prediction dict, uint8 RGB overlay); see ``Explainer.explain``.
-    """
-    explainer = load_explainer(run_root, None if model == ENSEMBLE else [model], device)
-    return explainer.explain(image, model, method)
+        answer.update({"explained_model": model, "explained_class": core.classes[explained], "method": method})
+        return answer, overlay(img, cam)

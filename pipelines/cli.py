@@ -13,6 +13,7 @@ import logging
 import sys
 
 from lesion.config import ConfigError
+from pipelines.capacity import CapacityError
 
 # command -> (module in pipelines/, one-line help)
 COMMANDS = {
@@ -27,6 +28,8 @@ COMMANDS = {
     "serve": ("serve", "serve the trained ensemble with Ray Serve (HTTP API + web page)"),
     "run": ("workflow", "run the whole workflow: ingest, tune, train, evaluate (and serve)"),
     "cluster": ("workflow", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
+    "config": ("config_cmd", "show a run's effective config and where each value came from, or change it "
+                             "(`lesion config show|set`)"),
 }
 
 # commands whose flags change only their own behaviour, unless --save-config records them as the run's config
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"pipelines.{COMMANDS[args.command][0]}")
     try:
         return module.run_command(args.command, args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CapacityError, FileNotFoundError, ValueError) as exc:
         print(f"lesion {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

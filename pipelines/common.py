@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lesion.config import Config, apply_overrides, dump_yaml, load_config
+import yaml
+
+from lesion.config import Config, apply_overrides, dump_yaml, flatten, load_config, read_config_file
 from lesion.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -43,18 +45,49 @@ def resolve_config(run: RunDir, config_path: str | None = None, overrides: dict[
     """The configuration of a command: ``--config`` file, else the run's recorded config, else the defaults; then
     flags. A command's flags apply to that command only; with ``save`` (``--save-config``) the result becomes the
     run's recorded config."""
-    saved = run.root / RUN_CONFIG
-    if config_path:
-        config = load_config(config_path)
-    elif saved.is_file():
-        config = load_config(saved)
-    else:
-        config = Config()
-    config = apply_overrides(config, overrides or {})
+    config, _ = resolve_config_sources(run, config_path, overrides)
     if save:
         record_run_config(run, config)
-        log.info("recorded this configuration as the run's config: %s", saved)
+        log.info("recorded this configuration as the run's config: %s", run.root / RUN_CONFIG)
     return config
+
+
+def resolve_config_sources(run: RunDir, config_path: str | None = None,
+                           overrides: dict[str, Any] | None = None) -> tuple[Config, dict[str, str]]:
+    """What ``resolve_config`` returns, and where each value came from: ``{dotted.path: source}`` for every leaf of
+    the config, the source being ``flag``, ``--config FILE``, ``run config RUN/config.yaml`` or ``default``."""
+    saved = run.root / RUN_CONFIG
+    base, label = ((Path(config_path), f"--config {config_path}") if config_path
+                   else (saved, f"run config {saved}") if saved.is_file() else (None, "default"))
+    from_file = flatten(read_config_file(base)) if base else {}
+    config = load_config(base)
+    flags = {key: value for key, value in (overrides or {}).items() if value is not None}
+    config = apply_overrides(config, flags)
+    sources = {}
+    for path in flatten(config.to_dict()):
+        if any(_covers(key, path) for key in flags):
+            sources[path] = "flag"
+        elif any(_covers(key, path) for key in from_file):
+            sources[path] = label
+        else:
+            sources[path] = "default"
+    return config, sources
+
+
+def _covers(key: str, path: str) -> bool:
+    """Whether setting ``key`` set the leaf ``path`` (itself, or a mapping above it)."""
+    return path == key or path.startswith(key + ".")
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["data.root=/x", "train.epochs=3"]`` -> ``{"data.root": "/x", "train.epochs": 3}`` (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
 
 
 def record_run_config(run: RunDir, config: Config) -> None:

@@ -1,8 +1,9 @@
 """``lesion evaluate``: batch inference with Ray Data for every trained model and the ensemble, then metrics,
 calibration, explanation quality, predictions in the ISIC 2018 format, figures, ``report.html`` and the model card.
 
-Evaluation never trains and never fits on the evaluated data: the ensemble's weights, temperatures and thresholds
-come from ``lesion.ensemble.load_or_fit`` on the run's validation split.
+Evaluation never trains and never fits on the evaluated data: the models, the inference mode and the ensemble's
+weights, temperatures and thresholds (fitted on the run's validation split) come from the run's inference core
+(``lesion.inference.Inference``), which the Ray Data actors run too.
 
 Output (``RUN/eval/``, or ``RUN/eval/external/<name>/`` for another data set):
 ``metrics.json``, ``predictions/<model>.csv`` (ISIC 2018 Task 3: ``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``; binary
@@ -30,32 +31,30 @@ from lesion.calibration import apply_temperature
 from lesion.config import Config, apply_overrides
 from lesion.data.augment import model_input
 from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, split_files
+from lesion.inference import Inference, checkpoint_sha256
 from lesion.labels import class_names
-from lesion.models import load_trained
 from lesion.rundir import RunDir, fingerprint, package_versions
 from pipelines.common import init_ray, resolve_config
 
 log = logging.getLogger(__name__)
 
 META = ["image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization"]
+EVALUATE_VERSION = 1  # bump when evaluate's output changes for the same inputs (its fingerprint includes it)
 
 
 class Predictor:
-    """Ray Data actor: one trained model, applied to batches of raw shard rows -> class probabilities."""
+    """Ray Data actor: one member of the inference core, loaded once, applied to batches of raw shard rows ->
+    class probabilities in the core's inference mode."""
 
-    def __init__(self, model_dir: str, image_size: int, tta: bool, use_gpu: bool):
+    def __init__(self, core: Inference, name: str, image_size: int, use_gpu: bool):
         import torch
 
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model, self.info = load_trained(model_dir, device=self.device)
-        self.image_size = image_size
-        self.tta = tta
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.core, self.name, self.image_size = core.load([name], device), name, image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = decode_images(list(batch["image"]), self.image_size)
-        probs = ensemble.predict_proba(self.model, self.info, images, batch_size=max(len(images), 1), tta=self.tta,
-                                       device=self.device)
-        return {"image_id": batch["image_id"], "probs": probs}
+        return {"image_id": batch["image_id"], "probs": self.core.member_probs(self.name, images)}
 
 
 def evaluation_files(data_root: Path, split: str) -> list[str]:
@@ -93,20 +92,22 @@ def read_rows(files: list[str], rows: np.ndarray, image_size: int) -> tuple[np.n
     return np.concatenate(images), (None if any(m is None for m in masks) else np.concatenate(masks))
 
 
-def batch_predict(files: list[str], model_dirs: dict[str, Path], image_size: int, config: Config
+def batch_predict(files: list[str], core: Inference, image_size: int, config: Config
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Ray Data batch inference: for each model, (image_ids, probabilities (N, C)) over the shards."""
+    """Ray Data batch inference: for each member of ``core``, (image_ids, raw probabilities (N, C)) over the
+    shards."""
     import ray
 
     ev = config.evaluate
     if ev.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) < ev.gpus_per_actor:
         raise ValueError(f"evaluate.gpus_per_actor={ev.gpus_per_actor} but the Ray cluster has no GPU; set it to 0")
+    shipped = core.unloaded()  # each actor loads its one member
     out = {}
-    for name, model_dir in model_dirs.items():
+    for name in core.names:
         ds = ray.data.read_parquet(files).select_columns(["image_id", "image"])
         scored = ds.map_batches(
             Predictor,
-            fn_constructor_kwargs={"model_dir": str(model_dir), "image_size": image_size, "tta": ev.tta,
+            fn_constructor_kwargs={"core": shipped, "name": name, "image_size": image_size,
                                    "use_gpu": ev.gpus_per_actor > 0},
             compute=ray.data.ActorPoolStrategy(size=ev.actors),
             num_cpus=ev.cpus_per_actor,
@@ -141,35 +142,36 @@ def isic_table(image_ids, probs: np.ndarray, task: str) -> pd.DataFrame:
     return table
 
 
-def explanation_quality(run: RunDir, models: list[str], spec: ensemble.EnsembleSpec, images: np.ndarray,
-                        masks: np.ndarray | None, methods: list[str]) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """CAM-vs-mask scores and faithfulness per model and method, and the ensemble's mask scores.
+def explanation_quality(core: Inference, images: np.ndarray, masks: np.ndarray | None, methods: list[str]
+                        ) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """CAM-vs-mask scores and faithfulness per member and method, and the ensemble's mask scores, with the core's
+    members loaded.
 
     Members explain their own predicted class; the ensemble's map is the weighted mean of the members' maps of the
-    ensemble's predicted class. Returns (section for metrics.json, {method: {model or "ensemble": cams}}).
+    ensemble's predicted class (the core's answer). Returns (section for metrics.json, {method: {model or
+    "ensemble": cams}}).
     """
     section: dict[str, Any] = {"n_images": int(len(images)), "has_masks": masks is not None, "methods": methods,
                                "targets": "predicted class", "models": {}}
     cams: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
-    loaded = {name: load_trained(run.model_dir(name)) for name in models}
-    inputs = {name: model_input(images, info["mean"], info["std"], int(info["input_size"]))
-              for name, (_, info) in loaded.items()}
-    probs = {name: ensemble.predict_proba(net, info, images) for name, (net, info) in loaded.items()}
-    ens_targets = ensemble.combine(probs, spec).argmax(axis=1).tolist()
-    for name, (net, info) in loaded.items():
+    members = {name: core.member(name) for name in core.names}
+    inputs = {name: model_input(images, m.info["mean"], m.info["std"], int(m.info["input_size"]), m.device)
+              for name, m in members.items()}
+    ens_targets = core.combine(core.probabilities(images)).argmax(axis=1).tolist()
+    for name, m in members.items():
         section["models"][name] = {}
         for method in methods:
-            maps = explain.explain_batch(net, info, inputs[name], None, method)
+            maps = explain.explain_batch(m.net, m.info, inputs[name], None, method)
             entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
-            entry.update(explain.faithfulness(net, info, inputs[name], maps))
+            entry.update(explain.faithfulness(m.net, m.info, inputs[name], maps))
             entry["n_images"] = int(len(images))
             section["models"][name][method] = entry
             cams[method][name] = maps
     section["models"]["ensemble"] = {}
     for method in methods:
-        member_maps = {name: explain.explain_batch(net, info, inputs[name], ens_targets, method)
-                       for name, (net, info) in loaded.items()}
-        maps = explain.ensemble_cam(member_maps, {n: spec.weights[n] for n in member_maps}, size=images.shape[1:3])
+        member_maps = {name: explain.explain_batch(m.net, m.info, inputs[name], ens_targets, method)
+                       for name, m in members.items()}
+        maps = explain.ensemble_cam(member_maps, core.spec.weights, size=images.shape[1:3])
         entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
         entry["n_images"] = int(len(images))
         section["models"]["ensemble"][method] = entry
@@ -197,12 +199,85 @@ def output_dir(run: RunDir, data_run: RunDir | None) -> Path:
 
 
 def evaluation_fingerprint(config: Config, run: RunDir, split: str, data_run: RunDir | None = None) -> str:
-    """What an evaluation depends on: checkpoints, both data sets, the split and the evaluate/serve options."""
+    """What an evaluation depends on: ``EVALUATE_VERSION``, the checkpoints, both data sets, the split, the evaluate
+    section and the serve options that shape the ensemble's decisions."""
     data_run = data_run or run
-    shas = {name: ensemble.checkpoint_sha256(run.model_dir(name)) for name in run.trained_models()}
+    shas = {name: checkpoint_sha256(run.model_dir(name)) for name in run.trained_models()}
     sv = config.serve
-    return fingerprint(shas, read_info(run.root).get("fingerprint"), read_info(data_run.root).get("fingerprint"), split,
-                       config.to_dict()["evaluate"], sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin)
+    return fingerprint(EVALUATE_VERSION, shas, read_info(run.root).get("fingerprint"),
+                       read_info(data_run.root).get("fingerprint"), split, config.to_dict()["evaluate"],
+                       sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin)
+
+
+def model_results(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarray], run: RunDir,
+                  report_kwargs: dict) -> dict[str, dict]:
+    """metrics.json's entry of every member: metrics, calibration by its temperature, provenance, weight."""
+    spec, results = core.spec, {}
+    for name in core.names:
+        model_info = json.loads((run.model_dir(name) / "model.json").read_text())
+        calibrated = apply_temperature(probs[name], spec.temperatures[name])
+        results[name] = {
+            **metrics.classification_report(labels, probs[name], spec.task, **report_kwargs),
+            "calibration": _calibration(labels, probs[name], calibrated, spec.temperatures[name]),
+            "pretrained": model_info.get("pretrained"),
+            "run_id": model_info.get("run_id"),
+            "checkpoint_sha256": spec.model_versions.get(name, {}).get("checkpoint_sha256"),
+            "ensemble_weight": spec.weights[name],
+        }
+    return results
+
+
+def ensemble_result(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarray], answers: list[dict],
+                    report_kwargs: dict) -> dict:
+    """metrics.json's ensemble entry from the core's answers: metrics, calibration, members and decisions."""
+    spec = core.spec
+    final = core.combine(probs)
+    decisions = [a["decision"] for a in answers]
+    return {
+        **metrics.classification_report(labels, final, spec.task, malignant_threshold=spec.malignant_threshold,
+                                        **report_kwargs),
+        "calibration": _calibration(labels, ensemble.mix(probs, spec.weights), final, spec.temperature),
+        "members": spec.models,
+        "weights": spec.weights,
+        "weighting": spec.weighting,
+        "decision": {
+            "malignant_threshold": spec.malignant_threshold,
+            "target_sensitivity": spec.target_sensitivity,
+            "ood_threshold": spec.ood_threshold,
+            "uncertain_margin": spec.uncertain_margin,
+            "counts": {d: decisions.count(d) for d in ("malignant", "benign", "uncertain")},
+            "share_uncertain": decisions.count("uncertain") / max(len(decisions), 1),
+        },
+    }
+
+
+def score(core: Inference, files: list[str], meta: pd.DataFrame, image_size: int, config: Config
+          ) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Evaluation's scoring: every member's raw probabilities on the shards (Ray Data actors running ``core``), in
+    ``meta``'s row order, and the core's answer per image."""
+    init_ray()
+    scored = batch_predict(files, core, image_size, config)
+    probs = {name: _aligned(meta["image_id"], *scored[name]) for name in core.names}
+    return probs, core.answers(probs)
+
+
+def _cam_figures(core: Inference, files: list[str], meta: pd.DataFrame, image_size: int, final: np.ndarray,
+                 out: Path, config: Config) -> tuple[dict, dict[str, Path]]:
+    """Explanation quality on ``cam_score_images`` evaluated images and the Grad-CAM grid of ``cam_images``."""
+    ev, classes = config.evaluate, core.classes
+    if not (ev.cam_methods and ev.cam_score_images > 0):
+        return {}, {}
+    rows = np.unique(np.linspace(0, len(meta) - 1, min(ev.cam_score_images, len(meta))).astype(int))
+    images, masks = read_rows(files, rows, image_size)
+    section, cams = explanation_quality(core.load(), images, masks, list(ev.cam_methods))
+    shown = np.unique(np.linspace(0, len(images) - 1, min(ev.cam_images, len(images))).astype(int))
+    method = ev.cam_methods[0]
+    overlays = {name: np.stack([explain.overlay(images[i], cams[method][name][i]) for i in shown])
+                for name in [*core.names, "ensemble"]}
+    labels = meta["label"].to_numpy(np.int64)
+    row_labels = [f"{classes[labels[rows[i]]]} → {classes[final[rows[i]].argmax()]}" for i in shown]
+    title = f"{method} maps: image, one column per model and the ensemble (true → ensemble prediction)"
+    return section, {title: report.plot_cam_grid(images[shown], overlays, out / "plots" / "cam_grid.png", row_labels)}
 
 
 def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir | None = None, *,
@@ -218,100 +293,64 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     if not force and run.is_current(artefact, fp) and (out / "metrics.json").is_file():
         log.info("%s is current (fingerprint %s): not re-evaluating", out, fp)
         return json.loads((out / "metrics.json").read_text())
-    models = run.trained_models()
-    if not models:
-        raise FileNotFoundError(f"no trained models under {run.models}: run `lesion train --run {run.root}` first")
-    ev = config.evaluate
-    spec = ensemble.load_or_fit(run, config, models)
+    core = Inference.from_run(run, config, load=False)
     info = read_info(data_run.root)
-    if info["task"] != spec.task:
+    if info["task"] != core.spec.task:
         raise ValueError(f"{data_run.root} holds a {info['task']} data set but the models of {run.root} are "
-                         f"{spec.task}")
+                         f"{core.spec.task}")
     if split == "val" and not external:
         log.warning("evaluating on the validation split, which the ensemble was fitted on: its scores are optimistic")
-    task, classes = spec.task, list(class_names(spec.task))
     files = evaluation_files(data_run.root, split)
     meta = read_meta(files)
     labels = meta["label"].to_numpy(np.int64)
-    init_ray()
-    scored = batch_predict(files, {n: run.model_dir(n) for n in models}, int(info["image_size"]), config)
-    probs = {name: _aligned(meta["image_id"], *scored[name]) for name in models}
+    probs, answers = score(core, files, meta, int(info["image_size"]), config)
+    final = core.combine(probs)
 
     out.mkdir(parents=True, exist_ok=True)
     groups = meta["lesion_id"].fillna(meta["image_id"]).to_numpy()  # an image without lesion_id is its own lesion
-    report_kwargs = {"groups": groups, "meta": meta,
-                     "n_bootstrap": ev.bootstrap, "seed": config.data.seed}
-    results: dict[str, dict] = {}
-    for name in models:
-        model_info = json.loads((run.model_dir(name) / "model.json").read_text())
-        calibrated = apply_temperature(probs[name], spec.temperatures[name])
-        results[name] = {
-            **metrics.classification_report(labels, probs[name], task, **report_kwargs),
-            "calibration": _calibration(labels, probs[name], calibrated, spec.temperatures[name]),
-            "pretrained": model_info.get("pretrained"),
-            "run_id": model_info.get("run_id"),
-            "checkpoint_sha256": spec.model_versions.get(name, {}).get("checkpoint_sha256"),
-            "ensemble_weight": spec.weights[name],
-        }
-    final = ensemble.combine(probs, spec)
-    decisions, _ = ensemble.decide(final, spec)
-    results["ensemble"] = {
-        **metrics.classification_report(labels, final, task, malignant_threshold=spec.malignant_threshold,
-                                        **report_kwargs),
-        "calibration": _calibration(labels, ensemble.mix(probs, spec.weights), final, spec.temperature),
-        "members": spec.models,
-        "weights": spec.weights,
-        "weighting": spec.weighting,
-        "decision": {
-            "malignant_threshold": spec.malignant_threshold,
-            "target_sensitivity": spec.target_sensitivity,
-            "ood_threshold": spec.ood_threshold,
-            "uncertain_margin": spec.uncertain_margin,
-            "counts": {d: decisions.count(d) for d in ("malignant", "benign", "uncertain")},
-            "share_uncertain": decisions.count("uncertain") / max(len(decisions), 1),
-        },
-    }
+    report_kwargs = {"groups": groups, "meta": meta, "n_bootstrap": config.evaluate.bootstrap,
+                     "seed": config.data.seed}
+    results = model_results(core, labels, probs, run, report_kwargs)
+    results["ensemble"] = ensemble_result(core, labels, probs, answers, report_kwargs)
     all_probs = {**probs, "ensemble": final}
-    _write_predictions(out, meta, classes, task, all_probs, decisions)
+    _write_predictions(out, meta, core.classes, core.spec.task, all_probs, [a["decision"] for a in answers])
+    result = _result_document(core, split, external, data_run, info, meta, groups, results)
+    figures = _figures(out, run, core.names, labels, all_probs, ensemble.mix(probs, core.spec.weights), core.classes,
+                       core.spec.task, results)
+    result["explanations"], cam_figures = _cam_figures(core, files, meta, int(info["image_size"]), final, out, config)
+    figures.update(cam_figures)
 
-    result: dict[str, Any] = {
+    (out / "metrics.json").write_text(json.dumps(metrics.json_safe(result), indent=2, allow_nan=False))
+    report.render_html(metrics.json_safe(result), figures, out / "report.html")
+    report.render_model_card(metrics.json_safe(result), out / "model_card.md")
+    run.record(artefact, config=config.to_dict(), fingerprint=fp, split=split, data=str(data_run.root),
+               models=core.names, output=str(out))
+    log.info("evaluation written to %s", out)
+    return metrics.json_safe(result)
+
+
+def _result_document(core: Inference, split: str, external: bool, data_run: RunDir, info: dict, meta: pd.DataFrame,
+                     groups: np.ndarray, results: dict) -> dict[str, Any]:
+    """metrics.json without the explanations."""
+    spec = core.spec
+    return {
         "split": split,
-        "task": task,
-        "classes": classes,
-        "tta": ev.tta,
+        "task": spec.task,
+        "classes": core.classes,
+        "tta": spec.tta,
         "external": external,
         "data": {
             "run": str(data_run.root), "source": info.get("source"), "fingerprint": info.get("fingerprint"),
             "image_size": info.get("image_size"), "n_images": int(len(meta)),
             "n_lesions": int(len(set(groups))), "counts": info.get("counts"),
         },
-        "ensemble_spec": {"file": str(run.eval / ensemble.SPEC_FILE), "fitted_on": spec.fitted_on,
+        "ensemble_spec": {"file": core.spec_file, "fitted_on": spec.fitted_on, "tta": spec.tta,
                           "validation": spec.validation},
         "models": results,
         "explanations": {},
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(),
     }
-    figures = _figures(out, run, models, labels, all_probs, ensemble.mix(probs, spec.weights), classes, task, results)
-    if ev.cam_methods and ev.cam_score_images > 0:
-        rows = np.unique(np.linspace(0, len(meta) - 1, min(ev.cam_score_images, len(meta))).astype(int))
-        images, masks = read_rows(files, rows, int(info["image_size"]))
-        result["explanations"], cams = explanation_quality(run, models, spec, images, masks, list(ev.cam_methods))
-        shown = np.unique(np.linspace(0, len(images) - 1, min(ev.cam_images, len(images))).astype(int))
-        method = ev.cam_methods[0]
-        overlays = {name: np.stack([explain.overlay(images[i], cams[method][name][i]) for i in shown])
-                    for name in [*models, "ensemble"]}
-        row_labels = [f"{classes[labels[rows[i]]]} → {classes[final[rows[i]].argmax()]}" for i in shown]
-        figures[f"{method} maps: image, one column per model and the ensemble (true → ensemble prediction)"] = (
-            report.plot_cam_grid(images[shown], overlays, out / "plots" / "cam_grid.png", row_labels))
-
-    (out / "metrics.json").write_text(json.dumps(metrics.json_safe(result), indent=2, allow_nan=False))
-    report.render_html(metrics.json_safe(result), figures, out / "report.html")
-    report.render_model_card(metrics.json_safe(result), out / "model_card.md")
-    run.record(artefact, config=config.to_dict(), fingerprint=fp, split=split, data=str(data_run.root),
-               models=models, output=str(out))
-    log.info("evaluation written to %s", out)
-    return metrics.json_safe(result)
 
 
 def _calibration(labels, before: np.ndarray, after: np.ndarray, temperature: float) -> dict[str, float]:
@@ -388,7 +427,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     if args.data and args.source:
         raise ValueError("give either --data (an ingested run) or --source/--root, not both")
-    config = resolve_config(run, args.config, {"evaluate.tta": args.tta})
+    config = resolve_config(run, args.config, {"evaluate.tta": args.tta}, save=args.save_config)
     data_run = None
     if args.data:
         data_run = RunDir(args.data)

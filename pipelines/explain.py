@@ -1,33 +1,48 @@
-"""``lesion explain``: predict one image with a trained model (or the ensemble) and write its Grad-CAM overlay PNG.
+"""``lesion explain``: predict one image with the run's inference core and write the Grad-CAM overlay PNG of a trained
+model (or of the ensemble).
 
-No Ray here: the explanation runs in this process (``lesion.explain``), the same code the served Grad-CAM
-deployment calls.
+No Ray here: the explanation runs in this process (``lesion.explain.Explainer`` over ``lesion.inference.Inference``),
+the same code the served Grad-CAM deployment calls; the answer is the one /v1/predict gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 from PIL import Image
 
-from lesion.config import load_config
-from lesion.explain import ENSEMBLE, METHODS, load_explainer
+from lesion.explain import ENSEMBLE, METHODS, Explainer
+from lesion.inference import Inference
 from lesion.rundir import RunDir
+from pipelines.common import resolve_config
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory with trained models")
-    parser.add_argument("--config", help="config file whose data section says how to preprocess "
-                                         "(default: RUN/config.yaml, as at ingest)")
+    parser.add_argument("--config", help="config file (default: RUN/config.yaml)")
     parser.add_argument("--image", required=True, help="image file (JPEG, PNG, ...) to explain")
     parser.add_argument("--model", default=ENSEMBLE, help=f"a trained model of the run, or {ENSEMBLE!r} (default)")
     parser.add_argument("--method", default="gradcam", choices=list(METHODS), help="explanation method")
     parser.add_argument("--out", help="overlay PNG to write (default: RUN/eval/explain/<image>-<model>-<method>.png)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON instead of a table")
+
+
+def print_answer(image: Path, model: str, answer: dict, weights: dict[str, float]) -> None:
+    """The explained class, the ensemble's decision and a table of the ensemble's and each model's probabilities."""
+    print(f"{image}: {answer['explained_class']} by {model}; ensemble: {answer['predicted_class']}, "
+          f"decision {answer['decision']} ({answer['decision_reason']})")
+    members = answer["models"]
+    print(f"  {'class':<10} {ENSEMBLE:>10}" + "".join(f" {name:>18}" for name in members))
+    for cls, p in sorted(answer["probabilities"].items(), key=lambda item: -item[1]):
+        print(f"  {cls:<10} {p:>10.3f}" + "".join(f" {probs[cls]:>18.3f}" for probs in members.values()))
+    print("  weights: " + ", ".join(f"{n} {w:.3f}" for n, w in weights.items())
+          + f"; {'flip TTA' if answer['tta'] else 'single pass'}")
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
@@ -41,25 +56,17 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     image = Path(args.image)
     if not image.is_file():
         raise FileNotFoundError(f"image file not found: {image}")
-    config = load_config(args.config) if args.config else None
-    models = None if args.model == ENSEMBLE else [args.model]
-    explainer = load_explainer(run.root, models, device=args.device, config=config)
-    prediction, picture = explainer.explain(image, args.model, args.method)
+    config = resolve_config(run, args.config, save=args.save_config)
+    core = Inference.from_run(run, config, device=args.device)
+    answer, picture = Explainer(core).explain(image, args.model, args.method)
 
     out = Path(args.out) if args.out else run.eval / "explain" / f"{image.stem}-{args.model}-{args.method}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(out)
-
-    probabilities = sorted(prediction["probabilities"].items(), key=lambda item: -item[1])
-    calibrated = " (calibrated)" if prediction["calibrated"] else ""
-    print(f"{image}: {prediction['predicted_class']} by {args.model}{calibrated}")
-    members = prediction["models"] if args.model == ENSEMBLE else {}
-    header = f"  {'class':<10} {args.model:>10}" + "".join(f" {name:>18}" for name in members)
-    print(header)
-    for cls, p in probabilities:
-        print(f"  {cls:<10} {p:>10.3f}" + "".join(f" {probs[cls]:>18.3f}" for probs in members.values()))
-    if "weights" in prediction:
-        print("  weights: " + ", ".join(f"{n} {w:.3f}" for n, w in prediction["weights"].items()))
+    if args.json:
+        print(json.dumps({**answer, "overlay": str(out)}, indent=2))
+        return 0
+    print_answer(image, args.model, answer, core.spec.weights)
     print(f"{args.method} overlay ({picture.shape[1]}x{picture.shape[0]}, explains "
-          f"{prediction['predicted_class']}): {out}")
+          f"{answer['explained_class']}): {out}")
     return 0

@@ -1,9 +1,9 @@
 """``lesion predict``: class probabilities and a decision for image files, offline from a run directory or through a
 served API.
 
-- ``lesion predict --run RUN FOLDER_OR_FILES... --out preds.csv``: every image is decoded and preprocessed exactly as
-  at ingest (``preprocess_bytes`` with the run's data config), then the evaluation transform; every trained model,
-  the calibrated ensemble and its decision (``lesion.ensemble.decide``).
+- ``lesion predict --run RUN FOLDER_OR_FILES... --out preds.csv``: the run's inference core
+  (``lesion.inference.Inference``): every image is decoded and preprocessed exactly as at ingest, then every trained
+  model in the spec's inference mode, the calibrated ensemble and its decision, the same answers as the served API.
 - ``lesion predict --url http://HOST:8000 IMAGE... [--json]``: POSTs each image to ``/v1/predict`` (multipart field
   ``file``) and prints a table (or the JSON responses).
 
@@ -23,13 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lesion import ensemble
-from lesion.config import Config, load_config
-from lesion.data.preprocess import ImageError, preprocess_bytes
-from lesion.explain import run_data_config
-from lesion.labels import malignant_indices
-from lesion.models import load_trained
+from lesion.config import Config
+from lesion.data.preprocess import ImageError
+from lesion.inference import Inference
 from lesion.rundir import RunDir
+from pipelines.common import resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -49,49 +47,37 @@ def collect_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _run_config(run: RunDir, config_path: str | None) -> Config:
-    saved = run.root / "config.yaml"
-    return load_config(config_path or (saved if saved.is_file() else None))
+def answer_row(path: Path, answer: dict) -> dict[str, Any]:
+    """One CSV row of an answer: decision, ``ensemble:<class>`` (calibrated) and ``<model>:<class>`` (raw)."""
+    row = {"file": str(path), "status": "ok", "error": "", "predicted_class": answer["predicted_class"],
+           "malignant_probability": round(answer["malignant_probability"], 6), "decision": answer["decision"],
+           "decision_reason": answer["decision_reason"]}
+    row.update({f"ensemble:{c}": round(p, 6) for c, p in answer["probabilities"].items()})
+    for name, probs in answer["models"].items():
+        row.update({f"{name}:{c}": round(p, 6) for c, p in probs.items()})
+    return row
 
 
 def predict_files(run: RunDir, inputs: list[str], config: Config | None = None, device: str = "cpu") -> pd.DataFrame:
     """One row per file: file, status, error, predicted_class, malignant_probability, decision, decision_reason,
-    ``ensemble:<class>`` (calibrated) and ``<model>:<class>`` (raw) probabilities."""
-    config = config or _run_config(run, None)
-    data_config = run_data_config(run, config)
-    spec = ensemble.load_or_fit(run, config, device=device)
-    loaded = {name: load_trained(run.model_dir(name), device=device) for name in spec.models}
-    classes = spec.classes
-    rows: list[dict[str, Any]] = []
+    ``ensemble:<class>`` (calibrated) and ``<model>:<class>`` (raw) probabilities. ``config`` defaults to the run's
+    resolved config."""
     files = collect_files(inputs)
     if not files:
         raise FileNotFoundError(f"no image files found in {', '.join(inputs)}")
+    core = Inference.from_run(run, config or resolve_config(run), device=device)
+    rows: list[dict[str, Any]] = []
     for start in range(0, len(files), CHUNK):
         good, images = [], []
         for path in files[start:start + CHUNK]:
             try:
-                images.append(preprocess_bytes(path.read_bytes(), data_config))
+                images.append(core.preprocess(path.read_bytes()))
                 good.append(path)
             except (ImageError, OSError) as exc:
                 rows.append({"file": str(path), "status": "error", "error": str(exc)})
                 log.warning("%s: %s", path, exc)
-        if not good:
-            continue
-        batch = np.stack(images)
-        probs = {name: ensemble.predict_proba(net, info, batch, batch_size=config.evaluate.batch_size,
-                                              tta=config.evaluate.tta, device=device)
-                 for name, (net, info) in loaded.items()}
-        final = ensemble.combine(probs, spec)
-        decisions, reasons = ensemble.decide(final, spec)
-        p_mal = final[:, malignant_indices(spec.task)].sum(axis=1)
-        for k, path in enumerate(good):
-            row = {"file": str(path), "status": "ok", "error": "", "predicted_class": classes[int(final[k].argmax())],
-                   "malignant_probability": round(float(p_mal[k]), 6), "decision": decisions[k],
-                   "decision_reason": reasons[k]}
-            row.update({f"ensemble:{c}": round(float(final[k, j]), 6) for j, c in enumerate(classes)})
-            for name, p in probs.items():
-                row.update({f"{name}:{c}": round(float(p[k, j]), 6) for j, c in enumerate(classes)})
-            rows.append(row)
+        if good:
+            rows += [answer_row(path, answer) for path, answer in zip(good, core.predict(np.stack(images)))]
     order = {str(p): i for i, p in enumerate(files)}
     table = pd.DataFrame(rows)
     return table.sort_values("file", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
@@ -157,7 +143,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2) if args.json else format_table(rows))
         return int(any(r.get("error") for r in rows))
     run = RunDir(args.run)
-    table = predict_files(run, args.inputs, _run_config(run, args.config))
+    table = predict_files(run, args.inputs, resolve_config(run, args.config, save=args.save_config))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from lesion import calibration, ensemble
+from lesion import calibration, ensemble, inference
 from lesion.config import dump_yaml
 from lesion.data.shards import load_split, read_info
 from lesion.rundir import RunDir
@@ -38,9 +38,9 @@ def evaluated(trained_run, tmp_path_factory):
     shutil.rmtree(run.eval, ignore_errors=True)  # start from no ensemble spec, whatever other tests left
     checkpoints = {name: _sha(run.model_dir(name) / "best.pt") for name in run.trained_models()}
     fit_splits, fit_sizes = [], []
-    real_load, real_fit = ensemble.load_split, calibration.fit_temperature
+    real_load, real_fit = inference.load_split, calibration.fit_temperature
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ensemble, "load_split", lambda r, split: fit_splits.append(split) or real_load(r, split))
+        patch.setattr(inference, "load_split", lambda r, split: fit_splits.append(split) or real_load(r, split))
         patch.setattr(calibration, "fit_temperature", lambda z, y: fit_sizes.append(len(y)) or real_fit(z, y))
         result = evaluate(tiny_config(), run, "test")
     return run, result, fit_splits, fit_sizes, checkpoints

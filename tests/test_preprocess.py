@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesion.config import DataConfig
+from lesion.config import ConfigError, DataConfig, config_from_dict
 from lesion.data.preprocess import (
     ImageError,
     crop_black_border,
@@ -20,7 +21,10 @@ from lesion.data.preprocess import (
     preprocess,
     preprocess_bytes,
     remove_hair,
+    resize_to_square,
     save_preprocess_figure,
+    shades_of_gray,
+    shrink_to,
 )
 
 
@@ -264,6 +268,97 @@ def test_real_hairy_image_gets_less_dark_hair(ham10000_fullres):
     assert (gray(cleaned) < 60).mean() < 0.5 * (gray(img) < 60).mean()
 
 
+# --- resize and colour -------------------------------------------------------------------------------------------
+
+
+def disc(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A grey image with a centred dark disc, and the disc's mask."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    mask = np.hypot(yy - height / 2, xx - width / 2) < 0.3 * min(height, width)
+    img = np.full((height, width, 3), 180, np.uint8)
+    img[mask] = 60
+    return img, mask
+
+
+def box_ratio(mask: np.ndarray) -> float:
+    rows, cols = np.nonzero(mask)
+    return (np.ptp(cols) + 1) / (np.ptp(rows) + 1)
+
+
+@pytest.mark.parametrize("height, width", [(767, 1022), (640, 480), (300, 300), (40, 2000)])
+def test_resize_keeps_the_aspect_crop_takes_the_centre(height, width):
+    img, mask = disc(height, width)
+    out, out_mask = resize_to_square(img, 64, mask)
+    assert out.shape == (64, 64, 3) and out_mask.shape == (64, 64)
+    assert 0.9 <= box_ratio(out_mask) <= 1.1  # a round lesion stays round (stretching 1022x767 would give 1.33)
+    assert box_ratio(out[..., 0] < 120) == box_ratio(out_mask)  # the mask follows the image
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    expected = cv2.resize(img[top:top + side, left:left + side], (64, 64), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(out, expected)
+
+
+def test_resize_pad_keeps_the_whole_image_on_black():
+    img, mask = disc(300, 600)
+    out, out_mask = resize_to_square(img, 60, mask, fit="pad")
+    assert 0.9 <= box_ratio(out_mask) <= 1.1
+    assert out[:14].max() == 0 and out[-14:].max() == 0  # 150 px bars above and below = 15 of 60 rows
+    assert (out[16:44] > 0).all()  # the whole width of the image is kept
+    assert out_mask.sum() == pytest.approx(mask.sum() / 100, rel=0.1)  # all of the lesion kept, at 1/10 scale
+    with pytest.raises(ValueError, match="resize fit must be one of crop, pad, got 'stretch'"):
+        resize_to_square(img, 60, fit="stretch")
+
+
+def test_large_images_are_shrunk_with_their_mask_and_aspect():
+    img, mask = disc(1500, 2000)
+    small, small_mask = shrink_to(img, 1024, mask)
+    assert small.shape == (768, 1024, 3) and small_mask.shape == (768, 1024)
+    assert 0.95 <= box_ratio(small_mask) <= 1.05
+    assert shrink_to(img[:500, :600], 1024)[0].shape == (500, 600, 3)  # small enough already: untouched
+
+
+def with_cast(img: np.ndarray, gains) -> np.ndarray:
+    return np.clip(img.astype(np.float32) * np.asarray(gains, np.float32), 0, 255).astype(np.uint8)
+
+
+def chromaticity(img: np.ndarray) -> np.ndarray:
+    return img / np.maximum(img.sum(axis=2, keepdims=True, dtype=np.float64), 1.0)
+
+
+def test_shades_of_gray_removes_a_colour_cast(clean_real):
+    neutral = np.clip(np.random.default_rng(0).normal(128, 30, (120, 160, 1)), 0, 255).repeat(3, 2).astype(np.uint8)
+    cast = with_cast(neutral, (1.25, 1.0, 0.7))  # warm light
+    means = cast.reshape(-1, 3).mean(0)
+    assert means.max() / means.min() > 1.7
+    fixed = shades_of_gray(cast).reshape(-1, 3).mean(0)
+    assert fixed.max() / fixed.min() < 1.03  # channel means equalise
+    assert np.abs(shades_of_gray(neutral).astype(int) - neutral).max() <= 1  # no cast, nothing to do
+    # the same lesion under two lights comes out in (nearly) the same colours (chromaticity; brightness may differ)
+    warm, cold = with_cast(clean_real, (1.1, 0.95, 0.8)), with_cast(clean_real, (0.8, 0.95, 1.1))
+    before = np.abs(chromaticity(warm) - chromaticity(cold)).mean()
+    assert np.abs(chromaticity(shades_of_gray(warm)) - chromaticity(shades_of_gray(cold))).mean() < 0.1 * before
+    assert np.array_equal(shades_of_gray(np.zeros((4, 4, 3), np.uint8)), np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="p must be > 0"):
+        shades_of_gray(neutral, p=0)
+
+
+def settings(**fields) -> DataConfig:
+    """DataConfig at 32 px with ``fields`` changed."""
+    return dataclasses.replace(DataConfig(image_size=32), **fields)
+
+
+def test_preprocess_applies_colour_constancy_and_the_resize_fit_when_asked(clean_real):
+    cast = with_cast(clean_real, (1.2, 1.0, 0.75))
+    plain, _ = preprocess(cast, settings())
+    assert np.array_equal(plain, preprocess(cast, DataConfig(image_size=32))[0])  # off by default
+    corrected, _ = preprocess(cast, settings(color_constancy="shades_of_gray"))
+    assert np.array_equal(corrected, shades_of_gray(plain))
+    padded, _ = preprocess(cast, settings(resize="pad", crop_border=False, remove_hair=False))
+    assert padded[:3].max() == 0 and padded[-3:].max() == 0  # 600x450 padded to a square: bars above and below
+    with pytest.raises(ConfigError, match="data.color_constancy: expected one of none, shades_of_gray; got 'retinex'"):
+        config_from_dict({"data": {"color_constancy": "retinex"}})
+
+
 # --- the whole step -----------------------------------------------------------------------------------------------
 
 
@@ -279,7 +374,7 @@ def test_preprocess_honours_the_config(clean_real):
     assert (gray(out) < 40).mean() < 0.01  # border gone
     off, _ = preprocess(hairy, DataConfig(image_size=32, crop_border=False, remove_hair=False))
     assert (gray(off) < 40).mean() > 0.1  # border kept when the step is off
-    expected = cv2.resize(hairy, (32, 32), interpolation=cv2.INTER_AREA)
+    expected = cv2.resize(hairy[:, 75:525], (32, 32), interpolation=cv2.INTER_AREA)  # the centred 450x450 square
     assert np.array_equal(off, expected)
 
 

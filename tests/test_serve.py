@@ -41,16 +41,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(run_root: Path, tmp: Path, **serve_fields) -> str:
-    """Copy ``run_root``, write a config with ``serve_fields``, start Serve on a free loopback port through the
-    ``serve deploy`` path (``app_builder``); returns the base URL."""
+def start_app(run_root: Path, tmp: Path, config: dict | None = None, **serve_fields) -> str:
+    """Copy ``run_root``, write ``config`` (default: the tiny config) with ``serve_fields``, start Serve on a free
+    loopback port through the ``serve deploy`` path (``app_builder``); returns the base URL."""
     from ray import serve
 
     from pipelines.serve import APP_NAME, QUIET_LOGS, app_builder
 
     run = tmp / "run"
     shutil.copytree(run_root, run)
-    config = tiny_config().to_dict()
+    config = config or tiny_config().to_dict()
     config["serve"].update({"cpus_per_replica": 0.25, "max_replicas": 1, **serve_fields})
     dump_yaml(config, tmp / "serve.yaml")
     port = free_port()

@@ -1,4 +1,5 @@
-"""Per-image preprocessing, done once at ingest: decode, crop the black dermatoscope border, remove hair, resize.
+"""Per-image preprocessing, done once at ingest: decode, crop the black dermatoscope border, remove hair, resize
+(aspect kept: centre crop or pad), optionally correct the colour cast (Shades of Gray).
 
 Every function takes and returns plain numpy arrays (uint8 H x W x 3 RGB images, bool H x W masks), so the same code
 runs in a notebook, in a Ray Data ``map_batches`` and in the serving path.
@@ -15,15 +16,20 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from lesion.config import RESIZE_FITS, DataConfig
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # formats decode_image accepts; anything else is an ImageError
 BORDER_WORK_SIDE = 512  # the border is searched on a copy whose longer side is at most this many pixels
 BORDER_MAX_LINE_DARK = 0.02  # an edge row/column may keep this share of border pixels (inscribed box of a circle)
-BORDER_MIN_KEEP = 0.25  # a crop that would keep less than this share of the area is refused (image kept whole)
+BORDER_MIN_FOV = 0.1  # a field of view (non-border pixels) below this share of the image is refused (kept whole)
+BORDER_MIN_KEEP = 0.5  # a box keeping less than this share of the field of view is refused (a disc's box keeps 2/pi)
 HAIR_KERNEL_FRACTION = 0.03  # black-hat kernel side as a share of the shorter image side (17 px at 600 x 450)
 HAIR_THRESHOLD = 15  # black-hat response (grey levels) above which a pixel is hair or a dark artefact
 HAIR_MIN_AREA = 1e-4  # hair/artefact components smaller than this share of the image are texture, not hair
+WORK_SIDE = 1024  # after the border crop, larger images are shrunk to this longer side (or image_size if larger)
+MIN_IMAGE_SIDE = DataConfig.min_image_side  # images with a shorter side are refused
 
 
 class ImageError(ValueError):
@@ -34,9 +40,10 @@ def decode_image(data: bytes | str | Path, max_pixels: int = 50_000_000) -> np.n
     """Decode JPEG/PNG/BMP/TIFF/WebP bytes or a file into uint8 H x W x 3 RGB, EXIF orientation applied.
 
     Any mode is accepted: RGBA/LA/PA are composited on black (transparent = outside the field of view, which the
-    border crop then removes), P and 1 are expanded, L is replicated, 16-bit (I;16*, I) is scaled by 1/257 (65535 ->
-    255), float F is clipped to 0..255, CMYK/YCbCr/LAB are converted. The pixel count is checked against
-    ``max_pixels`` from the header, before any pixel is decoded. Raises ImageError for empty, truncated, non-image,
+    border crop then removes), P and 1 are expanded, L is replicated, 16-bit (I;16*, and I up to 65535) is scaled by
+    1/257 (65535 -> 255), wider I by 255/(2^31 - 1), float F is clipped to 0..255 (NaN -> 0), CMYK/YCbCr/LAB are
+    converted. The pixel count is checked against ``max_pixels`` from the header, before any pixel is decoded, so
+    memory stays within a few bytes per allowed pixel. Raises ImageError for empty, truncated, non-image,
     unsupported-format or too large input.
     """
     name = str(data) if isinstance(data, (str, Path)) else "image bytes"
@@ -57,7 +64,7 @@ def decode_image(data: bytes | str | Path, max_pixels: int = 50_000_000) -> np.n
             if width * height > max_pixels:
                 raise ImageError(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit {max_pixels}")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no second copy of a large image
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a decodable image (expected one of {', '.join(FORMATS)})") from exc
     except Image.DecompressionBombError as exc:
@@ -72,22 +79,37 @@ def decode_image(data: bytes | str | Path, max_pixels: int = 50_000_000) -> np.n
 
 
 def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    """uint8 H x W x 3 of a decoded image of any mode (see decode_image), without float copies of 8-bit data."""
     mode = image.mode
     if mode.startswith("I") or mode == "F":
-        pixels = np.asarray(image).astype(np.float64)
-        if mode.startswith("I;16") or (mode == "I" and pixels.max(initial=0) > 255):
-            pixels = pixels / 257.0
-        gray = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+        gray = _scale_to_uint8(np.asarray(image), mode)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
-        rgba = np.asarray(image.convert("RGBA")).astype(np.float32)
-        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)  # composite on black
-        return np.ascontiguousarray(np.rint(rgb).astype(np.uint8))
+        rgba = image.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size)  # black
+        rgb.paste(rgba, mask=rgba.getchannel("A"))  # composite on black
+        return np.asarray(rgb, dtype=np.uint8)
     try:
         rgb = image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageError(f"{name}: cannot convert mode {mode} to RGB: {exc}") from exc
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _scale_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Grey levels of an integer or float PIL image as uint8: 16-bit / 257, 32-bit / (2^31-1) * 255, float clipped."""
+    values = pixels.astype(np.float32)  # 4 bytes a pixel, whatever the source type
+    if mode == "F":
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    else:
+        peak = float(values.max(initial=0))
+        if mode.startswith("I;16") or (mode == "I" and 255 < peak <= 65535):
+            values /= 257.0
+        elif mode == "I" and peak > 65535:
+            values *= 255.0 / (2**31 - 1)
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    return values.astype(np.uint8)
 
 
 def find_border_box(img: np.ndarray) -> tuple[int, int, int, int]:
@@ -96,36 +118,38 @@ def find_border_box(img: np.ndarray) -> tuple[int, int, int, int]:
     Border pixels are dark pixels (below a third of the image's bright level) in dark regions that touch an image
     corner, after an opening that drops thin structures such as hair. Edge rows and columns are then peeled off, the
     darkest edge first, until no edge line holds more than ``BORDER_MAX_LINE_DARK`` border pixels: for a rectangular
-    frame this is the frame's inside, for a circular vignette the box inscribed in the bright disc. Without a border,
-    or when the box would keep less than ``BORDER_MIN_KEEP`` of the area, the whole image is returned.
+    frame this is the frame's inside (a square or rectangular field of view), for a circular vignette the box
+    inscribed in the bright disc, whether the disc is cut by the image edges or lies wholly inside them. Without a
+    border, when the field of view (the non-border pixels) is under ``BORDER_MIN_FOV`` of the image (a dark image
+    with a bright spot), or when the box would keep less than ``BORDER_MIN_KEEP`` of the field of view, the whole
+    image is returned.
     """
     height, width = img.shape[:2]
     whole = (0, height, 0, width)
     scale = min(1.0, BORDER_WORK_SIDE / max(height, width))
-    small = img if scale == 1.0 else cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))  # at least 1 pixel, even for 1 x 10000
+    small = img if scale == 1.0 else cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     bright = float(np.percentile(gray, 90))
     dark = (gray < max(10.0, bright / 3)).astype(np.uint8)
     side = max(3, round(min(gray.shape) * 0.02) | 1)
     dark = cv2.morphologyEx(dark, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
     count, labels = cv2.connectedComponents(dark, connectivity=8)
-    h, w = gray.shape
     corners = {labels[0, 0], labels[0, w - 1], labels[h - 1, 0], labels[h - 1, w - 1]} - {0}
     if count <= 1 or not corners:
         return whole
     border = np.isin(labels, list(corners)).astype(np.int64)
+    field = h * w - int(border.sum())
     top, bottom, left, right = _peel(border)
-    if (bottom - top) * (right - left) < BORDER_MIN_KEEP * h * w:
-        log.debug("border crop refused: box %s keeps too little of %dx%d", (top, bottom, left, right), w, h)
+    if field < BORDER_MIN_FOV * h * w or (bottom - top) * (right - left) < BORDER_MIN_KEEP * field:
+        log.debug("border crop refused: box %s, field of view %d pixels of %dx%d", (top, bottom, left, right),
+                  field, w, h)
         return whole
     if scale == 1.0:
         return top, bottom, left, right
-    return (
-        min(height, round(top / scale)),
-        max(0, min(height, round(bottom / scale))),
-        min(width, round(left / scale)),
-        max(0, min(width, round(right / scale))),
-    )
+    rows, cols = height / h, width / w
+    return (min(height, round(top * rows)), min(height, round(bottom * rows)),
+            min(width, round(left * cols)), min(width, round(right * cols)))
 
 
 def _peel(border: np.ndarray) -> tuple[int, int, int, int]:
@@ -198,8 +222,26 @@ def remove_hair(img: np.ndarray) -> np.ndarray:
     return cv2.inpaint(np.ascontiguousarray(img), hair.astype(np.uint8), radius, cv2.INPAINT_TELEA)
 
 
-def resize_square(img: np.ndarray, size: int, mask: np.ndarray | None = None):
-    """Resize to size x size (area interpolation for the image, nearest for the mask); aspect is not kept."""
+def resize_to_square(img: np.ndarray, size: int, mask: np.ndarray | None = None, fit: str = "crop"):
+    """Resize to size x size keeping the aspect ratio: ``fit="crop"`` takes the centred square of the shorter side,
+    ``fit="pad"`` puts the whole image on a black square. Area interpolation for the image, nearest for the mask.
+
+    Crop is the default: after the border crop the lesion sits near the centre of the field of view, the cached pixels
+    all carry skin (padding would spend a quarter of a 4:3 image on black bars that look like a dermatoscope border),
+    and no shape is stretched, so a round lesion stays round whatever camera took it. Returns (image, mask or None).
+    """
+    if fit not in RESIZE_FITS:
+        raise ValueError(f"resize fit must be one of {', '.join(RESIZE_FITS)}, got {fit!r}")
+    height, width = img.shape[:2]
+    side = min(height, width) if fit == "crop" else max(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    if fit == "crop":
+        img = img[top:top + side, left:left + side]
+        mask = None if mask is None else mask[top:top + side, left:left + side]
+    else:
+        pad = ((-top, side - height + top), (-left, side - width + left))
+        img = np.pad(img, (*pad, (0, 0)))
+        mask = None if mask is None else np.pad(mask, pad)
     out = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     if mask is None:
         return out, None
@@ -207,17 +249,68 @@ def resize_square(img: np.ndarray, size: int, mask: np.ndarray | None = None):
     return out, small.astype(bool)
 
 
+def shades_of_gray(img: np.ndarray, p: float = 6) -> np.ndarray:
+    """Shades of Gray colour constancy (Finlayson & Trezzi, 2004): remove the colour cast of the light source.
+
+    The illuminant is estimated per channel as the Minkowski p-norm mean of the pixels (p=1: grey world, p=inf:
+    max-RGB; 6 is the usual choice for dermoscopy) and each channel is scaled so the illuminant becomes neutral grey
+    of the same length. Returns uint8 H x W x 3 (clipped).
+    """
+    if p <= 0:
+        raise ValueError(f"shades_of_gray: p must be > 0, got {p}")
+    values = img.astype(np.float32)
+    illuminant = np.power(np.mean(np.power(values / 255.0, p), axis=(0, 1), dtype=np.float64), 1.0 / p)
+    length = float(np.linalg.norm(illuminant))
+    if length == 0.0:  # an all-black image has no colour cast
+        return img.copy()
+    gains = length / (np.sqrt(3.0) * np.maximum(illuminant, 1e-6))
+    values *= gains.astype(np.float32)
+    return np.clip(np.rint(values, out=values), 0, 255).astype(np.uint8)
+
+
+def check_image_side(img: np.ndarray, min_side: int = MIN_IMAGE_SIDE) -> None:
+    """Raise ImageError when the image's shorter side is below ``min_side`` pixels (too small to be scored)."""
+    height, width = img.shape[:2]
+    if min(height, width) < min_side:
+        raise ImageError(f"image {width}x{height} is smaller than the minimum side of {min_side} px "
+                         f"(data.min_image_side)")
+
+
+def shrink_to(img: np.ndarray, longest: int, mask: np.ndarray | None = None):
+    """Shrink (area interpolation; nearest for the mask) so the longer side is at most ``longest``, aspect kept."""
+    height, width = img.shape[:2]
+    if max(height, width) <= longest:
+        return img, mask
+    scale = longest / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    if mask is None:
+        return small, None
+    return small, cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
 def preprocess(img: np.ndarray, data_config, mask: np.ndarray | None = None):
-    """Crop border (if ``data_config.crop_border``), remove hair (if ``data_config.remove_hair``), resize to
-    ``data_config.image_size``. Returns (uint8 S x S x 3, bool S x S mask or None)."""
+    """Refuse images smaller than ``data_config.min_image_side`` (ImageError), crop the border (if
+    ``crop_border``), shrink to WORK_SIDE, remove hair (if ``remove_hair``), resize to ``image_size`` keeping the
+    aspect (``resize``: crop or pad), correct the colour cast (``color_constancy``: none or shades_of_gray).
+
+    Shrinking before hair removal keeps a large photo's hair kernel near the scale the detector was tuned on
+    (HAM10000's 600 x 450: skin texture of a 4000 px photo is otherwise taken for hair) and bounds cost and memory.
+    Returns (uint8 S x S x 3, bool S x S mask or None).
+    """
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected a uint8 H x W x 3 image, got {img.dtype} {img.shape}")
     _check_mask(img, mask)
+    check_image_side(img, data_config.min_image_side)
     if data_config.crop_border:
         img, mask = crop_black_border(img, mask)
+    img, mask = shrink_to(img, max(WORK_SIDE, data_config.image_size), mask)
     if data_config.remove_hair:
         img = remove_hair(img)
-    return resize_square(img, data_config.image_size, mask)
+    img, mask = resize_to_square(img, data_config.image_size, mask, data_config.resize)
+    if data_config.color_constancy == "shades_of_gray":
+        img = shades_of_gray(img)
+    return img, mask
 
 
 def preprocess_bytes(data: bytes, data_config) -> np.ndarray:
