@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -41,6 +42,7 @@ SEARCH_SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
 EVALUATE_SPLITS = ("train", "val", "test", "all")  # all: every ingested image (an external test set)
 ENSEMBLE_WEIGHTS = ("fit", "equal")
 CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # keys of train.models
 # The architectures of lesion.models' registry (kept equal to lesion.models.MODEL_NAMES by tests/test_variants.py;
 # listed here so that reading a config does not import torch and timm).
 ARCHITECTURES = ("custom_cnn", "scratch_cnn", "resnet50", "densenet121", "mobilenetv2", "efficientnet_b0",
@@ -296,6 +298,9 @@ class Config:
         which must then be an architecture)."""
         overrides = self.train.models.get(name, {})
         where = f"train.models.{name}"
+        if not VARIANT_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a variant name names a folder (RUN/models/<name>/): expected letters, digits, "
+                              f"'_', '-' and '.' only; got {name!r}")
         resolved = _build(TrainConfig, {**_shallow(self.train), **overrides}, where)
         resolved.models = {}
         if resolved.arch is None:

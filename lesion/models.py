@@ -532,7 +532,7 @@ def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> t
         raise ValueError(f"{path}: not a lesion checkpoint with 'state_dict' and 'info' ({exc})") from exc
     arch = info.get("arch") or info.get("name")
     if arch not in _REGISTRY:
-        raise ValueError(f"{path}: unknown architecture {arch!r} in its info (arch, else name); "
+        raise ValueError(f"{path}: unknown model name {arch!r} in its info (its arch, else its name); "
                          f"known models: {', '.join(_REGISTRY)}")
     model = create_model(arch, int(info["num_classes"]), pretrained=False, input_size=int(info["input_size"]),
                          **(info.get("arch_kwargs") or {}))

@@ -40,7 +40,7 @@ from pipelines.common import init_ray, resolve_config
 log = logging.getLogger(__name__)
 
 META = ["image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization"]
-EVALUATE_VERSION = 2  # 2: the variant comparison. Bump when evaluate's output changes for the same inputs (its fingerprint includes it)
+EVALUATE_VERSION = 2  # bump when evaluate's output changes for the same inputs (2: the variant comparison)
 
 
 class Predictor:
