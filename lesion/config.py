@@ -4,8 +4,10 @@ Defaults live here and nowhere else, and so do the allowed values: every field t
 number in a range, says so where it is declared (``checked``), and the check runs whenever a file or an override is
 read (``config_from_dict``), so a bad value fails at once with its path (``train.models.resnet50.balance``), the value
 and what was expected, never an epoch into training. A YAML file has one section per stage (``data``, ``train``,
-``tune``, ``evaluate``, ``serve``, ``workflow``); ``train.models`` maps a model name to a partial ``train`` section
-that overrides the training defaults for that model only.
+``tune``, ``evaluate``, ``serve``, ``workflow``); ``train.models`` maps a variant name to a partial ``train``
+section that overrides the training defaults for that variant only. A variant's ``arch`` names its architecture (one of
+``ARCHITECTURES``; default: the variant name), so ``resnet50-balanced: {arch: resnet50, balance: oversample}`` and
+``resnet50-imbalanced: {arch: resnet50, balance: none}`` train the same network two ways.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -39,6 +42,11 @@ SEARCH_SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
 EVALUATE_SPLITS = ("train", "val", "test", "all")  # all: every ingested image (an external test set)
 ENSEMBLE_WEIGHTS = ("fit", "equal")
 CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # keys of train.models
+# The architectures of lesion.models' registry (kept equal to lesion.models.MODEL_NAMES by tests/test_variants.py;
+# listed here so that reading a config does not import torch and timm).
+ARCHITECTURES = ("custom_cnn", "scratch_cnn", "resnet50", "densenet121", "mobilenetv2", "efficientnet_b0",
+                 "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 class ConfigError(ValueError):
@@ -131,7 +139,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """How one model is trained; per-model overrides live in ``models``."""
+    """How one model is trained; per-variant overrides live in ``models`` (variant name -> partial train section)."""
 
     models: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
@@ -173,13 +181,14 @@ class TrainConfig:
     gpus_per_worker: float = checked(0.0, NON_NEGATIVE)
     max_failures: int = checked(2, interval(-1))  # worker failures survived from the last checkpoint; -1: no limit
     seed: int = checked(0, NON_NEGATIVE)
+    arch: str | None = checked(None, one_of(*ARCHITECTURES))  # the variant's architecture; None = the variant name
 
 
 @dataclass
 class TuneConfig:
-    """Ray Tune + Optuna search over the custom CNN."""
+    """Ray Tune + Optuna search over one architecture (its tuned settings go to every variant of it)."""
 
-    model: str = "custom_cnn"
+    model: str = checked("custom_cnn", one_of(*ARCHITECTURES))  # an architecture, not a variant name
     trials: int = checked(4, POSITIVE)
     epochs: int = checked(4, POSITIVE)
     metric: str = checked("val_balanced_accuracy", one_of(*VAL_METRICS))
@@ -285,11 +294,25 @@ class Config:
         return dataclasses.asdict(self)
 
     def model_config(self, name: str) -> TrainConfig:
-        """The training section with the overrides of model ``name`` applied."""
+        """The training section with the overrides of variant ``name`` applied; ``arch`` resolved (None -> ``name``,
+        which must then be an architecture)."""
         overrides = self.train.models.get(name, {})
-        resolved = _build(TrainConfig, {**_shallow(self.train), **overrides}, f"train.models.{name}")
+        where = f"train.models.{name}"
+        if not VARIANT_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a variant name names a folder (RUN/models/<name>/): expected letters, digits, "
+                              f"'_', '-' and '.' only; got {name!r}")
+        resolved = _build(TrainConfig, {**_shallow(self.train), **overrides}, where)
         resolved.models = {}
+        if resolved.arch is None:
+            if name not in ARCHITECTURES:
+                raise ConfigError(f"{where}.arch: the variant name {name!r} is not an architecture, so arch must name "
+                                  f"one: expected one of {', '.join(ARCHITECTURES)}")
+            resolved.arch = name
         return resolved
+
+    def variants_of(self, arch: str) -> list[str]:
+        """The variants of ``train.models`` whose architecture is ``arch``, in config order."""
+        return [name for name in self.train.models if self.model_config(name).arch == arch]
 
 
 def _shallow(obj) -> dict[str, Any]:
@@ -378,7 +401,7 @@ def _build(cls, values: dict[str, Any], where: str):
 def check_search_space(space: dict[str, Any], where: str = "tune.search_space") -> None:
     """Check a Tune search space: each key a train field, each entry ``{type, low, high}`` or ``{type: choice,
     values}`` whose bounds and values are valid values of that field."""
-    fields = set(_fields(TrainConfig)) - {"models"}
+    fields = set(_fields(TrainConfig)) - {"models", "arch"}
     for key, entry in space.items():
         at = _join(where, key)
         if key not in fields:

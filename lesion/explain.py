@@ -37,7 +37,7 @@ from torch import nn
 
 from lesion.data.augment import model_input
 from lesion.inference import Inference
-from lesion.models import MODEL_NAMES, model_spec, unwrap
+from lesion.models import MODEL_NAMES, checkpoint_arch, model_spec, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ TARGET_LAYERS: Mapping[str, Callable[[nn.Module], nn.Module]] = MappingProxyType
 
 
 def target_layer(model: nn.Module, name: str) -> nn.Module:
-    """The Grad-CAM layer of a built model ``name`` (DDP / compile wrappers are looked through)."""
+    """The Grad-CAM layer of a built model of architecture ``name`` (DDP / compile wrappers are looked through)."""
     if name not in TARGET_LAYERS:
         raise ValueError(f"no Grad-CAM layer for model {name!r}; known models: {', '.join(TARGET_LAYERS)}")
     return TARGET_LAYERS[name](unwrap(model))
@@ -108,7 +108,7 @@ def explain_batch(model: nn.Module, info: dict, x: torch.Tensor, targets: Sequen
                   method: str = "gradcam", batch_size: int = 32) -> np.ndarray:
     """Class activation maps of a normalised batch ``x`` (N, 3, H, W): float32 (N, H, W) in [0, 1].
 
-    ``info`` is the checkpoint info (``name`` picks the target layer, ``num_classes`` 1 means one binary logit).
+    ``info`` is the checkpoint info (its architecture picks the target layer, ``num_classes`` 1 means one binary logit).
     ``targets``: class index per image to explain (binary: 0 benign, 1 malignant); None explains the predicted class.
     Each map is min-max scaled on its own (grad-cam's convention); a map with no positive evidence is all zeros.
     Gradients are enabled here even when called under ``torch.no_grad``/``inference_mode``; the model is put in
@@ -119,7 +119,7 @@ def explain_batch(model: nn.Module, info: dict, x: torch.Tensor, targets: Sequen
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"explain_batch expects a normalised (N, 3, H, W) batch, got shape {tuple(x.shape)}")
     model = unwrap(model).eval()
-    layer = target_layer(model, info["name"])
+    layer = target_layer(model, checkpoint_arch(info))
     binary = int(info["num_classes"]) == 1
     maps = []
     with torch.inference_mode(False), torch.enable_grad():

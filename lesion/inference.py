@@ -37,7 +37,7 @@ from lesion.data.augment import model_input
 from lesion.data.preprocess import preprocess_bytes
 from lesion.data.shards import load_split, read_info
 from lesion.labels import class_names, malignant_indices
-from lesion.models import load_trained, logits_to_probs
+from lesion.models import checkpoint_arch, load_trained, logits_to_probs
 from lesion.rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def predict_proba(net: nn.Module, info: dict, images: np.ndarray, *, tta: bool, 
 class Member:
     """One trained model, loaded once (eval mode), with its checkpoint info and provenance."""
 
-    name: str
+    name: str  # the variant (its folder under RUN/models/)
     net: nn.Module
     info: dict[str, Any]  # the checkpoint info (lesion.models.load_trained), with checkpoint_sha256
     device: str = "cpu"
@@ -103,7 +103,7 @@ class Member:
     def summary(self) -> dict[str, Any]:
         """What /v1/models says about this model."""
         info = self.info
-        return {"name": self.name, "task": info["task"], "classes": list(info["classes"]),
+        return {"name": self.name, "arch": checkpoint_arch(info), "task": info["task"], "classes": list(info["classes"]),
                 "input_size": info["input_size"], "pretrained": info.get("pretrained"),
                 "best_epoch": info.get("best_epoch"), **self.version}
 

@@ -199,39 +199,98 @@ def _summary(y_true, y_prob, task: str) -> dict[str, float]:
     }
 
 
+def lesion_resamples(groups, n_resamples: int, seed: int = 0):
+    """Index arrays of ``n_resamples`` bootstrap resamples of LESIONS: each draws the groups (``groups`` (N,): each
+    image's lesion_id) with replacement and keeps every image of each drawn group, so several photographs of one
+    lesion never count as independent evidence. Reusing the index arrays pairs the resamples across models."""
+    codes, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(codes), len(codes))])
+
+
+def _interval(estimate: float, values, confidence: float) -> dict[str, Any]:
+    """Percentile interval of the finite ``values`` around ``estimate``."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (math.nan, math.nan)
+    return {"estimate": estimate, "low": float(low), "high": float(high), "n_valid": int(len(values))}
+
+
+def _check_groups(groups, n: int) -> np.ndarray:
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} images")
+    return groups
+
+
 def bootstrap_ci(
     y_true, y_prob, groups, task: str, n_resamples: int = 500, confidence: float = 0.95, seed: int = 0
 ) -> dict[str, Any]:
     """Percentile bootstrap intervals for balanced accuracy, macro AUC and malignant AUC, resampling GROUPS.
 
-    ``groups`` (N,) holds each image's lesion_id: a resample draws lesions with replacement and keeps all images of
-    each drawn lesion, so several photographs of one lesion never count as independent evidence. Resamples in which
-    a metric is undefined are left out of that metric's interval (``n_valid`` says how many remained).
+    ``groups`` (N,) holds each image's lesion_id (see ``lesion_resamples``). Resamples in which a metric is undefined
+    are left out of that metric's interval (``n_valid`` says how many remained).
     """
     y_true, y_prob = _check(y_true, y_prob)
-    groups = np.asarray(groups)
-    if len(groups) != len(y_true):
-        raise ValueError(f"groups has {len(groups)} entries for {len(y_true)} images")
-    codes, inverse = np.unique(groups, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
-    rng = np.random.default_rng(seed)
+    groups = _check_groups(groups, len(y_true))
     samples = {name: [] for name in BOOTSTRAP_METRICS}
-    for _ in range(n_resamples):
-        drawn = rng.integers(0, len(codes), len(codes))
-        idx = np.concatenate([members[g] for g in drawn])
+    for idx in lesion_resamples(groups, n_resamples, seed):
         for name, value in _summary(y_true[idx], y_prob[idx], task).items():
             samples[name].append(value)
     estimate = _summary(y_true, y_prob, task)
-    tail = (1 - confidence) / 2 * 100
     out: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "unit": "lesion",
-                           "n_groups": len(codes)}
+                           "n_groups": len(np.unique(groups))}
     for name, values in samples.items():
-        values = np.asarray(values)
-        values = values[np.isfinite(values)]
-        low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (math.nan, math.nan)
-        out[name] = {"estimate": estimate[name], "low": float(low), "high": float(high), "n_valid": int(len(values))}
+        out[name] = _interval(estimate[name], values, confidence)
     return out
+
+
+def comparison_metrics(y_true, y_prob, task: str) -> dict[str, float]:
+    """The metrics a variant comparison reports: balanced accuracy, macro F1, malignant AUC and ``recall:<class>``
+    for each class (NaN where undefined)."""
+    y_true, y_prob = _check(y_true, y_prob)
+    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    recall = per_class(y_true, y_prob)["recall"]
+    return {"balanced_accuracy": balanced_accuracy(y_true, y_prob),
+            "macro_f1": precision_recall_f1(y_true, y_prob)["macro"]["f1"],
+            "malignant_auc": binary_auc(y_mal, p_mal),
+            **{f"recall:{name}": float(recall[k]) for k, name in enumerate(class_names(task))}}
+
+
+def paired_bootstrap(y_true, probs: dict[str, np.ndarray], groups, task: str, n_resamples: int = 500,
+                     confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Compare models scored on the same images: each one's ``comparison_metrics`` with its lesion-bootstrap
+    interval, and for each pair ``"a - b"`` the paired difference (the same resampled lesions for both) with its
+    interval. An interval of the difference that excludes 0 says the difference is not resampling noise.
+
+    Returns ``{n_resamples, confidence, unit: "lesion", n_groups, models: {name: {metric: {estimate, low, high,
+    n_valid}}}, differences: {"a - b": {metric: {estimate, low, high, n_valid}}}}`` (pairs in ``probs`` order).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    groups = _check_groups(groups, len(y_true))
+    names = list(probs)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    estimates = {name: comparison_metrics(y_true, probs[name], task) for name in names}
+    metric_names = list(next(iter(estimates.values()))) if names else []
+    samples = {name: {m: [] for m in metric_names} for name in names}
+    for idx in lesion_resamples(groups, n_resamples, seed):
+        for name in names:
+            for metric, value in comparison_metrics(y_true[idx], probs[name][idx], task).items():
+                samples[name][metric].append(value)
+
+    def difference(a: str, b: str, metric: str) -> dict[str, Any]:
+        values = np.asarray(samples[a][metric]) - np.asarray(samples[b][metric])
+        return _interval(estimates[a][metric] - estimates[b][metric], values, confidence)
+
+    return {"n_resamples": n_resamples, "confidence": confidence, "unit": "lesion",
+            "n_groups": int(len(np.unique(groups))),
+            "models": {name: {m: _interval(estimates[name][m], samples[name][m], confidence) for m in metric_names}
+                       for name in names},
+            "differences": {f"{a} - {b}": {m: difference(a, b, m) for m in metric_names} for a, b in pairs}}
 
 
 def age_band(age) -> str:

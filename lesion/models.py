@@ -489,10 +489,15 @@ def _plain(value):
     raise TypeError(f"checkpoint info: {type(value).__name__} value {value!r} is not JSON-serialisable")
 
 
+def checkpoint_arch(info: dict[str, Any]) -> str:
+    """The architecture of a checkpoint's ``info``: its ``arch``, else (runs from before variants) its ``name``."""
+    return info.get("arch") or info["name"]
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, info: dict[str, Any]) -> None:
     """Write ``{"state_dict", "info"}`` to ``path`` (atomically) and ``info`` as ``model.json`` beside it.
 
-    ``info`` (name, task, classes, num_classes, input_size, mean, std, arch_kwargs, pretrained, run_id, best_epoch,
+    ``info`` (name: the variant, arch: its architecture, task, classes, num_classes, input_size, mean, std, arch_kwargs, pretrained, run_id, best_epoch,
     metrics) is reduced to plain JSON types so the checkpoint loads with ``weights_only=True``.
     """
     path = Path(path)
@@ -511,7 +516,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: dict[str, Any]) ->
 def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained model from ``model_dir/best.pt`` (or a checkpoint file); returns (model.eval(), info).
 
-    ``info`` gets ``checkpoint_sha256``, the SHA-256 of the checkpoint file.
+    The network is ``info["arch"]`` (checkpoints without it: ``info["name"]``). ``info`` gets ``checkpoint_sha256``, the SHA-256 of the checkpoint file.
     """
     model_dir = Path(model_dir)
     path = model_dir if model_dir.is_file() else model_dir / "best.pt"
@@ -525,10 +530,11 @@ def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> t
         info, state = dict(checkpoint["info"]), checkpoint["state_dict"]
     except Exception as exc:
         raise ValueError(f"{path}: not a lesion checkpoint with 'state_dict' and 'info' ({exc})") from exc
-    name = info.get("name")
-    if name not in _REGISTRY:
-        raise ValueError(f"{path}: unknown model name {name!r} in its info; known models: {', '.join(_REGISTRY)}")
-    model = create_model(name, int(info["num_classes"]), pretrained=False, input_size=int(info["input_size"]),
+    arch = info.get("arch") or info.get("name")
+    if arch not in _REGISTRY:
+        raise ValueError(f"{path}: unknown model name {arch!r} in its info (its arch, else its name); "
+                         f"known models: {', '.join(_REGISTRY)}")
+    model = create_model(arch, int(info["num_classes"]), pretrained=False, input_size=int(info["input_size"]),
                          **(info.get("arch_kwargs") or {}))
     model.load_state_dict(state, strict=True)
     model.pretrained_origin = info.get("pretrained", "scratch")

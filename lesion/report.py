@@ -221,6 +221,39 @@ def explanation_table(explanations: dict) -> str:
                    "ROAD (higher = more faithful)", "confidence change, CAM x image", "images"], rows)
 
 
+def _interval_cell(entry: dict | None) -> str:
+    """``estimate [low, high]`` of one paired-bootstrap entry."""
+    if not entry:
+        return "–"
+    if entry.get("low") is None:
+        return _fmt(entry.get("estimate"))
+    return f"{_fmt(entry.get('estimate'))} <small>[{_fmt(entry['low'])}, {_fmt(entry['high'])}]</small>"
+
+
+def _metric_label(metric: str) -> str:
+    if metric.startswith("recall:"):
+        cls = metric.split(":", 1)[1]
+        return f"recall {html.escape(cls)} <small>{html.escape(DX_NAMES.get(cls, ''))}</small>"
+    return html.escape(metric.replace("_", " ").replace("auc", "AUC").replace("f1", "F1"))
+
+
+def comparison_table(arch: str, section: dict) -> str:
+    """One architecture's variants side by side: each metric with its lesion-bootstrap interval per variant, and the
+    paired difference of each pair with its interval (bold when the interval excludes 0)."""
+    variants = list(section["models"])
+    header = ["metric", *(f"{html.escape(v)} <small>({html.escape(str(section['variants'][v].get('balance')))})"
+                          f"</small>" for v in variants), *(html.escape(pair) for pair in section["differences"])]
+    rows = []
+    for metric in section["models"][variants[0]]:
+        cells = [_interval_cell(section["models"][v][metric]) for v in variants]
+        for diff in section["differences"].values():
+            d = diff[metric]
+            real = d.get("low") is not None and (d["low"] > 0 or d["high"] < 0)
+            cells.append(f"<b>{_interval_cell(d)}</b>" if real else _interval_cell(d))
+        rows.append([_metric_label(metric), *cells])
+    return f"<h3>{html.escape(arch)}</h3>" + _table(header, rows)
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"><figcaption>' \
@@ -235,7 +268,8 @@ small{color:#666}"""
 
 
 def render_html(result: dict, figures: dict[str, Path], path: str | Path) -> Path:
-    """Write the offline one-page report: summary, per-class tables, subgroups, explanations and figures.
+    """Write the offline one-page report: summary, variant comparison, figures, per-class tables, subgroups and
+    explanations.
 
     ``result`` is the content of metrics.json; ``figures`` maps a caption to a PNG file (embedded as base64).
     """
@@ -257,6 +291,11 @@ def render_html(result: dict, figures: dict[str, Path], path: str | Path) -> Pat
             f" (target sensitivity {_fmt(d['target_sensitivity'], 2)}); on this split sensitivity "
             f"{_fmt(ens['binary'].get('sensitivity'))}, specificity {_fmt(ens['binary'].get('specificity'))}; "
             f"uncertain (abstained) for {_fmt(d['share_uncertain'])} of images.</p>")
+    if result.get("comparison"):
+        parts += ["<h2>Variants compared (same architecture)</h2>",
+                  "<p>Each metric with its 95% bootstrap interval over lesions; the differences are paired (the same "
+                  "resampled lesions for both variants): an interval that excludes 0 (bold) is a real difference.</p>"]
+        parts += [comparison_table(arch, section) for arch, section in result["comparison"].items()]
     for caption, fig_path in figures.items():
         parts.append(_img(fig_path, caption))
     parts.append("<h2>Per-class report</h2>")

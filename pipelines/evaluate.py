@@ -6,8 +6,8 @@ weights, temperatures and thresholds (fitted on the run's validation split) come
 (``lesion.inference.Inference``), which the Ray Data actors run too.
 
 Output (``RUN/eval/``, or ``RUN/eval/external/<name>/`` for another data set):
-``metrics.json``, ``predictions/<model>.csv`` (ISIC 2018 Task 3: ``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``; binary
-task: ``image,malignant``), ``predictions_long.csv``, ``plots/*.png``, ``report.html``, ``model_card.md``.
+``metrics.json`` (with ``comparison``: the variants of each architecture side by side), ``predictions/<model>.csv``
+(ISIC 2018 Task 3: ``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``; binary task: ``image,malignant``), ``predictions_long.csv``, ``plots/*.png``, ``report.html``, ``model_card.md``.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from lesion.data.augment import model_input
 from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, split_files
 from lesion.inference import Inference, checkpoint_sha256
 from lesion.labels import class_names
+from lesion.models import checkpoint_arch
 from lesion.rundir import RunDir, fingerprint, package_versions
 from pipelines.common import init_ray, resolve_config
 
 log = logging.getLogger(__name__)
 
 META = ["image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization"]
-EVALUATE_VERSION = 1  # bump when evaluate's output changes for the same inputs (its fingerprint includes it)
+EVALUATE_VERSION = 2  # bump when evaluate's output changes for the same inputs (2: the variant comparison)
 
 
 class Predictor:
@@ -227,6 +228,34 @@ def model_results(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarr
     return results
 
 
+def variants_by_arch(run: RunDir, names: list[str]) -> dict[str, list[str]]:
+    """The evaluated models grouped by architecture (``model.json``'s ``arch``; older runs: its name)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        info = json.loads((run.model_dir(name) / "model.json").read_text())
+        groups.setdefault(checkpoint_arch(info), []).append(name)
+    return groups
+
+
+def comparison(run: RunDir, task: str, labels: np.ndarray, probs: dict[str, np.ndarray], groups: np.ndarray,
+               config: Config) -> dict[str, dict]:
+    """metrics.json's ``comparison``: for each architecture with two or more variants, each variant's balance and
+    weights origin, and ``lesion.metrics.paired_bootstrap`` of the variants (each one's balanced accuracy, macro F1,
+    per-class recall, malignant AUC with intervals; the paired difference of each pair with its interval)."""
+    out = {}
+    for arch, variants in variants_by_arch(run, list(probs)).items():
+        if len(variants) < 2:
+            continue
+        infos = {v: json.loads((run.model_dir(v) / "model.json").read_text()) for v in variants}
+        out[arch] = {
+            "variants": {v: {"balance": infos[v].get("balance"), "pretrained": infos[v].get("pretrained")}
+                         for v in variants},
+            **metrics.paired_bootstrap(labels, {v: probs[v] for v in variants}, groups, task,
+                                       config.evaluate.bootstrap, seed=config.data.seed),
+        }
+    return out
+
+
 def ensemble_result(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarray], answers: list[dict],
                     report_kwargs: dict) -> dict:
     """metrics.json's ensemble entry from the core's answers: metrics, calibration, members and decisions."""
@@ -262,8 +291,9 @@ def score(core: Inference, files: list[str], meta: pd.DataFrame, image_size: int
 
 
 def _cam_figures(core: Inference, files: list[str], meta: pd.DataFrame, image_size: int, final: np.ndarray,
-                 out: Path, config: Config) -> tuple[dict, dict[str, Path]]:
-    """Explanation quality on ``cam_score_images`` evaluated images and the Grad-CAM grid of ``cam_images``."""
+                 out: Path, config: Config, compared: dict[str, list[str]]) -> tuple[dict, dict[str, Path]]:
+    """Explanation quality on ``cam_score_images`` evaluated images and the Grad-CAM grid of ``cam_images``: all
+    models, then the variants of each architecture in ``compared`` ({arch: variants})."""
     ev, classes = config.evaluate, core.classes
     if not (ev.cam_methods and ev.cam_score_images > 0):
         return {}, {}
@@ -277,7 +307,12 @@ def _cam_figures(core: Inference, files: list[str], meta: pd.DataFrame, image_si
     labels = meta["label"].to_numpy(np.int64)
     row_labels = [f"{classes[labels[rows[i]]]} → {classes[final[rows[i]].argmax()]}" for i in shown]
     title = f"{method} maps: image, one column per model and the ensemble (true → ensemble prediction)"
-    return section, {title: report.plot_cam_grid(images[shown], overlays, out / "plots" / "cam_grid.png", row_labels)}
+    figures = {title: report.plot_cam_grid(images[shown], overlays, out / "plots" / "cam_grid.png", row_labels)}
+    for arch, variants in compared.items():  # the same images across the variants of one architecture
+        figures[f"{method} maps of the {arch} variants (same images; true → ensemble prediction)"] = (
+            report.plot_cam_grid(images[shown], {v: overlays[v] for v in variants},
+                                 out / "plots" / f"cam_grid_{arch}.png", row_labels))
+    return section, figures
 
 
 def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir | None = None, *,
@@ -315,9 +350,12 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     all_probs = {**probs, "ensemble": final}
     _write_predictions(out, meta, core.classes, core.spec.task, all_probs, [a["decision"] for a in answers])
     result = _result_document(core, split, external, data_run, info, meta, groups, results)
+    result["comparison"] = comparison(run, core.spec.task, labels, probs, groups, config)
     figures = _figures(out, run, core.names, labels, all_probs, ensemble.mix(probs, core.spec.weights), core.classes,
                        core.spec.task, results)
-    result["explanations"], cam_figures = _cam_figures(core, files, meta, int(info["image_size"]), final, out, config)
+    compared = {arch: list(section["variants"]) for arch, section in result["comparison"].items()}
+    result["explanations"], cam_figures = _cam_figures(core, files, meta, int(info["image_size"]), final, out, config,
+                                                       compared)
     figures.update(cam_figures)
 
     (out / "metrics.json").write_text(json.dumps(metrics.json_safe(result), indent=2, allow_nan=False))

@@ -149,7 +149,8 @@ def loop_config(cfg: TrainConfig, name: str, info: dict[str, Any], *, tb_dir: Pa
     classes = list(info["classes"])
     counts = info["counts"]
     return {
-        "name": name,
+        "name": name,  # the variant
+        "arch": cfg.arch or name,  # its architecture
         "cfg": {**dataclasses.asdict(cfg), "models": {}},
         "task": info["task"],
         "classes": classes,
@@ -163,12 +164,13 @@ def loop_config(cfg: TrainConfig, name: str, info: dict[str, Any], *, tb_dir: Pa
 
 
 def build_model(loop: dict[str, Any]) -> torch.nn.Module:
-    """The model of ``loop`` (pretrained weights as configured), with the config's architecture options."""
+    """The network of ``loop``'s architecture (pretrained weights as configured), with the config's architecture
+    options."""
     cfg = loop["cfg"]
     pretrained = cfg["weights"] or cfg["pretrained"]
     outputs = 1 if loop["task"] == "binary" else len(loop["classes"])
-    arch = {key: cfg[key] for key in model_spec(loop["name"])["arch_kwargs"]}
-    return create_model(loop["name"], outputs, pretrained=pretrained, input_size=loop["input_size"], **arch)
+    options = {key: cfg[key] for key in model_spec(loop["arch"])["arch_kwargs"]}
+    return create_model(loop["arch"], outputs, pretrained=pretrained, input_size=loop["input_size"], **options)
 
 
 def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -188,7 +190,7 @@ class TrainingRun:
         seed_everything(cfg.seed)
         if session.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        spec = model_spec(loop["name"])
+        spec = model_spec(loop["arch"])
         self.settings = LoopSettings(task=loop["task"], num_classes=len(loop["classes"]), mean=spec["mean"],
                                      std=spec["std"], input_size=loop["input_size"], device=session.device,
                                      amp=cfg.amp, channels_last=cfg.channels_last)

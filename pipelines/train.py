@@ -4,7 +4,8 @@ The training split streams to DDP workers through Ray Data (``pipelines.datasets
 without copying, pinned and moved to the worker's device in Ray Data's background threads, and augmented there as
 batch tensor ops. The workers run the training loop of ``pipelines.loop`` (shared with ``lesion tune``); a worker
 that dies is replaced and training resumes from the last checkpoint (``FailureConfig``). After the run the best
-epoch's weights become ``RUN/models/<name>/best.pt``, recorded in the manifest with ``train_fingerprint``.
+epoch's weights become ``RUN/models/<variant>/best.pt`` (``model.json`` records the variant as ``name`` and its
+architecture as ``arch``), recorded in the manifest with ``train_fingerprint``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from lesion.config import Config, TrainConfig, dump_yaml
+from lesion.config import Config, TrainConfig, apply_overrides, dump_yaml
 from lesion.data.shards import read_info
 from lesion.models import model_spec, save_checkpoint
 from lesion.rundir import RunDir, fingerprint, remove_tree
@@ -45,14 +46,14 @@ def ray_storage(run: RunDir, name: str) -> str:
 
 def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False,
                 step_hook: StepHook | None = None) -> dict[str, Any]:
-    """Train model ``name`` with Ray Train on the run's ingested data; write ``RUN/models/<name>/``.
+    """Train variant ``name`` (a key of ``train.models``, or an architecture) with Ray Train on the run's ingested
+    data; write ``RUN/models/<name>/``.
 
     ``resume`` continues from the last checkpoint of an earlier, interrupted run of this model; otherwise training
     starts afresh. ``step_hook`` (see ``pipelines.loop``) is called on every worker after each optimiser step.
     Returns a summary (best epoch, validation metrics at it, weights origin, paths, timings).
     """
-    model_spec(name)  # unknown names fail here, not on the workers
-    cfg = config.model_config(name)
+    cfg = config.model_config(name)  # an unknown name or arch fails here, not on the workers
     info = read_info(run.root)
     model_dir = run.model_dir(name)
     storage = ray_storage(run, name)
@@ -81,14 +82,14 @@ def write_artefacts(run: RunDir, name: str, cfg: TrainConfig, loop: dict[str, An
     best_row = next(row for row in history if row["epoch"] == best_epoch)
     model = build_model({**loop, "cfg": {**loop["cfg"], "pretrained": False, "weights": None}})
     model.load_state_dict(stopping["best_state"])
-    spec = model_spec(name)
+    spec = model_spec(loop["arch"])
     cfg_dict = {**dataclasses.asdict(cfg), "models": {}}
     fp = train_fingerprint(cfg, info)
     run_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}-{fp[:8]}"
     val_metrics = {k: best_row[k] for k in best_row if k.startswith("val_")}
     checkpoint_info = {
-        "name": name, "task": loop["task"], "classes": loop["classes"], "num_classes": 1 if loop["task"] == "binary"
-        else len(loop["classes"]), "input_size": loop["input_size"], "image_size": loop["image_size"],
+        "name": name, "arch": loop["arch"], "task": loop["task"], "classes": loop["classes"],
+        "num_classes": 1 if loop["task"] == "binary" else len(loop["classes"]), "input_size": loop["input_size"], "image_size": loop["image_size"],
         "mean": list(spec["mean"]), "std": list(spec["std"]),
         "arch_kwargs": {key: loop["cfg"][key] for key in spec["arch_kwargs"]},
         "pretrained": state["pretrained_origin"], "run_id": run_id, "fingerprint": fp,
@@ -102,8 +103,8 @@ def write_artefacts(run: RunDir, name: str, cfg: TrainConfig, loop: dict[str, An
     images = sum(row["images"] for row in history)
     train_seconds = sum(row["train_seconds"] for row in history)
     summary = {
-        "name": name, "best_epoch": best_epoch, "epochs": len(history), "pretrained": checkpoint_info["pretrained"],
-        "run_id": run_id, **val_metrics, "seconds": seconds,
+        "name": name, "arch": loop["arch"], "best_epoch": best_epoch, "epochs": len(history),
+        "pretrained": checkpoint_info["pretrained"], "run_id": run_id, **val_metrics, "seconds": seconds,
         "images_per_second": images / train_seconds if train_seconds else 0.0,
         "attempts": max(row["attempt"] for row in history) + 1, "model_dir": str(model_dir),
     }
@@ -130,7 +131,7 @@ def add_arguments(name: str, parser) -> None:
     parser.add_argument("--run", required=True, help="run directory (ingested with `lesion ingest`)")
     parser.add_argument("--config", help="YAML config (default: RUN/config.yaml, else the built-in defaults)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="model to train (a name of lesion.models.MODEL_NAMES)")
+    which.add_argument("--model", help="variant to train (a key of train.models, or an architecture)")
     which.add_argument("--all", action="store_true", help="train every model of train.models in the config")
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (= --gpus-per-worker 1)")
@@ -161,8 +162,11 @@ def _overrides(args, names: list[str]) -> dict[str, Any]:
 def run_command(name: str, args) -> int:
     """``lesion train``: train, then print one line per model."""
     run = RunDir(args.run)
-    tuned = best_overrides(run) if args.from_tune else {}
-    names = list(resolve_config(run, args.config, tuned).train.models) if args.all else [args.model]
+    base = resolve_config(run, args.config)
+    names = list(base.train.models) if args.all else [args.model]
+    if not args.all and args.model not in base.train.models:  # an architecture trained under its own name
+        base = apply_overrides(base, {f"train.models.{args.model}": {}})
+    tuned = best_overrides(run, base) if args.from_tune else {}  # every variant of the tuned architecture
     # flags beat the tuned settings, which beat the config's
     config = resolve_config(run, args.config, {**tuned, **_overrides(args, names)}, save=args.save_config)
     if args.all:

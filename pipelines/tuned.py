@@ -1,6 +1,9 @@
 """The best configuration found by ``lesion tune`` (``RUN/tune/best.yaml``), as ``train`` and ``lesion run`` apply it.
 
-``best.yaml`` is a partial config file setting ``train.models.<model>``; ``pipelines.tune`` writes it.
+``best.yaml`` is a partial config file setting ``train.models.<arch>`` (``tune.model``, an architecture);
+``pipelines.tune`` writes it. Tuning is per architecture: the settings go to every variant of ``train.models`` whose
+``arch`` is the tuned one, and a field a variant sets explicitly (its own ``balance``, ``weights``, ``lr``...) beats the
+tuned value, so a balanced and an imbalanced variant get the same tuned hyperparameters and keep their own balancing.
 """
 
 from __future__ import annotations
@@ -15,18 +18,31 @@ from lesion.rundir import RunDir
 BEST_FILE = "best.yaml"  # in RUN/tune/
 
 
-def best_overrides(run: RunDir) -> dict[str, Any]:
-    """``RUN/tune/best.yaml`` as config overrides (``train.models.<name>.<field>: value``)."""
+def best_settings(run: RunDir) -> dict[str, dict[str, Any]]:
+    """``RUN/tune/best.yaml`` as ``{arch: {train field: value}}``."""
     path = run.tune / BEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `lesion tune --run {run.uri}` first")
     best = yaml.safe_load(path.read_text()) or {}
     models = best.get("train", {}).get("models") if isinstance(best, dict) else None
     if not isinstance(models, dict) or not models or not all(isinstance(v, dict) for v in models.values()):
-        raise ConfigError(f"{path}: expected train: models: <name>: {{settings}}, got {best!r}")
-    return {f"train.models.{name}.{key}": value for name, values in models.items() for key, value in values.items()}
+        raise ConfigError(f"{path}: expected train: models: <arch>: {{settings}}, got {best!r}")
+    return models
+
+
+def best_overrides(run: RunDir, config: Config) -> dict[str, Any]:
+    """The tuned settings as config overrides (``train.models.<variant>.<field>: value``) for every variant of
+    ``config`` whose architecture was tuned, leaving out the fields the variant sets itself."""
+    overrides = {}
+    for arch, settings in best_settings(run).items():
+        for variant in config.variants_of(arch):
+            explicit = config.train.models.get(variant, {})
+            overrides.update({f"train.models.{variant}.{key}": value for key, value in settings.items()
+                              if key not in explicit})
+    return overrides
 
 
 def apply_best(config: Config, run: RunDir) -> Config:
-    """``config`` with ``RUN/tune/best.yaml`` (the best trial's settings per model) applied."""
-    return apply_overrides(config, best_overrides(run))
+    """``config`` with ``RUN/tune/best.yaml`` applied to every variant of each tuned architecture (see the module
+    docstring: a variant's explicit fields win)."""
+    return apply_overrides(config, best_overrides(run, config))

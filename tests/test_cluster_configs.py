@@ -148,7 +148,11 @@ def test_demo_config_is_the_embedded_default():
 def test_study_configs_load_and_name_their_study():
     ham = load_config(CLUSTER / "configs" / "ham10000.yaml")
     assert ham.data.source == "ham10000" and ham.data.task == "multiclass"
-    assert set(ham.train.models) == set(MODEL_NAMES)  # every architecture
+    assert {ham.model_config(v).arch for v in ham.train.models} == set(MODEL_NAMES)  # every architecture
+    for arch in ("custom_cnn", "resnet50", "densenet121"):  # the first study's grid: balanced and imbalanced
+        balances = {ham.model_config(v).balance for v in ham.variants_of(arch)}
+        assert balances == {"oversample", "none"}, (arch, balances)
+    assert ham.tune.model == "custom_cnn" and len(ham.variants_of("custom_cnn")) == 2  # tuned, both variants
     assert ham.data.image_size > ham.train.input_size >= 224
     assert ham.train.gpus_per_worker >= 1 and ham.workflow.tune
     assert ham.model_config("efficientnet_lite0").pretrained is True  # the one offline set of ImageNet weights

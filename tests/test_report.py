@@ -120,3 +120,17 @@ def test_model_card_has_data_metrics_subgroups_limits_and_licence(tmp_path):
     ci = result["models"]["custom_cnn"]["bootstrap"]["macro_auc"]
     assert f"[{ci['low']:.3f}, {ci['high']:.3f}]" in card
     assert "| sex | female |" in card
+
+
+def test_comparison_table_shows_intervals_and_marks_real_differences():
+    labels = np.repeat(np.arange(7), 20)
+    good = np.eye(7)[labels] * 0.9 + 0.1 / 7
+    poor = np.full((len(labels), 7), 1 / 7) + np.eye(7)[(labels + 1) % 7] * 0.1
+    section = {"variants": {"x-balanced": {"balance": "oversample"}, "x-imbalanced": {"balance": "none"}},
+               **metrics.json_safe(metrics.paired_bootstrap(labels, {"x-balanced": good, "x-imbalanced": poor},
+                                                            np.arange(len(labels)), "multiclass", 50))}
+    table = report.comparison_table("x", section)
+    d = section["differences"]["x-balanced - x-imbalanced"]["balanced_accuracy"]
+    assert d["low"] > 0  # a real difference: bold
+    assert f"<b>{d['estimate']:.3f} <small>[{d['low']:.3f}, {d['high']:.3f}]</small></b>" in table
+    assert "x-balanced <small>(oversample)</small>" in table and "recall mel" in table
