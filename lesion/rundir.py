@@ -55,6 +55,7 @@ MANIFEST_LOCK = ".manifest.lock"  # serialises the manifest's read-modify-write
 LOCAL_ONLY = (LOCK_FILE, MANIFEST_LOCK)  # never synced between a remote run and its staging copy
 HEARTBEAT_S = 30.0  # a remote lock's owner refreshes it this often ...
 STALE_S = 120.0  # ... and a remote lock not refreshed for this long belongs to a process that is gone
+SETTLE_S = 1.0  # a new remote lock is read back after this pause (see _ObjectLock)
 
 _VERSIONED_PACKAGES = ("lesion", "torch", "torchvision", "timm", "ray", "optuna", "scikit-learn", "pyarrow", "numpy")
 
@@ -308,18 +309,16 @@ class _FileLock:
 class _ObjectLock:
     """``<uri>/.lock`` in object storage: the owner's record with a heartbeat time, refreshed every ``HEARTBEAT_S``
     by a thread; a lock whose heartbeat is older than ``STALE_S`` was left by a process that is gone and is taken
-    over. Object stores give pyarrow no conditional write, so the lock is written, read back after ``settle_s`` and
+    over. Object stores give pyarrow no conditional write, so the lock is written, read back after ``SETTLE_S`` and
     kept only if it is still this process's: of two commands starting at once the later writer wins and the other
     fails. The heartbeat thread logs an error if the lock is ever found taken."""
 
-    def __init__(self, uri: str, command: str, *, settle_s: float = 1.0, heartbeat_s: float = HEARTBEAT_S,
-                 stale_s: float = STALE_S):
+    def __init__(self, uri: str, command: str):
         from pyarrow import fs as pafs
 
         self.filesystem, base = pafs.FileSystem.from_uri(uri)
         self.path, self.where = _join(base, LOCK_FILE), f"{uri}/{LOCK_FILE}"
         self.record = _lock_record(command)
-        self.settle_s, self.heartbeat_s, self.stale_s = settle_s, heartbeat_s, stale_s
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="lesion-run-lock", daemon=True)
 
@@ -344,20 +343,20 @@ class _ObjectLock:
         owner = self.read()
         if owner:
             age = time.time() - float(owner.get("heartbeat", 0))
-            if age < self.stale_s:
+            if age < STALE_S:
                 raise _locked(self.where, owner, f"its last heartbeat was {age:.0f} s ago; a lock without one for "
-                                                 f"{self.stale_s:.0f} s is taken over")
+                                                 f"{STALE_S:.0f} s is taken over")
             log.warning("%s: taking over the lock of %r (pid %s on %s, since %s): no heartbeat for %.0f s",
                         self.where, owner.get("command"), owner.get("pid"), owner.get("host"), owner.get("since"), age)
         self._write()
-        time.sleep(self.settle_s)
+        time.sleep(SETTLE_S)
         owner = self.read()
         if not self._ours(owner):
             raise _locked(self.where, owner, "it took the lock at the same time as this command")
         self.thread.start()
 
     def _beat(self) -> None:
-        while not self.stopped.wait(self.heartbeat_s):
+        while not self.stopped.wait(HEARTBEAT_S):
             try:
                 owner = self.read()
                 if not self._ours(owner):
