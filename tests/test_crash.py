@@ -271,6 +271,12 @@ def _statuses(output: str) -> dict[str, str]:
     return statuses
 
 
+def _kept(statuses: dict[str, str], *stages: str) -> bool:
+    """Whether every stage of ``stages`` was found made already: skipped by the workflow, or by the stage itself
+    (``current``, as ingest reports it)."""
+    return all(statuses.get(stage) in ("skipped", "current") for stage in stages)
+
+
 def _check_every_file(root: Path) -> int:
     """Every artefact parses (JSON, YAML, CSV, Parquet, PNG, torch checkpoints, HTML); returns files checked."""
     checked = 0
@@ -333,16 +339,15 @@ def test_lesion_run_killed_at_any_point_finishes_on_rerun_and_leaves_no_half_fil
     third.wait_for(lambda: (root / "eval" / "ensemble.json").is_file(), "evaluation under way")
     third.kill()
     statuses = _statuses(third.output)
-    assert (statuses["ingest"], statuses["train custom_cnn"], statuses["train scratch_cnn"]) == (
-        "skipped", "skipped", "done"), third.output
+    assert _kept(statuses, "ingest", "train custom_cnn") and statuses["train scratch_cnn"] == "done", third.output
     assert took_over(third) and "eval" not in manifest()
 
     # 4. while writing the report (the driver dies with the page half written)
     fourth = LesionRun(tmp_path, root, config, 4, driver=[sys.executable, "-c", DIE_IN_REPORT])
     assert fourth.finish() == -signal.SIGKILL, fourth.output[-4000:]
     statuses = _statuses(fourth.output)
-    assert (statuses["ingest"], statuses["train custom_cnn"], statuses["train scratch_cnn"],
-            statuses["evaluate"]) == ("skipped", "skipped", "skipped", "running"), fourth.output
+    assert _kept(statuses, "ingest", "train custom_cnn", "train scratch_cnn"), fourth.output
+    assert statuses["evaluate"] == "running", fourth.output
     assert took_over(fourth) and "eval" not in manifest()
     assert [p.name.startswith(".report.html") for p in _temp_files(root)] == [True]  # the half-written page
     assert not (root / "eval" / "report.html").exists()
@@ -351,8 +356,8 @@ def test_lesion_run_killed_at_any_point_finishes_on_rerun_and_leaves_no_half_fil
     last = LesionRun(tmp_path, root, config, 5)
     assert last.finish() == 0, last.output[-4000:]
     statuses = _statuses(last.output)
-    assert statuses == {"ingest": "skipped", "train custom_cnn": "skipped", "train scratch_cnn": "skipped",
-                        "evaluate": "done"}, last.output
+    assert _kept(statuses, "ingest", "train custom_cnn", "train scratch_cnn"), last.output
+    assert statuses["evaluate"] == "done" and len(statuses) == 4, last.output
     assert took_over(last)
     assert set(manifest()) == {"data", "models/custom_cnn", "models/scratch_cnn", "eval"}
     assert _temp_files(root) == []
