@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from lesion.data.splits import check_fractions
+from lesion.rundir import write_atomic
 
 TASKS = ("multiclass", "binary")
 RESIZE_FITS = ("crop", "pad")  # how preprocessing makes an image square without stretching it
@@ -496,5 +497,5 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(values: Any, path: str | Path) -> None:
-    """Write plain data as YAML (block style, key order kept)."""
-    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+    """Write plain data as YAML (block style, key order kept), atomically."""
+    write_atomic(path, yaml.safe_dump(values, sort_keys=False))

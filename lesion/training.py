@@ -14,7 +14,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from torch import nn
 from lesion.config import TrainConfig
 from lesion.data import augment
 from lesion.models import freeze_backbone, logits_to_probs, unfreeze_last_fraction, unwrap
+from lesion.rundir import TEMP_MARK, atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -451,12 +454,23 @@ def write_history(history: list[dict[str, Any]], folder: str | Path, *, tensorbo
     import pandas as pd
 
     folder = Path(folder)
-    pd.DataFrame(history).to_csv(folder / "history.csv", index=False)
-    (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    with atomic_path(folder / "history.csv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+    write_atomic(folder / "history.json", json.dumps(history, indent=2) + "\n")
     if tensorboard:
-        with tensorboard_writer(folder / "tb") as writer:
+        _write_tensorboard(history, folder / "tb")
+
+
+def _write_tensorboard(history: list[dict[str, Any]], folder: Path) -> None:
+    """TensorBoard events of ``history`` into ``folder``: written in a temporary folder beside it, then each events
+    file renamed in (complete, or absent after a crash)."""
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}{TEMP_MARK}{os.getpid()}-") as tmp:
+        with tensorboard_writer(tmp) as writer:
             for row in history:
                 add_scalars(writer, row)
+        folder.mkdir(parents=True, exist_ok=True)
+        for events in Path(tmp).iterdir():
+            os.replace(events, folder / events.name)
 
 
 def plot_learning_curve(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -480,6 +494,6 @@ def plot_learning_curve(history: list[dict[str, Any]], path: str | Path, title: 
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100)
     return path

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from lesion.config import ConfigError
+from lesion.rundir import RunLockedError
 from pipelines.capacity import CapacityError
 
 # command -> (module in pipelines/, one-line help)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"pipelines.{COMMANDS[args.command][0]}")
     try:
         return module.run_command(args.command, args) or 0
-    except (ConfigError, CapacityError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CapacityError, FileNotFoundError, ValueError, RunLockedError) as exc:
         print(f"lesion {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -34,7 +34,7 @@ from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, s
 from lesion.inference import Inference, checkpoint_sha256
 from lesion.labels import class_names
 from lesion.models import checkpoint_arch
-from lesion.rundir import RunDir, fingerprint, package_versions
+from lesion.rundir import RunDir, atomic_path, fingerprint, package_versions, write_atomic
 from pipelines.common import init_ray, resolve_config
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
                                                        compared)
     figures.update(cam_figures)
 
-    (out / "metrics.json").write_text(json.dumps(metrics.json_safe(result), indent=2, allow_nan=False))
+    write_atomic(out / "metrics.json", json.dumps(metrics.json_safe(result), indent=2, allow_nan=False))
     report.render_html(metrics.json_safe(result), figures, out / "report.html")
     report.render_model_card(metrics.json_safe(result), out / "model_card.md")
     run.record(artefact, config=config.to_dict(), fingerprint=fp, split=split, data=str(data_run.root),
@@ -406,14 +406,16 @@ def _write_predictions(out: Path, meta: pd.DataFrame, classes: list[str], task: 
     folder = out / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
     for name, p in probs.items():
-        isic_table(meta["image_id"], p, task).to_csv(folder / f"{name}.csv", index=False, float_format="%.6f")
+        with atomic_path(folder / f"{name}.csv") as tmp:
+            isic_table(meta["image_id"], p, task).to_csv(tmp, index=False, float_format="%.6f")
     long = meta[["image_id", "lesion_id", "dx", "age", "sex", "localization"]].copy()
     long.insert(2, "true_label", [classes[i] for i in meta["label"]])
     for name, p in probs.items():
         for k, cls in enumerate(classes):
             long[f"{name}:{cls}"] = np.round(p[:, k], 6)
     long["ensemble_decision"] = decisions
-    long.to_csv(out / "predictions_long.csv", index=False)
+    with atomic_path(out / "predictions_long.csv") as tmp:
+        long.to_csv(tmp, index=False)
 
 
 def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, probs: dict[str, np.ndarray],
@@ -432,9 +434,9 @@ def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, prob
                                          "ensemble": probs["ensemble"]}, plots / "reliability.png"))
     augment = run.data / "augment_examples.png"
     if augment.is_file():
-        plots.mkdir(parents=True, exist_ok=True)
-        figures["Original / augmented pairs (training augmentation)"] = Path(
-            shutil.copy(augment, plots / "augment_examples.png"))
+        with atomic_path(plots / "augment_examples.png") as tmp:
+            shutil.copyfile(augment, tmp)
+        figures["Original / augmented pairs (training augmentation)"] = plots / "augment_examples.png"
     return figures
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from lesion.explain import ENSEMBLE, METHODS, Explainer
 from lesion.inference import Inference
-from lesion.rundir import RunDir
+from lesion.rundir import RunDir, atomic_path
 from pipelines.common import resolve_config
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     answer, picture = Explainer(core).explain(image, args.model, args.method)
 
     out = Path(args.out) if args.out else run.eval / "explain" / f"{image.stem}-{args.model}-{args.method}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(out)
+    with atomic_path(out) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
     if args.json:
         print(json.dumps({**answer, "overlay": str(out)}, indent=2))
         return 0

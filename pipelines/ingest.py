@@ -25,14 +25,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from lesion.config import SOURCES, TASKS, Config, DataConfig
 from lesion.data import preprocess as prep
 from lesion.data import shards, sources, splits
 from lesion.data.shards import SHARD_SCHEMA, SPLITS
 from lesion.labels import class_names
-from lesion.rundir import RunDir, fingerprint
+from lesion.rundir import RunDir, atomic_path, fingerprint, write_atomic
 from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
 
 log = logging.getLogger(__name__)
@@ -104,9 +103,10 @@ def ingest(config: Config, run: RunDir, force: bool = False, num_cpus: int | Non
     if table.empty:
         _fail(partial, rejected, data_config)
     _write_rejected(partial, rejected)
-    table.to_csv(partial / "split.csv", index=False)
+    with atomic_path(partial / "split.csv") as tmp:
+        table.to_csv(tmp, index=False)
     info = _info(data_config, fp, table, written["has_masks"], len(rejected), seconds)
-    (partial / "info.json").write_text(json.dumps(info, indent=2))
+    write_atomic(partial / "info.json", json.dumps(info, indent=2))
     _figures(records, table, written["train_sample"], data_config, partial)
     _replace(partial, run.data)
     run.record("data", config=dataclasses.asdict(data_config), fingerprint=fp, num_images=info["num_images"],
@@ -127,7 +127,8 @@ def _fail(partial: Path, rejected: list[tuple[str, str]], data_config: DataConfi
 
 
 def _write_rejected(folder: Path, rejected: list[tuple[str, str]]) -> None:
-    pd.DataFrame(rejected, columns=["file", "reason"]).to_csv(folder / "rejected.csv", index=False)
+    with atomic_path(folder / "rejected.csv") as tmp:
+        pd.DataFrame(rejected, columns=["file", "reason"]).to_csv(tmp, index=False)
 
 
 def _replace(partial: Path, target: Path) -> None:
@@ -203,7 +204,7 @@ class _ShardWriter:
             self._write(rest)
 
     def _write(self, table: pa.Table) -> None:
-        pq.write_table(table.cast(SHARD_SCHEMA), self.folder / f"part-{self.parts:05d}.parquet")
+        shards.write_shard(table, self.folder / f"part-{self.parts:05d}.parquet")
         self.parts += 1
 
 

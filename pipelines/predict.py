@@ -26,7 +26,7 @@ import pandas as pd
 from lesion.config import Config
 from lesion.data.preprocess import ImageError
 from lesion.inference import Inference
-from lesion.rundir import RunDir
+from lesion.rundir import RunDir, atomic_path
 from pipelines.common import resolve_config
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,8 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     table = predict_files(run, args.inputs, resolve_config(run, args.config, save=args.save_config))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+        with atomic_path(args.out) as tmp:
+            table.to_csv(tmp, index=False)
     records = json.loads(table.to_json(orient="records"))
     print(json.dumps(records, indent=2) if args.json else format_table(records))
     if args.out:

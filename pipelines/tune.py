@@ -32,7 +32,7 @@ from ray import tune
 
 from lesion.config import Config, ConfigError, TrainConfig, apply_overrides
 from lesion.data.shards import load_split, read_info
-from lesion.rundir import RunDir, fingerprint, remove_tree
+from lesion.rundir import RunDir, atomic_path, fingerprint, remove_tree, write_atomic
 from pipelines.common import init_ray, resolve_config
 from pipelines.datasets import training_datasets
 from pipelines.loop import TuneSession, build_trainer, loop_config, read_state, run_training
@@ -258,7 +258,8 @@ def write_results(config: Config, run: RunDir, results, seconds: float) -> dict[
     rows = [_trial_row(r, trials[r.path], spec, tcfg.metric, tcfg.mode, tcfg.epochs) for r in results]
     table = pd.DataFrame(rows)
     run.tune.mkdir(parents=True, exist_ok=True)
-    table.to_csv(run.tune / "trials.csv", index=False)
+    with atomic_path(run.tune / "trials.csv") as tmp:
+        table.to_csv(tmp, index=False)
     score = f"best_{tcfg.metric}"
     scored = table[table["status"] != "failed"].dropna(subset=[score]) if len(table) else table
     best_row = None
@@ -268,8 +269,8 @@ def write_results(config: Config, run: RunDir, results, seconds: float) -> dict[
         header = (f"# Best configuration found by `lesion tune` for {tcfg.model}: trial {best_row['trial_id']}, "
                   f"{tcfg.metric} = {best_row[score]:.4f}\n# Apply with `lesion train --from-tune` "
                   f"(or --config this file).\n")
-        (run.tune / BEST_FILE).write_text(header + yaml.safe_dump({"train": {"models": {tcfg.model: params}}},
-                                                                    sort_keys=False))
+        write_atomic(run.tune / BEST_FILE, header + yaml.safe_dump({"train": {"models": {tcfg.model: params}}},
+                                                                     sort_keys=False))
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     summary = {
         "model": tcfg.model, "metric": tcfg.metric, "mode": tcfg.mode, "trials": tcfg.trials,
@@ -284,7 +285,7 @@ def write_results(config: Config, run: RunDir, results, seconds: float) -> dict[
         "best_trial": best_row and best_row["trial_id"], "best_value": best_row and float(best_row[score]),
         "best_params": best_row and decode_params({k: _plain(best_row[k]) for k in spec}, spec),
     }
-    (run.tune / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_atomic(run.tune / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     plot_history(table, tcfg.metric, tcfg.mode, run.tune / "history.png")
     plot_importance(table, spec, tcfg.metric, tcfg.mode, run.tune / "importance.png")
     run.record("tune", config=config.to_dict()["tune"], fingerprint=tune_fingerprint(config, read_info(run.root)),
@@ -321,7 +322,8 @@ def plot_history(table: pd.DataFrame, metric: str, mode: str, path: Path) -> Pat
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 
@@ -371,7 +373,8 @@ def plot_importance(table: pd.DataFrame, spec: dict[str, Any], metric: str, mode
         ax.set_axis_off()
     ax.set_title("parameter importances")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 

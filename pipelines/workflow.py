@@ -466,6 +466,12 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     if name == "cluster":
         return _cluster_command(args)
     run = RunDir(args.run)
+    with run.lock("lesion run"):
+        return _run_locked(run, args)
+
+
+def _run_locked(run: RunDir, args: argparse.Namespace) -> int:
+    """``lesion run``'s body, with the run locked for this process."""
     run.pull()
     config = resolve_config(run, args.config, parse_sets(args.set))
     config = workflow_config(config, workers=args.workers, gpus=args.gpus, tune=args.tune, serve=args.serve)

@@ -20,6 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lesion.rundir import atomic_path
+
 SPLITS = ("train", "val", "test")
 META_COLUMNS = ("dx", "dx_type", "age", "sex", "localization")
 SHARD_SCHEMA = pa.schema(
@@ -143,7 +145,12 @@ def write_shards(table: pa.Table, folder: Path, rows_per_shard: int) -> list[Pat
         old.unlink()
     paths = []
     for index, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
-        path = folder / f"part-{index:05d}.parquet"
-        pq.write_table(table.slice(start, rows_per_shard), path)
-        paths.append(path)
+        paths.append(write_shard(table.slice(start, rows_per_shard), folder / f"part-{index:05d}.parquet"))
     return paths
+
+
+def write_shard(table: pa.Table, path: Path) -> Path:
+    """Write one Parquet shard of ``SHARD_SCHEMA`` atomically (complete, or absent after a crash)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table.cast(SHARD_SCHEMA), tmp)
+    return path
