@@ -144,9 +144,15 @@ def fits_beside(running: list[Node], node: Node, cluster: capacity.Cluster, max_
 
 
 def check_graph(nodes: list[Node], cluster: capacity.Cluster) -> None:
-    """Every node must fit the cluster alone (``capacity.check``: fails at once, or warns when autoscaling)."""
-    for node in nodes:
-        capacity.check(f"lesion run: {node.name}", list(node.needs), cluster)
+    """Every node must fit the cluster alone: ``CapacityError`` naming each one that does not (on an autoscaling
+    cluster, warnings instead)."""
+    problems = [f"{node.name}: {'; '.join(found)}" for node in nodes
+                if (found := capacity.shortfalls(list(node.needs), cluster))]
+    if problems and cluster.autoscaling:
+        for node in nodes:
+            capacity.check(f"lesion run: {node.name}", list(node.needs), cluster)
+    elif problems:
+        raise capacity.CapacityError("lesion run cannot start on this cluster: " + " | ".join(problems))
 
 
 def plan_waves(nodes: list[Node], cluster: capacity.Cluster, max_trainings: int | None = None) -> list[list[Node]]:
