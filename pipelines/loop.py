@@ -173,7 +173,7 @@ class TuneSession:
 def loop_config(cfg: TrainConfig, name: str, info: dict[str, Any], *, tb_dir: Path | None = None,
                 step_hook: StepHook | None = None, progress: bool = True) -> dict[str, Any]:
     """Everything a worker needs: the resolved training config, data facts, output places, an optional step hook,
-    and whether rank 0 prints one progress line per epoch (``progress``)."""
+    and whether rank 0 logs one progress line per epoch (``progress``)."""
     if cfg.balance not in BALANCE_MODES:
         raise ValueError(f"train.balance: expected one of {', '.join(BALANCE_MODES)}, got {cfg.balance!r}")
     classes = list(info["classes"])
@@ -190,6 +190,7 @@ def loop_config(cfg: TrainConfig, name: str, info: dict[str, Any], *, tb_dir: Pa
         "tb_dir": str(tb_dir) if tb_dir else None,
         "step_hook": step_hook,
         "progress": progress,
+        "verbose": verbose(),
     }
 
 
@@ -273,7 +274,7 @@ class TrainingRun:
                 self.history.append(row)
                 if session.rank == 0 and self.loop.get("progress"):
                     timed = [r["epoch_seconds"] for r in self.history if r["attempt"] == self.attempt]
-                    print(progress_line(self.loop["name"], row, cfg.epochs, sum(timed) / len(timed)), flush=True)
+                    log.info("%s", progress_line(self.loop["name"], row, cfg.epochs, sum(timed) / len(timed)))
                 if writer is not None:
                     add_scalars(writer, row)
                 self.report(row)
@@ -332,7 +333,10 @@ def run_training(loop: dict[str, Any], session) -> None:
 
 
 def train_func(loop: dict[str, Any]) -> None:
-    """Ray Train's per-worker function."""
+    """Ray Train's per-worker function. Ray Train's own per-report lines are shown only with ``-v``; rank 0's
+    progress line (root logger, INFO on Train workers) says the same in one line."""
+    if not loop.get("verbose"):
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     run_training(loop, TrainSession(loop))
 
 

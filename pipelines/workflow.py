@@ -290,7 +290,7 @@ def run_workflow(config: Config, run: RunDir, table: StageTable | None = None) -
                                                config.workflow.max_parallel_trainings)):
                 pending.remove(node)
                 running[node.name] = node
-                threading.Thread(target=lambda n=node: finished.put((n.name, runner.run(n))),
+                threading.Thread(target=lambda n=node: finished.put((n.name, runner.execute(n))),
                                  name=f"lesion-node {node.name}", daemon=True).start()
         if not running:
             continue
@@ -319,17 +319,21 @@ class _NodeRunner:
     def log_path(self, name: str) -> Path:
         return self.run.root / "logs" / f"{name.replace(' ', '-')}.log"
 
-    def run(self, node: Node) -> BaseException | None:
-        """Run ``node``; returns its error (None when it succeeded or was current)."""
+    def execute(self, node: Node) -> BaseException | None:
+        """Run ``node``; returns its error (None when it succeeded or was current): never raises, so the scheduler
+        always hears back."""
         handler = _NodeLog(self.log_path(node.name), threading.current_thread().name)
         logging.getLogger().addHandler(handler)
+        started = time.perf_counter()
         try:
             self._stage(node, *self._stage_parts(node))
             return None
-        except Exception as exc:  # reported by the scheduler; the siblings go on
+        except BaseException as exc:  # reported by the scheduler; the siblings go on
             with open(handler.path, "a") as out:
                 traceback.print_exception(exc, file=out)
             log.error("%s failed: %s (log: %s)", node.name, _last_line(exc), handler.path)
+            self.table.end(node.name, "failed", time.perf_counter() - started, f"log: {handler.path}")
+            self._push()
             return exc
         finally:
             logging.getLogger().removeHandler(handler)
@@ -370,12 +374,7 @@ class _NodeRunner:
             table.begin(node.name, str(self.log_path(node.name)))
             started = time.perf_counter()
             before = run.manifest().get(artefact)
-            try:
-                result = fn()
-            except BaseException:
-                table.end(node.name, "failed", time.perf_counter() - started, f"log: {self.log_path(node.name)}")
-                self._push()
-                raise
+            result = fn()
             self._push(artefact)
             # ingest and evaluate return early, without recording again, when their artefact is already current
             status = "current" if before is not None and run.manifest().get(artefact) == before else "done"

@@ -118,7 +118,7 @@ def _window(history: pd.DataFrame) -> tuple[float, float]:
 @pytest.mark.timeout(900)
 def test_two_trainings_run_at_once_and_a_failed_one_leaves_the_others(tmp_path, ray_local, capsys):
     config_file = tmp_path / "dag.yaml"
-    config_file.write_text(yaml.safe_dump(DAG))
+    config_file.write_text(yaml.safe_dump(DAG, sort_keys=False))  # custom_cnn and scratch_cnn start first
     run = RunDir(tmp_path / "run")
     argv = ["run", "--run", str(run.root), "--config", str(config_file)]
     assert main(argv) == 1
