@@ -336,7 +336,10 @@ def train_func(loop: dict[str, Any]) -> None:
     """Ray Train's per-worker function. Ray Train's own per-report lines are shown only with ``-v``; rank 0's
     progress line (root logger, INFO on Train workers) says the same in one line."""
     if not loop.get("verbose"):
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        from ray.train.v2._internal.execution import context as train_context
+
+        # Ray 2.60 logs "Reporting training result ..." on a logger named after that module's file path
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     run_training(loop, TrainSession(loop))
 
 
