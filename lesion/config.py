@@ -277,6 +277,7 @@ class WorkflowConfig:
     tune: bool = True
     serve: bool = False
     autoscaling: bool = False  # the Ray cluster adds nodes on demand: a request larger than it warns, never fails
+    max_parallel_trainings: int | None = checked(None, POSITIVE)  # trainings at once; None = as many as fit
 
 
 @dataclass

@@ -28,6 +28,7 @@ COMMANDS = {
     "explain": ("explain", "write a Grad-CAM overlay for one image"),
     "serve": ("serve", "serve the trained ensemble with Ray Serve (HTTP API + web page)"),
     "run": ("workflow", "run the whole workflow: ingest, tune, train, evaluate (and serve)"),
+    "status": ("status", "show the stage table of a `lesion run` in progress or done (`lesion status --run RUN`)"),
     "cluster": ("workflow", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
     "config": ("config_cmd", "show a run's effective config and where each value came from, or change it "
                              "(`lesion config show|set`)"),

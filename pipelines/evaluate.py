@@ -35,6 +35,7 @@ from lesion.inference import Inference, checkpoint_sha256
 from lesion.labels import class_names
 from lesion.models import checkpoint_arch
 from lesion.rundir import RunDir, atomic_path, fingerprint, package_versions, write_atomic
+from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ def batch_predict(files: list[str], core: Inference, image_size: int, config: Co
     import ray
 
     ev = config.evaluate
-    if ev.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) < ev.gpus_per_actor:
-        raise ValueError(f"evaluate.gpus_per_actor={ev.gpus_per_actor} but the Ray cluster has no GPU; set it to 0")
+    cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
+    capacity.check("evaluate", capacity.evaluate_needs(config), cluster)  # before any actor starts
     shipped = core.unloaded()  # each actor loads its one member
     out = {}
     for name in core.names:
@@ -117,9 +118,10 @@ def batch_predict(files: list[str], core: Inference, image_size: int, config: Co
             batch_format="numpy",
         )
         ids, probs = [], []
-        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-            ids.extend(str(i) for i in batch["image_id"])
-            probs.append(np.asarray(batch["probs"], dtype=np.float64))
+        with capacity.waiting_notice(f"evaluate {name}"):
+            for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+                ids.extend(str(i) for i in batch["image_id"])
+                probs.append(np.asarray(batch["probs"], dtype=np.float64))
         out[name] = (np.asarray(ids), np.concatenate(probs))
         log.info("%s: scored %d images", name, len(ids))
     return out

@@ -21,9 +21,10 @@ from lesion.data.shards import read_info
 from lesion.models import model_spec, save_checkpoint
 from lesion.rundir import RunDir, fingerprint, remove_tree
 from lesion.training import BALANCE_MODES, plot_learning_curve, write_history
+from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
 from pipelines.datasets import training_datasets
-from pipelines.loop import StepHook, build_model, build_trainer, loop_config, read_state
+from pipelines.loop import StepHook, build_model, build_trainer, loop_config, quiet_ray_progress, read_state
 from pipelines.tuned import best_overrides
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,19 @@ def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False,
     info = read_info(run.root)
     model_dir = run.model_dir(name)
     storage = ray_storage(run, name)
+    init_ray()
+    cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
+    capacity.check(f"train {name}", capacity.train_needs(name, cfg), cluster)  # before any worker or data task
     if not resume:
         remove_tree(f"{storage}/{RAY_RUN_NAME}")
     # TensorBoard: live from rank 0 when the run is local; written from the history after the run otherwise
     loop = loop_config(cfg, name, info, tb_dir=None if run.is_remote else model_dir / "tb", step_hook=step_hook)
     model_dir.mkdir(parents=True, exist_ok=True)
-    init_ray()
+    quiet_ray_progress()
     log.info("training %s: %d epochs, %d worker(s), balance=%s", name, cfg.epochs, cfg.workers, cfg.balance)
     started = time.perf_counter()
-    result = build_trainer(cfg, loop, training_datasets(run, cfg), storage, RAY_RUN_NAME).fit()
+    with capacity.waiting_notice(f"train {name}"):
+        result = build_trainer(cfg, loop, training_datasets(run, cfg), storage, RAY_RUN_NAME).fit()
     seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} reported no checkpoint (see the Ray logs under {storage})")

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import ray
 import ray.train
 import yaml
 from ray import tune
@@ -33,9 +32,10 @@ from ray import tune
 from lesion.config import Config, ConfigError, TrainConfig, apply_overrides
 from lesion.data.shards import load_split, read_info
 from lesion.rundir import RunDir, atomic_path, fingerprint, remove_tree, write_atomic
+from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
 from pipelines.datasets import training_datasets
-from pipelines.loop import TuneSession, build_trainer, loop_config, read_state, run_training
+from pipelines.loop import TuneSession, build_trainer, loop_config, quiet_ray_progress, read_state, run_training, verbose
 from pipelines.tuned import BEST_FILE
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def trial_single(params: dict[str, Any], *, config: Config, name: str, info: dic
     """One trial on one worker: the training loop of ``lesion train`` on the split arrays."""
     spec = config.tune.search_space
     cfg = trial_config(config, name, decode_params(params, spec), config.tune.epochs)
-    loop = loop_config(cfg, name, info)
+    loop = loop_config(cfg, name, info, progress=False)  # Tune's trial table reports progress
     run_training(loop, TuneSession(loop, data))
 
 
@@ -137,7 +137,7 @@ def trial_distributed(params: dict[str, Any], *, config: Config, name: str, info
     # Inside a trial Ray Data gets no CPU budget for streaming reads beside the train workers (the reads would
     # wait forever), so the trial reads the training split once, before its workers start.
     datasets = training_datasets(run, cfg, materialize_train=True)
-    trainer = build_trainer(cfg, loop_config(cfg, name, info), datasets, storage, context.get_trial_id(),
+    trainer = build_trainer(cfg, loop_config(cfg, name, info, progress=False), datasets, storage, context.get_trial_id(),
                             callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -153,17 +153,6 @@ def _trainable(config: Config, run: RunDir, name: str, info: dict[str, Any]):
             "val_labels": val.labels}
     fn = tune.with_parameters(trial_single, config=config, name=name, info=info, data=data)
     return tune.with_resources(fn, {"cpu": tcfg.cpus_per_trial, "gpu": tcfg.gpus_per_trial})
-
-
-def default_concurrency(config: Config) -> int:
-    """How many trials the cluster's CPUs and GPUs can run at once."""
-    tcfg = config.tune
-    resources = ray.cluster_resources()
-    cpus_per_trial = tcfg.cpus_per_trial + (0.1 if tcfg.workers_per_trial > 1 else 0.0)
-    limits = [int(resources.get("CPU", 1) // cpus_per_trial) if cpus_per_trial > 0 else tcfg.trials]
-    if tcfg.gpus_per_trial > 0:
-        limits.append(int(resources.get("GPU", 0) // tcfg.gpus_per_trial + 1e-9))
-    return max(1, min(limits + [tcfg.trials]))
 
 
 # --------------------------------------------------------------------------------------------- the search
@@ -188,6 +177,10 @@ def tune_model(config: Config, run: RunDir, *, resume: bool = False, callbacks: 
         raise ConfigError(f"tune.mode: expected min or max, got {tcfg.mode!r}")
     info = read_info(run.root)
     init_ray()
+    cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
+    concurrency = capacity.tune_concurrency(config, cluster)
+    capacity.check(f"tune {name}", capacity.tune_needs(config, concurrency), cluster)  # before any trial starts
+    quiet_ray_progress()
     storage = f"{run.uri}/tune/ray" if run.is_remote else str(run.tune / "ray")
     experiment = f"{storage}/{EXPERIMENT}"
     trainable = _trainable(config, run, name, info)
@@ -199,7 +192,6 @@ def tune_model(config: Config, run: RunDir, *, resume: bool = False, callbacks: 
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
     else:
         remove_tree(experiment)
-        concurrency = tcfg.max_concurrent or default_concurrency(config)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=tcfg.epochs, grace_period=tcfg.grace_period,
                                    reduction_factor=tcfg.reduction_factor)
                      if tcfg.scheduler == "asha" else FIFOScheduler())
@@ -210,13 +202,14 @@ def tune_model(config: Config, run: RunDir, *, resume: bool = False, callbacks: 
                 metric=tcfg.metric, mode=tcfg.mode, num_samples=tcfg.trials, max_concurrent_trials=concurrency,
                 search_alg=OptunaSearch(sampler=TPESampler(seed=tcfg.seed)), scheduler=scheduler),
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=storage, callbacks=callbacks,
+                name=EXPERIMENT, storage_path=storage, callbacks=callbacks, verbose=2 if verbose() else 1,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
         log.info("searching %d trials of %s (%d at a time), metric %s (%s)", tcfg.trials, name, concurrency,
                  tcfg.metric, tcfg.mode)
-    results = tuner.fit()
+    with capacity.waiting_notice(f"tune {name}"):
+        results = tuner.fit()
     return write_results(config, run, results, time.perf_counter() - started)
 
 

@@ -1,12 +1,18 @@
 """``lesion run`` (the whole workflow) and ``lesion cluster up|down`` (a real multi-node Ray cluster on this machine).
 
-``lesion run``: ingest -> tune the custom CNN -> train every configured model (the custom CNN with the tuned config)
--> evaluate with the ensemble -> optionally serve. A stage whose artefact was already made in the same run directory
-from the same inputs is skipped: each stage records its artefact in the manifest with a fingerprint of its inputs,
-its config section and its version constant, and the workflow asks the stage's own fingerprint function
-(``train_fingerprint``, ``tune_fingerprint``, ``evaluation_fingerprint``; ingest checks its own) before running it.
-The stages are called as functions, never through the command line. One table shows every stage's status and time as the run goes. The run directory may be a URI
-(``s3://bucket/run``): it is pulled at the start and each stage's artefact is pushed when the stage finishes.
+``lesion run``: a graph of stages keyed by their inputs: ingest -> {tune the custom CNN -> train it with the tuned
+config}, train every other configured variant -> evaluate with the ensemble -> optionally serve. A node starts once
+its inputs are made and the cluster has room for it beside the running ones (``pipelines.capacity``): tuning runs
+beside the other trainings, independent trainings run at once, each in a thread of this driver with its own
+TorchTrainer; on a small machine they run one at a time. ``--plan`` prints the schedule as waves without running it.
+A node whose artefact was already made in the same run directory from the same inputs is skipped: each stage records
+its artefact in the manifest with a fingerprint of its inputs, its config section and its version constant, and the
+workflow asks the stage's own fingerprint function (``train_fingerprint``, ``tune_fingerprint``,
+``evaluation_fingerprint``; ingest checks its own) before running it. A failed node blocks only what needs it; its
+siblings finish, the run exits non-zero naming it and its log (``RUN/logs/<node>.log``), and a re-run retries only
+it. The stages are called as functions, never through the command line. One table (``pipelines.status``, also
+``RUN/status.json`` for ``lesion status``) shows every node's status and time as the run goes. The run directory may
+be a URI (``s3://bucket/run``): it is pulled at the start and each node's artefact is pushed when the node finishes.
 
 ``lesion cluster up``: a head node and N worker nodes, each a separate ``ray start --block`` session with its
 own ports, CPUs, object store and temp dir, all on 127.0.0.1. ``lesion cluster down`` ends exactly the processes
@@ -22,11 +28,14 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,9 @@ import yaml
 
 from lesion.config import Config, apply_overrides, load_config
 from lesion.rundir import RunDir
+from pipelines import capacity
 from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
+from pipelines.status import STATUS_FILE, StageTable
 
 log = logging.getLogger(__name__)
 
@@ -43,52 +54,8 @@ DEFAULT_RUN = "runs/demo"
 CLUSTER_DIR = Path(os.environ.get("LESION_CLUSTER_DIR", "/tmp/lesion-cluster"))  # short: Ray's socket paths are capped
 STATE_FILE = "cluster.json"
 WORKER_PORTS = 100  # ports per node for Ray's worker processes
-
-
-# --------------------------------------------------------------------------------------------- progress view
-
-
-@dataclasses.dataclass
-class StageRow:
-    name: str
-    status: str = "pending"
-    seconds: float | None = None
-    note: str = ""
-
-
-class StageTable:
-    """The progress view: one row per stage, printed as each stage starts and ends, and in full at the end."""
-
-    def __init__(self, title: str, out=None):
-        self.title = title
-        self.rows: dict[str, StageRow] = {}
-        self.out = out or sys.stdout
-        self.started = time.perf_counter()
-
-    def note(self, text: str) -> None:
-        """A line under the table (a warning, a hint)."""
-        print(f"  {text}", file=self.out, flush=True)
-
-    def _line(self, row: StageRow) -> str:
-        seconds = "-" if row.seconds is None else f"{row.seconds:.1f}s"
-        return f"  {row.name:<24} {row.status:<10} {seconds:>8}  {row.note}"
-
-    def begin(self, name: str) -> None:
-        self.rows[name] = StageRow(name, "running")
-        log.info("stage %s: running", name)
-        print(self._line(self.rows[name]), file=self.out, flush=True)
-
-    def end(self, name: str, status: str, seconds: float | None, note: str = "") -> None:
-        row = self.rows.setdefault(name, StageRow(name))
-        row.status, row.seconds, row.note = status, seconds, note
-        log.info("stage %s: %s%s", name, status, f" ({note})" if note else "")
-        print(self._line(row), file=self.out, flush=True)
-
-    def summary(self) -> str:
-        lines = [self.title, f"  {'stage':<24} {'status':<10} {'time':>8}  note"]
-        lines += [self._line(row) for row in self.rows.values()]
-        lines.append(f"  {'total':<24} {'':<10} {time.perf_counter() - self.started:>7.1f}s")
-        return "\n".join(lines)
+HEARTBEAT_S = 60.0  # a line naming the running nodes at least this often
+GPUS_PER_PLANNED_NODE = 4  # `--plan-gpus N` plans for nodes of up to this many GPUs
 
 
 # --------------------------------------------------------------------------------------------- the workflow
@@ -122,86 +89,303 @@ def model_fingerprint(config: Config, run: RunDir, name: str) -> str:
     return train_fingerprint(config.model_config(name), read_info(run.root))
 
 
-def resource_warnings(config: Config, resources: dict[str, float]) -> list[str]:
-    """What in ``config`` does not fit a cluster with ``resources``: Ray waits for it until an autoscaler adds nodes,
-    or forever."""
-    problems = []
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+# --------------------------------------------------------------------------------------------- the graph
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One stage of ``lesion run``: what it waits for and what it asks Ray for while it runs."""
+
+    name: str  # "ingest", "tune <model>", "train <variant>", "evaluate"
+    kind: str  # ingest | tune | train | evaluate
+    needs: tuple[capacity.Need, ...]
+    after: tuple[str, ...] = ()
+    exclusive: bool = False  # runs alone (ingest: Ray Data spreads over every CPU)
+
+
+def tuned_variants(config: Config) -> list[str]:
+    """The ``train.models`` variants that ``RUN/tune/best.yaml`` sets (every variant of the architecture
+    ``tune.model``), when tuning is on."""
+    return list(config.variants_of(config.tune.model)) if config.workflow.tune else []
+
+
+def build_graph(config: Config, cluster: capacity.Cluster) -> list[Node]:
+    """The nodes of the workflow in start order: ingest; tuning beside the trainings it does not feed; one training
+    per ``train.models`` variant; evaluation after every training."""
+    nodes = [Node("ingest", "ingest", (), exclusive=True)]
+    tuned = tuned_variants(config)
+    if tuned:
+        concurrent = capacity.tune_concurrency(config, cluster)
+        nodes.append(Node(f"tune {config.tune.model}", "tune", tuple(capacity.tune_needs(config, concurrent)),
+                          ("ingest",)))
     for name in config.train.models:
-        cfg = config.model_config(name)
-        need_cpu, need_gpu = cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus_per_worker
-        if need_cpu > cpus or need_gpu > gpus:
-            problems.append(f"train {name}: {cfg.workers} worker(s) need {need_cpu:g} CPU and {need_gpu:g} GPU, the "
-                            f"cluster has {cpus:g} CPU and {gpus:g} GPU (lower --workers, or --gpus 0 for CPU only)")
-    tune = config.tune
-    if config.workflow.tune and (tune.cpus_per_trial > cpus or tune.gpus_per_trial > gpus):
-        problems.append(f"tune: a trial needs {tune.cpus_per_trial:g} CPU and {tune.gpus_per_trial:g} GPU, the "
-                        f"cluster has {cpus:g} CPU and {gpus:g} GPU")
-    return problems
+        after = ("ingest", f"tune {config.tune.model}") if name in tuned else ("ingest",)
+        nodes.append(Node(f"train {name}", "train", tuple(capacity.train_needs(name, config.model_config(name))),
+                          after))
+    trainings = tuple(node.name for node in nodes if node.kind == "train")
+    nodes.append(Node("evaluate", "evaluate", tuple(capacity.evaluate_needs(config)), trainings or ("ingest",)))
+    return nodes
+
+
+def combined_needs(nodes: list[Node]) -> list[capacity.Need]:
+    """What ``nodes`` ask for together. Identical rows are one shared slot: concurrent trainings take turns on the
+    CPU kept free for Ray Data reads rather than each holding one."""
+    return list(dict.fromkeys(need for node in nodes for need in node.needs))
+
+
+def fits_beside(running: list[Node], node: Node, cluster: capacity.Cluster, max_trainings: int | None) -> bool:
+    """Whether ``node`` can start while ``running`` run: an exclusive node only alone, at most ``max_trainings``
+    trainings at once, and everything together within the cluster."""
+    if node.exclusive or any(other.exclusive for other in running):
+        return not running
+    if node.kind == "train" and max_trainings and sum(o.kind == "train" for o in running) >= max_trainings:
+        return False
+    return not capacity.shortfalls(combined_needs([*running, node]), cluster)
+
+
+def check_graph(nodes: list[Node], cluster: capacity.Cluster) -> None:
+    """Every node must fit the cluster alone: ``CapacityError`` naming each one that does not (on an autoscaling
+    cluster, warnings instead)."""
+    problems = [f"{node.name}: {'; '.join(found)}" for node in nodes
+                if (found := capacity.shortfalls(list(node.needs), cluster))]
+    if problems and cluster.autoscaling:
+        for node in nodes:
+            capacity.check(f"lesion run: {node.name}", list(node.needs), cluster)
+    elif problems:
+        raise capacity.CapacityError("lesion run cannot start on this cluster: " + " | ".join(problems))
+
+
+def plan_waves(nodes: list[Node], cluster: capacity.Cluster, max_trainings: int | None = None) -> list[list[Node]]:
+    """The schedule as waves: each wave holds the nodes whose inputs are made and that fit the cluster together
+    (in start order); a node too large for the cluster (an autoscaling one) gets a wave of its own."""
+    done: set[str] = set()
+    left, waves = list(nodes), []
+    while left:
+        ready = [node for node in left if set(node.after) <= done]
+        wave: list[Node] = []
+        for node in ready:
+            if fits_beside(wave, node, cluster, max_trainings):
+                wave.append(node)
+        wave = wave or ready[:1]
+        waves.append(wave)
+        done |= {node.name for node in wave}
+        left = [node for node in left if node not in wave]
+    return waves
+
+
+def describe_needs(node: Node) -> str:
+    """``4 x (1 CPU, 1 GPU) DDP workers + 1 x 1 CPU Ray Data reading = 5 CPU, 4 GPU``."""
+    if node.exclusive:
+        return "the whole cluster (Ray Data tasks)"
+    parts = [f"{need.count} x ({need.cpu:g} CPU" + (f", {need.gpu:g} GPU)" if need.gpu else ")")
+             + f" {need.what.split(': ')[-1]}" for need in node.needs]
+    cpu = sum(need.total("cpu") for need in node.needs)
+    gpu = sum(need.total("gpu") for need in node.needs)
+    return " + ".join(parts) + f" = {cpu:g} CPU" + (f", {gpu:g} GPU" if gpu else "")
+
+
+def plan_text(waves: list[list[Node]], cluster: capacity.Cluster) -> str:
+    """The plan as ``lesion run --plan`` prints it: one block per wave, each node with its resources."""
+    total = sum(len(wave) for wave in waves)
+    lines = [f"plan on {cluster.cpu:g} CPU, {cluster.gpu:g} GPU, {cluster.nodes} node(s): {total} stages in "
+             f"{len(waves)} wave(s) (one at a time: {total})"]
+    for index, wave in enumerate(waves, 1):
+        for position, node in enumerate(wave):
+            label = f"wave {index}" if position == 0 else ""
+            lines.append(f"  {label:<8} {node.name:<26} {describe_needs(node)}")
+    return "\n".join(lines)
+
+
+def planning_cluster(resources: str | None, gpus: int | None) -> capacity.Cluster:
+    """The cluster ``--plan`` plans for: ``--cluster-resources`` JSON, else ``--plan-gpus N`` (nodes of up to 4 GPUs
+    with 8 CPUs per GPU), else this machine (its CPUs and CUDA devices); no Ray is started."""
+    if resources:
+        return capacity.Cluster.parse(resources)
+    if gpus:
+        nodes = max(1, -(-gpus // GPUS_PER_PLANNED_NODE))
+        return capacity.Cluster(cpu=8.0 * gpus, gpu=float(gpus), nodes=nodes, node_cpu=8.0 * gpus / nodes,
+                                node_gpu=gpus / nodes)
+    import torch
+
+    return capacity.Cluster(cpu=float(os.cpu_count() or 1), gpu=float(torch.cuda.device_count()))
+
+
+# --------------------------------------------------------------------------------------------- the workflow
+
+
+class WorkflowError(RuntimeError):
+    """Some nodes of ``lesion run`` failed; every other node's result is kept."""
+
+    def __init__(self, failures: dict[str, tuple[BaseException, Path]]):
+        self.failures = failures
+        super().__init__("; ".join(f"{name} failed: {_last_line(error)} (log: {path})"
+                                   for name, (error, path) in failures.items()))
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+class ThreadSafeRun(RunDir):
+    """A run directory whose manifest updates and pushes are serialised, for nodes running in threads."""
+
+    _lock = threading.Lock()
+
+    def record(self, artefact: str, **kwargs: Any) -> None:
+        with self._lock:
+            super().record(artefact, **kwargs)
+
+    def push(self, *parts: str) -> int:
+        with self._lock:
+            return super().push(*parts)
+
+
+class _NodeLog(logging.Handler):
+    """Copies the driver-side log records of one node's thread into ``RUN/logs/<node>.log``."""
+
+    def __init__(self, path: Path, thread: str):
+        super().__init__(logging.INFO)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.thread = path, thread
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.threadName == self.thread:
+            with open(self.path, "a") as out:
+                out.write(self.format(record) + "\n")
 
 
 def run_workflow(config: Config, run: RunDir, table: StageTable | None = None) -> dict[str, Any]:
-    """Run ingest, tune, train and evaluate on ``run`` (skipping stages that are current); returns each stage's result.
+    """Run the graph of ``build_graph`` on ``run``: each node once its inputs are made and the cluster has room
+    beside the running ones (``workflow.max_parallel_trainings`` caps trainings), each in a thread of this driver;
+    nodes whose artefact is current (same fingerprint) are skipped. A failed node's dependants are blocked while
+    its siblings finish; then ``WorkflowError`` names it. Returns each node's result.
 
     Serving (``config.workflow.serve``) is left to the caller, since it blocks.
     """
-    import ray
-
-    from pipelines.evaluate import evaluate, evaluation_fingerprint
-    from pipelines.ingest import ingest
-    from pipelines.train import train_model
-
     table = table or StageTable(f"lesion run {run.uri}")
-    results: dict[str, Any] = {}
     init_ray()
-    for problem in resource_warnings(config, ray.cluster_resources()):
-        log.warning("%s", problem)
-        table.note(f"warning: {problem}")
-
-    def stage(name: str, artefact: str, fn: Callable[[], Any], current: bool, note: Callable[[Any], str]) -> Any:
-        if current:
-            table.end(name, "skipped", None, "up to date (same fingerprint)")
-            return None
-        table.begin(name)
-        started = time.perf_counter()
-        before = run.manifest().get(artefact)
+    cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
+    nodes = build_graph(config, cluster)
+    check_graph(nodes, cluster)
+    for node in nodes:
+        if node.name not in table.rows:
+            table.add(node.name, describe_needs(node))
+    runner = _NodeRunner(config, run, table)
+    outcome: dict[str, str] = {}  # node -> ok | failed | blocked
+    failures: dict[str, tuple[BaseException, Path]] = {}
+    finished: queue.Queue = queue.Queue()
+    running: dict[str, Node] = {}
+    pending = list(nodes)
+    while pending or running:
+        for node in list(pending):
+            blocked_by = [dep for dep in node.after if outcome.get(dep) in ("failed", "blocked")]
+            if blocked_by:
+                outcome[node.name] = "blocked"
+                table.end(node.name, "blocked", None, f"needs {', '.join(blocked_by)}")
+                pending.remove(node)
+            elif all(outcome.get(dep) == "ok" for dep in node.after) and (
+                    not running or fits_beside(list(running.values()), node, cluster,
+                                               config.workflow.max_parallel_trainings)):
+                pending.remove(node)
+                running[node.name] = node
+                threading.Thread(target=lambda n=node: finished.put((n.name, runner.execute(n))),
+                                 name=f"lesion-node {node.name}", daemon=True).start()
+        if not running:
+            continue
         try:
-            result = fn()
-        except BaseException:
-            table.end(name, "failed", time.perf_counter() - started)
-            raise
-        run.push(artefact)
-        # ingest and evaluate return early, without recording again, when their artefact is already current
-        status = "current" if before is not None and run.manifest().get(artefact) == before else "done"
-        table.end(name, status, time.perf_counter() - started, note(result))
-        results[name] = result
-        return result
+            name, error = finished.get(timeout=HEARTBEAT_S)
+        except queue.Empty:
+            table.heartbeat()
+            continue
+        running.pop(name)
+        outcome[name] = "ok" if error is None else "failed"
+        if error is not None:
+            failures[name] = (error, runner.log_path(name))
+    if failures:
+        raise WorkflowError(failures)
+    return runner.results
 
-    stage("ingest", "data", lambda: ingest(config, run), False, lambda _: _ingest_note(run))
 
-    tuned = config.tune.model
-    if config.workflow.tune and tuned in config.train.models:
+class _NodeRunner:
+    """Runs one node (in its own thread): the fingerprint check, the stage function, the push, the table row."""
+
+    def __init__(self, config: Config, run: RunDir, table: StageTable):
+        self.config, self.run, self.table = config, run, table
+        self.tuned = config  # + RUN/tune/best.yaml once the tune node is done
+        self.results: dict[str, Any] = {}
+
+    def log_path(self, name: str) -> Path:
+        return self.run.root / "logs" / f"{name.replace(' ', '-')}.log"
+
+    def execute(self, node: Node) -> BaseException | None:
+        """Run ``node``; returns its error (None when it succeeded or was current): never raises, so the scheduler
+        always hears back."""
+        handler = _NodeLog(self.log_path(node.name), threading.current_thread().name)
+        logging.getLogger().addHandler(handler)
+        started = time.perf_counter()
+        try:
+            self._stage(node, *self._stage_parts(node))
+            return None
+        except BaseException as exc:  # reported by the scheduler; the siblings go on
+            with open(handler.path, "a") as out:
+                traceback.print_exception(exc, file=out)
+            log.error("%s failed: %s (log: %s)", node.name, _last_line(exc), handler.path)
+            self.table.end(node.name, "failed", time.perf_counter() - started, f"log: {handler.path}")
+            self._push()
+            return exc
+        finally:
+            logging.getLogger().removeHandler(handler)
+
+    def _stage_parts(self, node: Node) -> tuple[str, Callable[[], Any], bool, Callable[[Any], str]]:
+        """(artefact, function, current?, note) of ``node``."""
         from lesion.data.shards import read_info
+        from pipelines.evaluate import evaluate, evaluation_fingerprint
+        from pipelines.ingest import ingest
+        from pipelines.train import train_model
         from pipelines.tune import tune_fingerprint, tune_model
-        from pipelines.tuned import BEST_FILE, apply_best
+        from pipelines.tuned import BEST_FILE
 
-        current = ((run.tune / BEST_FILE).is_file()
-                   and run.is_current("tune", tune_fingerprint(config, read_info(run.root))))
-        stage(f"tune {tuned}", "tune", lambda: tune_model(config, run), current, _tune_note)
-        config = apply_best(config, run)
-    elif config.workflow.tune:
-        table.end(f"tune {tuned}", "skipped", None, f"{tuned} is not in train.models")
+        run, config = self.run, self.tuned
+        if node.kind == "ingest":
+            return "data", lambda: ingest(config, run), False, lambda _: _ingest_note(run)
+        if node.kind == "tune":
+            current = ((run.tune / BEST_FILE).is_file()
+                       and run.is_current("tune", tune_fingerprint(config, read_info(run.root))))
+            return "tune", lambda: tune_model(config, run), current, _tune_note
+        if node.kind == "train":
+            name = node.name.removeprefix("train ")
+            current = ((run.model_dir(name) / "best.pt").is_file()
+                       and run.is_current(f"models/{name}", model_fingerprint(config, run, name)))
+            return f"models/{name}", lambda: train_model(config, run, name), current, _train_note
+        current = (run.eval / "metrics.json").is_file() and run.is_current(
+            "eval", evaluation_fingerprint(config, run, "test"))
+        return "eval", lambda: evaluate(config, run), current, _evaluate_note
 
-    for name in config.train.models:
-        current = ((run.model_dir(name) / "best.pt").is_file()
-                   and run.is_current(f"models/{name}", model_fingerprint(config, run, name)))
-        stage(f"train {name}", f"models/{name}", lambda name=name: train_model(config, run, name), current,
-              _train_note)
+    def _stage(self, node: Node, artefact: str, fn: Callable[[], Any], current: bool,
+               note: Callable[[Any], str]) -> None:
+        from pipelines.tuned import apply_best
 
-    current = (run.eval / "metrics.json").is_file() and run.is_current("eval", evaluation_fingerprint(config, run,
-                                                                                                       "test"))
-    stage("evaluate", "eval", lambda: evaluate(config, run), current, _evaluate_note)
-    return results
+        table, run = self.table, self.run
+        if current:
+            table.end(node.name, "skipped", None, "up to date (same fingerprint)")
+        else:
+            table.begin(node.name, str(self.log_path(node.name)))
+            started = time.perf_counter()
+            before = run.manifest().get(artefact)
+            result = fn()
+            self._push(artefact)
+            # ingest and evaluate return early, without recording again, when their artefact is already current
+            status = "current" if before is not None and run.manifest().get(artefact) == before else "done"
+            table.end(node.name, status, time.perf_counter() - started, note(result))
+            self.results[node.name] = result
+        if node.kind == "tune":
+            self.tuned = apply_best(self.config, run)
+
+    def _push(self, *parts: str) -> None:
+        """Push ``parts``, the stage table and the node logs (a remote run)."""
+        self.run.push(*[part for part in (*parts, STATUS_FILE, "logs") if (self.run.root / part).exists()])
 
 
 def _ingest_note(run: RunDir) -> str:
@@ -451,6 +635,13 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override one config field, e.g. --set data.root=/mnt/data/HAM10000 "
                                  "(VALUE is read as YAML; repeatable)")
+        parser.add_argument("--plan", action="store_true",
+                            help="print the schedule (waves of stages with their resources) without running it")
+        parser.add_argument("--plan-gpus", type=int, metavar="N",
+                            help=f"--plan for a cluster of N GPUs (nodes of up to {GPUS_PER_PLANNED_NODE} GPUs, "
+                                 "8 CPUs per GPU)")
+        parser.add_argument("--cluster-resources", metavar="JSON",
+                            help='--plan for this cluster, e.g. \'{"GPU": 8, "CPU": 64, "nodes": 2}\'')
         return
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
@@ -465,7 +656,15 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 def run_command(name: str, args: argparse.Namespace) -> int:
     if name == "cluster":
         return _cluster_command(args)
-    run = RunDir(args.run)
+    run = ThreadSafeRun(args.run)
+    if args.plan:
+        config = resolve_config(run, args.config, parse_sets(args.set))  # writes nothing
+        config = workflow_config(config, workers=args.workers, gpus=args.gpus, tune=args.tune, serve=args.serve)
+        cluster = planning_cluster(args.cluster_resources, args.plan_gpus)
+        nodes = build_graph(config, cluster)
+        check_graph(nodes, cluster)
+        print(plan_text(plan_waves(nodes, cluster, config.workflow.max_parallel_trainings), cluster))
+        return 0
     with run.lock("lesion run"):
         return _run_locked(run, args)
 
@@ -476,12 +675,25 @@ def _run_locked(run: RunDir, args: argparse.Namespace) -> int:
     config = resolve_config(run, args.config, parse_sets(args.set))
     config = workflow_config(config, workers=args.workers, gpus=args.gpus, tune=args.tune, serve=args.serve)
     record_workflow_config(run, config, args.config)
-    table = StageTable(f"lesion run {run.uri}" + (f" (config {args.config})" if args.config else ""))
+    table = StageTable(f"lesion run {run.uri}" + (f" (config {args.config})" if args.config else ""),
+                       path=run.root / STATUS_FILE)
     print(table.title, flush=True)
     try:
         run_workflow(config, run, table)
-    finally:
+    except WorkflowError as exc:
+        table.finish("failed")
         print(table.summary(), flush=True)
+        for name, (error, path) in exc.failures.items():
+            print(f"lesion run: {name} failed: {_last_line(error)}\n  log: {path}", file=sys.stderr, flush=True)
+        print("every other result is kept; run the same command again to retry only what failed",
+              file=sys.stderr, flush=True)
+        return 1
+    except BaseException:
+        table.finish("failed")
+        print(table.summary(), flush=True)
+        raise
+    table.finish("done")
+    print(table.summary(), flush=True)
     print(f"report: {run.eval / 'report.html'}")
     if config.workflow.serve:
         serve_workflow(config, run, detach=bool(os.environ.get("RAY_ADDRESS")))

@@ -7,6 +7,7 @@ killed) and finishes on the head from the last checkpoint. Teardown ends exactly
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -70,6 +71,60 @@ def cluster():
         leftovers = [process for session in sessions for process in node_processes(session)]
         shutil.rmtree(work, ignore_errors=True)
         assert not leftovers, f"processes of the test cluster survived teardown: {leftovers}"
+
+
+@pytest.fixture
+def three_nodes():
+    """Head + two worker nodes (2 CPUs each) on loopback, for one test (torn down before `cluster` starts)."""
+    from ray.job_submission import JobSubmissionClient
+
+    work = Path(tempfile.mkdtemp(prefix="l3", dir="/tmp"))
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    sessions = []
+    try:
+        state = start_local_cluster(workers=2, cpus_per_node=2, object_store_mb=200, state_dir=work / "cluster",
+                                    env=env, timeout=240)
+        sessions = [node["pid"] for node in state["nodes"]]
+        yield state, JobSubmissionClient(state["dashboard"]), work
+    finally:
+        stop_local_cluster(work / "cluster")
+        leftovers = [process for session in sessions for process in node_processes(session)]
+        shutil.rmtree(work, ignore_errors=True)
+        assert not leftovers, f"processes of the test cluster survived teardown: {leftovers}"
+
+
+# Two trainings of 2 workers x 1 CPU (+ the shared Ray Data CPU) fit 6 CPUs together; mobilenetv2 fails when its
+# model is built (no such weights file) and must leave the others' results intact.
+PARALLEL = {**TINY, "workflow": {"tune": False},
+            "train": {**TINY["train"], "cpus_per_worker": 1,
+                      "models": {**TINY["train"]["models"],
+                                 "mobilenetv2": {"weights": "/nonexistent/mobilenetv2.pth", "max_failures": 0}}}}
+
+
+@pytest.mark.timeout(1800)
+def test_two_trainings_run_at_once_on_three_nodes_and_a_failure_keeps_the_rest(three_nodes):
+    state, client, work = three_nodes
+    config = work / "parallel.yaml"
+    config.write_text(yaml.safe_dump(PARALLEL))
+    run = work / "run"
+    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    job = client.submit_job(entrypoint=f"{LESION} run --run {run} --config {config}",
+                            runtime_env={**runtime_env, "working_dir": str(ROOT)})
+    status = _wait(client, job, timeout=1500)
+    logs = client.get_job_logs(job)
+    assert status == "FAILED", logs[-4000:]  # `lesion run` exits 1 naming the failed node
+    assert "lesion run: train mobilenetv2 failed" in logs and str(run / "logs" / "train-mobilenetv2.log") in logs
+    windows = {}
+    for name in ("custom_cnn", "scratch_cnn"):
+        assert (run / "models" / name / "best.pt").is_file(), f"{name} lost its result:\n{logs[-4000:]}"
+        history = pd.read_csv(run / "models" / name / "history.csv")
+        windows[name] = ((history["time"] - history["epoch_seconds"]).min(), history["time"].max())
+    (a_start, a_end), (b_start, b_end) = windows.values()
+    assert a_start < b_end and b_start < a_end, f"the trainings did not overlap: {windows}"
+    rows = {row["name"]: row["status"] for row in json.loads((run / "status.json").read_text())["rows"]}
+    assert rows == {"ingest": "done", "train custom_cnn": "done", "train scratch_cnn": "done",
+                    "train mobilenetv2": "failed", "evaluate": "blocked"}, rows
 
 
 @pytest.fixture(scope="module")

@@ -98,3 +98,14 @@ def test_search_space_is_checked_where_it_is_read():
         param_space({"lr": {"type": "loguniform", "low": 0, "high": 1}})
     with pytest.raises(ConfigError, match="tune.search_space.dropout: expected a mapping with type"):
         param_space({"dropout": {"type": "normal"}})
+
+
+@pytest.mark.timeout(300)
+def test_tuning_on_gpus_the_cluster_lacks_fails_before_any_trial(run, ray_local, capsys):
+    from pipelines.cli import main
+
+    assert main(["tune", "--run", str(run.root), "--gpus-per-trial", "0.5", "--max-concurrent", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "tune custom_cnn cannot start on this cluster: GPU: needs 1 (tune trials 2 x 0.5), the cluster has 0" in err
+    assert "tune.gpus_per_trial" in err
+    assert not run.tune.exists()  # no trial started, nothing written

@@ -14,7 +14,7 @@ import yaml
 from lesion.config import Config, config_from_dict
 from lesion.rundir import RunDir
 from pipelines.cli import main
-from pipelines.workflow import parse_sets, record_workflow_config, resource_warnings, workflow_config
+from pipelines.workflow import parse_sets, record_workflow_config, workflow_config
 
 TINY = {
     "data": {"source": "synthetic", "image_size": 32, "synthetic_count": 280, "seed": 0},
@@ -85,7 +85,7 @@ def _rows(output: str) -> dict[str, str]:
         parts = line.split()
         if parts[0] == "total":
             return rows
-        status = next(p for p in parts if p in ("done", "current", "skipped", "failed"))
+        status = next(p for p in parts if p in ("done", "current", "skipped", "failed", "blocked"))
         rows[" ".join(parts[: parts.index(status)])] = status
     raise AssertionError(f"no total line in:\n{table}")
 
@@ -253,12 +253,3 @@ def test_set_values_are_read_as_yaml_and_bad_ones_are_named():
         "data.root": "/mnt/x", "train.epochs": 3, "train.dropout": [0.1, 0.2]}
     with pytest.raises(ValueError, match="'train.epochs': expected KEY=VALUE"):
         parse_sets(["train.epochs"])
-
-
-def test_resource_warnings_name_what_cannot_be_placed():
-    config = config_from_dict({"train": {"workers": 4, "gpus_per_worker": 1.0, "models": {"resnet50": {}}},
-                               "tune": {"gpus_per_trial": 0.25}})
-    problems = resource_warnings(config, {"CPU": 2.0})
-    assert len(problems) == 2
-    assert "train resnet50: 4 worker(s) need 2 CPU and 4 GPU" in problems[0] and "--gpus 0" in problems[0]
-    assert resource_warnings(Config(), {"CPU": 2.0}) == []  # the demo fits a 2-core laptop
