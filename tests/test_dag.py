@@ -35,12 +35,14 @@ def test_the_ham10000_study_runs_in_parallel_waves_on_eight_gpus():
     assert waves[0] == ["ingest"] and waves[-1] == ["evaluate"]
     # tuning the custom CNN (16 trials x 0.25 GPU) runs beside a training of another architecture
     assert "tune custom_cnn" in waves[1] and len(waves[1]) == 2
-    # 7 trainings of 4 GPUs each on 8 GPUs: two at a time, and the tuned model only after its tuning
+    # 12 trainings (the study's grid) of 4 GPUs each on 8 GPUs: two at a time, and both variants of the tuned
+    # architecture only after its tuning
     trainings = [wave for wave in waves if any(name.startswith("train ") for name in wave)]
-    assert sum(len(wave) for wave in waves) == len(nodes) == 10
-    assert all(len(wave) <= 2 for wave in trainings) and len(waves) == 6
+    assert sum(len(wave) for wave in waves) == len(nodes) == 15
+    assert all(len(wave) <= 2 for wave in trainings) and len(waves) == 9
     tune_wave = next(i for i, wave in enumerate(waves) if "tune custom_cnn" in wave)
-    assert next(i for i, wave in enumerate(waves) if "train custom_cnn" in wave) > tune_wave
+    for variant in ("custom_cnn-balanced", "custom_cnn-imbalanced"):
+        assert next(i for i, wave in enumerate(waves) if f"train {variant}" in wave) > tune_wave
 
 
 def test_a_cap_on_parallel_trainings_is_kept():
@@ -80,7 +82,7 @@ def test_plan_command_prints_waves_with_resources_and_starts_nothing(tmp_path, c
     argv = ["run", "--run", str(run), "--config", str(ROOT / "cluster" / "configs" / "ham10000.yaml"), "--plan"]
     assert main([*argv, "--plan-gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("plan on 64 CPU, 8 GPU, 2 node(s): 10 stages in 6 wave(s)"), out
+    assert out.startswith("plan on 64 CPU, 8 GPU, 2 node(s): 15 stages in 9 wave(s)"), out
     assert "4 x (1 CPU, 1 GPU) DDP workers" in out and "16 x (1 CPU, 0.25 GPU) tune trials" in out
     assert main([*argv, "--cluster-resources", '{"CPU": 64, "GPU": 8, "nodes": 2}']) == 0
     assert capsys.readouterr().out == out
