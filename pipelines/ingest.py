@@ -32,6 +32,7 @@ from lesion.data import shards, sources, splits
 from lesion.data.shards import SHARD_SCHEMA, SPLITS
 from lesion.labels import class_names
 from lesion.rundir import RunDir, atomic_path, fingerprint, write_atomic
+from pipelines import capacity
 from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ def ingest(config: Config, run: RunDir, force: bool = False, num_cpus: int | Non
     log.info("ingest: %d images from %s (%d rejected while reading); preprocessing with Ray Data",
              len(records), data_config.source, len(rejected))
 
+    # uint8 pixels of every image (and its 1-bit mask), with room for Parquet's overhead and the old copy it replaces
+    needed = 2 * len(records) * data_config.image_size ** 2 * (3 + 1 / 8)
+    capacity.check_disk(run.root, needed, f"ingest of {len(records)} images at {data_config.image_size} px",
+                        "data.image_size")
     init_ray(num_cpus=num_cpus)
     processed = time.perf_counter()
     written = _process(records, data_config, partial)

@@ -105,3 +105,18 @@ def test_waiting_notice_names_what_ray_cannot_schedule(ray_local, caplog):
             ray.wait([ref], timeout=5)
     ray.cancel(ref, force=True)
     assert "demo: waiting for resources" in caplog.text and "GPU" in caplog.text
+
+
+def test_ingest_refuses_a_disk_too_small_before_starting_ray(tmp_path, monkeypatch):
+    import collections
+
+    from conftest import tiny_config
+    from lesion.rundir import RunDir
+    from pipelines.ingest import ingest
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(capacity.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr("pipelines.ingest.init_ray", lambda **kwargs: pytest.fail("Ray started"))
+    with pytest.raises(CapacityError, match=r"ingest of 280 images at 32 px: needs about .* GiB of disk under .*"
+                                            r"0.00 GiB is free; lower data.image_size"):
+        ingest(tiny_config(), RunDir(tmp_path / "run"))
