@@ -81,6 +81,14 @@ class ApiSettings:
         )
 
 
+def exposure_warning(serve_config: ServeConfig) -> str | None:
+    """The risk of binding ``serve.host`` beyond loopback without ``serve.api_key``, in one sentence (None: none)."""
+    if serve_config.host in ("127.0.0.1", "localhost", "::1") or serve_config.api_key:
+        return None
+    return (f"serving on {serve_config.host} without serve.api_key: anyone who can reach this address can use the API "
+            "and its models; set serve.api_key, and put TLS in front of it at a gateway")
+
+
 def png_base64(image: np.ndarray) -> str:
     """uint8 RGB image -> base64 PNG (pixels only: no metadata travels)."""
     buffer = io.BytesIO()

@@ -39,7 +39,7 @@ from lesion.explain import Explainer
 from lesion.inference import Inference
 from lesion.rundir import RunDir
 from pipelines import capacity
-from pipelines.api import ApiError, ApiSettings, build_api, overlay_reply
+from pipelines.api import ApiError, ApiSettings, build_api, exposure_warning, overlay_reply
 from pipelines.common import ensure_local_path, init_ray, resolve_config
 
 log = logging.getLogger(__name__)
@@ -243,9 +243,9 @@ def app_builder(args: dict[str, Any]):
 
 def deploy(config: Config, run: RunDir) -> str:
     """Start Serve (HTTP on ``config.serve.host:port``) and run the application; returns the base URL."""
-    if config.serve.host not in ("127.0.0.1", "localhost", "::1") and not config.serve.api_key:
-        log.warning("serving on %s without serve.api_key: anyone who reaches this address can use the API and its "
-                    "models; set serve.api_key, and put TLS in front of it at a gateway", config.serve.host)
+    warning = exposure_warning(config.serve)
+    if warning:
+        log.warning(warning)
     app = build_app(config, run)  # checks capacity before Serve starts anything
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=QUIET_LOGS)
     with capacity.waiting_notice("lesion serve"):

@@ -121,3 +121,13 @@ def test_oversized_and_lying_bodies_are_refused_with_413_or_400(client):
     assert client.post("/v1/predict", content=big, headers={"content-type": "image/jpeg"}).status_code == 413
     lying = client.post("/v1/predict", content=b"x", headers={"content-type": "image/jpeg", "content-length": "abc"})
     assert lying.status_code == 400
+
+
+def test_a_public_bind_without_an_api_key_is_named_as_a_risk():
+    from lesion.config import ServeConfig
+    from pipelines.api import exposure_warning
+
+    assert exposure_warning(ServeConfig()) is None  # loopback
+    assert exposure_warning(ServeConfig(host="0.0.0.0", api_key="k")) is None
+    warning = exposure_warning(ServeConfig(host="0.0.0.0"))
+    assert "0.0.0.0 without serve.api_key" in warning and "TLS" in warning
