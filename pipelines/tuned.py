@@ -2,8 +2,9 @@
 
 ``best.yaml`` is a partial config file setting ``train.models.<arch>`` (``tune.model``, an architecture);
 ``pipelines.tune`` writes it. Tuning is per architecture: the settings go to every variant of ``train.models`` whose
-``arch`` is the tuned one, and a field a variant sets explicitly (its own ``balance``, ``weights``, ``lr``...) beats the
-tuned value, so a balanced and an imbalanced variant get the same tuned hyperparameters and keep their own balancing.
+``arch`` is the tuned one. Tuned values beat the config's (as ``--from-tune`` always did), except the fields that make
+a variant what it is (``VARIANT_FIELDS``: its ``arch`` and ``balance``), so a balanced and an imbalanced variant get
+the same tuned hyperparameters and keep their own balancing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lesion.config import Config, ConfigError, apply_overrides
 from lesion.rundir import RunDir
 
 BEST_FILE = "best.yaml"  # in RUN/tune/
+VARIANT_FIELDS = ("arch", "balance")  # a variant's own; tuning never overrides them
 
 
 def best_settings(run: RunDir) -> dict[str, dict[str, Any]]:
@@ -32,17 +34,17 @@ def best_settings(run: RunDir) -> dict[str, dict[str, Any]]:
 
 def best_overrides(run: RunDir, config: Config) -> dict[str, Any]:
     """The tuned settings as config overrides (``train.models.<variant>.<field>: value``) for every variant of
-    ``config`` whose architecture was tuned, leaving out the fields the variant sets itself."""
+    ``config`` whose architecture was tuned, leaving out the ``VARIANT_FIELDS`` a variant sets itself."""
     overrides = {}
     for arch, settings in best_settings(run).items():
         for variant in config.variants_of(arch):
-            explicit = config.train.models.get(variant, {})
+            own = config.train.models.get(variant, {})
             overrides.update({f"train.models.{variant}.{key}": value for key, value in settings.items()
-                              if key not in explicit})
+                              if not (key in VARIANT_FIELDS and key in own)})
     return overrides
 
 
 def apply_best(config: Config, run: RunDir) -> Config:
     """``config`` with ``RUN/tune/best.yaml`` applied to every variant of each tuned architecture (see the module
-    docstring: a variant's explicit fields win)."""
+    docstring: a variant keeps its own arch and balance)."""
     return apply_overrides(config, best_overrides(run, config))

@@ -59,19 +59,19 @@ def test_variant_arch_resolves_and_is_checked():
         config_from_dict({"tune": {"model": "cnn-balanced"}})
 
 
-def test_tuned_settings_go_to_every_variant_of_the_arch_and_explicit_fields_win(tmp_path):
+def test_tuned_settings_go_to_every_variant_of_the_arch_which_keeps_its_own_balance(tmp_path):
     run = RunDir(tmp_path / "run")
     run.tune.mkdir(parents=True)
     dump_yaml({"train": {"models": {"custom_cnn": {"lr": 3e-3, "balance": "weights", "fc_widths": [128, 64]}}}},
               run.tune / "best.yaml")
     values = variant_config().to_dict()
-    values["train"]["models"]["cnn-balanced"]["lr"] = 5e-4  # explicit: beats the tuned lr
+    values["train"]["models"]["cnn-balanced"]["lr"] = 5e-4  # the config's: the tuned lr beats it
     values["train"]["models"]["scratch_cnn"] = {}  # another architecture: untouched
     tuned = apply_best(config_from_dict(values), run)
     balanced, imbalanced = tuned.model_config("cnn-balanced"), tuned.model_config("cnn-imbalanced")
-    assert (balanced.lr, imbalanced.lr) == (5e-4, 3e-3)
+    assert (balanced.lr, imbalanced.lr) == (3e-3, 3e-3)
     assert (balanced.balance, imbalanced.balance) == ("oversample", "none")  # each keeps its own balance
-    assert balanced.fc_widths == imbalanced.fc_widths == [64, 32]  # set by each variant
+    assert balanced.fc_widths == imbalanced.fc_widths == [128, 64]  # tuned
     assert tuned.model_config("scratch_cnn").lr == tiny_config().train.lr
     assert set(tuned.train.models) == {"cnn-balanced", "cnn-imbalanced", "scratch_cnn"}  # no variant added
 
