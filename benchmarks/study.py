@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from lesion.data.shards import read_info  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from pipelines.common import resolve_config  # noqa: E402
-from pipelines.workflow import StageTable, parse_sets, run_workflow  # noqa: E402
+from pipelines.common import parse_sets  # noqa: E402
+from pipelines.workflow import StageTable, run_workflow  # noqa: E402
 from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
 
 RESULTS = ROOT / "benchmarks" / "results"

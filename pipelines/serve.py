@@ -312,16 +312,21 @@ def run_command(name: str, args) -> int:
     }
     config = resolve_config(run, args.config, overrides, save=args.save_config)
     init_ray(args.address)
+    serve_until_interrupted(config, run, detach=detached)
+    return 0
+
+
+def serve_until_interrupted(config: Config, run: RunDir, *, detach: bool) -> None:
+    """Deploy ``run``'s models and say where; unless ``detach``, serve until Ctrl-C, then stop serving."""
     url = deploy(config, run)
-    print(f"serving {APP_NAME} at {url}/  (API docs {url}/docs, OpenAPI {url}/openapi.json)")
-    if detached:
+    print(f"serving {APP_NAME} at {url}/  (API docs {url}/docs, OpenAPI {url}/openapi.json)", flush=True)
+    if detach:
         print("detached: `lesion serve --stop` stops it")
-        return 0
-    print("Ctrl-C stops it")
+        return
+    print("Ctrl-C stops it", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.delete(APP_NAME)
         serve.shutdown()
-    return 0

@@ -40,12 +40,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from lesion.config import Config, apply_overrides, load_config
 from lesion.rundir import RunDir
 from pipelines import capacity
-from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
+from pipelines.common import RUN_CONFIG, init_ray, parse_sets, record_run_config, resolve_config
 from pipelines.status import STATUS_FILE, StageTable
 
 log = logging.getLogger(__name__)
@@ -717,34 +716,10 @@ def record_workflow_config(run: RunDir, config: Config, config_path: str | None,
 
 
 def serve_workflow(config: Config, run: RunDir, *, detach: bool) -> None:
-    """Serve the run's models (``pipelines.serve.deploy``); unless ``detach``, until Ctrl-C, then stop serving."""
-    from ray import serve
+    """Serve the run's models; unless ``detach``, until Ctrl-C, then stop serving."""
+    from pipelines.serve import serve_until_interrupted
 
-    from pipelines.serve import APP_NAME, deploy
-
-    url = deploy(config, RunDir(run.root))  # Serve reads local model folders: a remote run's staging copy
-    print(f"serving {APP_NAME} at {url}/  (API docs {url}/docs)", flush=True)
-    if detach:
-        print("detached: `lesion serve --stop` stops it")
-        return
-    print("Ctrl-C stops it", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.delete(APP_NAME)
-        serve.shutdown()
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``["data.root=/x", "train.epochs=3"]`` -> ``{"data.root": "/x", "train.epochs": 3}`` (values read as YAML)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
+    serve_until_interrupted(config, RunDir(run.root), detach=detach)  # Serve reads local folders: a staging copy
 
 
 def _cluster_command(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ import yaml
 from lesion.config import Config, config_from_dict
 from lesion.rundir import RunDir
 from pipelines.cli import main
-from pipelines.workflow import parse_sets, record_workflow_config, workflow_config
+from pipelines.common import parse_sets
+from pipelines.workflow import record_workflow_config, workflow_config
 
 TINY = {
     "data": {"source": "synthetic", "image_size": 32, "synthetic_count": 280, "seed": 0},
