@@ -175,6 +175,7 @@ TINY = {
         "models": {"custom_cnn": {"conv_widths": [8, 16, 32, 64], "fc_widths": [64, 32]}, "scratch_cnn": {}},
     },
     "evaluate": {"bootstrap": 20, "cam_methods": ["gradcam"], "cam_images": 4, "cam_score_images": 8},
+    "workflow": {"max_parallel_trainings": 1},  # the kill points below follow the trainings in order
 }
 
 # Run as the driver instead of the console script: dies (the whole process group, SIGKILL) half-way through
