@@ -115,9 +115,11 @@ def rss_bytes(pids: list[int]) -> int:
 
 def serve_pids() -> list[int]:
     """PIDs of Serve's HTTP proxy and every replica that is alive now."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True,
+                         limit=1000, raise_on_missing_output=False)
     return [a.pid for a in actors if a.pid and ("ServeReplica" in a.class_name or "ProxyActor" in a.class_name)]
 
 
@@ -126,7 +128,8 @@ def kill_one_model_replica() -> str:
     import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True,
+                         limit=1000, raise_on_missing_output=False)
     replicas = [a for a in actors if "ServeReplica" in a.class_name and "model_" in a.class_name]
     if not replicas:
         raise RuntimeError("no model replica to kill: " + ", ".join(a.class_name for a in actors))
@@ -194,7 +197,7 @@ def build_run(run: Path) -> None:
     if not (run / "data").is_dir():
         subprocess.run(lesion + ["ingest", "--run", str(run), "--source", "synthetic", "--count", "210",
                                  "--image-size", "64"], check=True, cwd=ROOT)
-    for model in ("scratch_cnn", "custom_cnn"):
+    for model in ("scratch_cnn", "mobilenetv2"):
         if not (run / "models" / model / "best.pt").is_file():
             subprocess.run(lesion + ["train", "--run", str(run), "--model", model, "--epochs", "2"], check=True, cwd=ROOT)
 
