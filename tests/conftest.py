@@ -92,11 +92,13 @@ def run(ingested_run, tmp_path) -> RunDir:
 
 
 @pytest.fixture(scope="session")
-def trained_run(ingested_run, ray_local) -> RunDir:
-    """``ingested_run`` with custom_cnn and scratch_cnn trained for 3 epochs (read-only for tests: copy to change)."""
+def trained_run(ingested_run, ray_local, tmp_path_factory) -> RunDir:
+    """A copy of ``ingested_run`` with custom_cnn and scratch_cnn trained for 3 epochs (read-only for tests: copy
+    to change); a copy, so that ``run`` stays untrained whichever fixture a session builds first."""
     from pipelines.train import train_model
 
+    trained = RunDir(shutil.copytree(ingested_run.root, tmp_path_factory.mktemp("trained") / "run"))
     config = tiny_config()
     for name in config.train.models:
-        train_model(config, ingested_run, name)
-    return ingested_run
+        train_model(config, trained, name)
+    return trained
