@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,23 @@ def ensure_local_path(path: str | Path) -> Path:
     if "://" in text:
         raise ValueError(f"{text}: only local paths are supported here")
     return Path(text).expanduser().resolve()
+
+
+class StageTimes:
+    """Wall-clock seconds per named stage of a command: ``with times("scoring"): ...``; ``str(times)`` reads
+    ``scoring 41.2 s, metrics 3.0 s (total 44.2 s)``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
+        return f"{parts} (total {sum(self.seconds.values()):.1f} s)"

@@ -16,8 +16,10 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,12 @@ from lesion.labels import class_names
 from lesion.models import checkpoint_arch
 from lesion.rundir import RunDir, atomic_path, fingerprint, package_versions, write_atomic
 from pipelines import capacity
-from pipelines.common import init_ray, resolve_config
+from pipelines.common import StageTimes, init_ray, resolve_config
 
 log = logging.getLogger(__name__)
 
 META = ["image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization"]
-EVALUATE_VERSION = 2  # bump when evaluate's output changes for the same inputs (2: the variant comparison)
+EVALUATE_VERSION = 3  # bump when evaluate's output changes for the same inputs (2: variant comparison; 3: ROAD noise)
 
 
 class Predictor:
@@ -161,15 +163,17 @@ def explanation_quality(core: Inference, images: np.ndarray, masks: np.ndarray |
     inputs = {name: model_input(images, m.info["mean"], m.info["std"], int(m.info["input_size"]), m.device)
               for name, m in members.items()}
     ens_targets = core.combine(core.probabilities(images)).argmax(axis=1).tolist()
-    for name, m in members.items():
-        section["models"][name] = {}
+    for name, m in members.items():  # CAM hooks are not thread-safe: the maps one after another
         for method in methods:
-            maps = explain.explain_batch(m.net, m.info, inputs[name], None, method)
+            cams[method][name] = explain.explain_batch(m.net, m.info, inputs[name], None, method)
+    pairs = [(name, method) for name in members for method in methods]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # ROAD's sparse solves release the GIL
+        faithful = pool.map(lambda pair: explain.faithfulness(members[pair[0]].net, members[pair[0]].info,
+                                                              inputs[pair[0]], cams[pair[1]][pair[0]]), pairs)
+        for (name, method), scores in zip(pairs, faithful):
+            maps = cams[method][name]
             entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
-            entry.update(explain.faithfulness(m.net, m.info, inputs[name], maps))
-            entry["n_images"] = int(len(images))
-            section["models"][name][method] = entry
-            cams[method][name] = maps
+            section["models"].setdefault(name, {})[method] = {**entry, **scores, "n_images": int(len(images))}
     section["models"]["ensemble"] = {}
     for method in methods:
         member_maps = {name: explain.explain_batch(m.net, m.info, inputs[name], ens_targets, method)
@@ -330,7 +334,9 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     if not force and run.is_current(artefact, fp) and (out / "metrics.json").is_file():
         log.info("%s is current (fingerprint %s): not re-evaluating", out, fp)
         return json.loads((out / "metrics.json").read_text())
-    core = Inference.from_run(run, config, load=False)
+    times = StageTimes()
+    with times("ensemble spec"):
+        core = Inference.from_run(run, config, load=False)
     info = read_info(data_run.root)
     if info["task"] != core.spec.task:
         raise ValueError(f"{data_run.root} holds a {info['task']} data set but the models of {run.root} are "
@@ -340,29 +346,35 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     files = evaluation_files(data_run.root, split)
     meta = read_meta(files)
     labels = meta["label"].to_numpy(np.int64)
-    probs, answers = score(core, files, meta, int(info["image_size"]), config)
+    with times("scoring"):
+        probs, answers = score(core, files, meta, int(info["image_size"]), config)
     final = core.combine(probs)
 
     out.mkdir(parents=True, exist_ok=True)
     groups = meta["lesion_id"].fillna(meta["image_id"]).to_numpy()  # an image without lesion_id is its own lesion
     report_kwargs = {"groups": groups, "meta": meta, "n_bootstrap": config.evaluate.bootstrap,
                      "seed": config.data.seed}
-    results = model_results(core, labels, probs, run, report_kwargs)
-    results["ensemble"] = ensemble_result(core, labels, probs, answers, report_kwargs)
-    all_probs = {**probs, "ensemble": final}
-    _write_predictions(out, meta, core.classes, core.spec.task, all_probs, [a["decision"] for a in answers])
-    result = _result_document(core, split, external, data_run, info, meta, groups, results)
-    result["comparison"] = comparison(run, core.spec.task, labels, probs, groups, config)
-    figures = _figures(out, run, core.names, labels, all_probs, ensemble.mix(probs, core.spec.weights), core.classes,
-                       core.spec.task, results)
+    with times("metrics"):
+        results = model_results(core, labels, probs, run, report_kwargs)
+        results["ensemble"] = ensemble_result(core, labels, probs, answers, report_kwargs)
+        all_probs = {**probs, "ensemble": final}
+        _write_predictions(out, meta, core.classes, core.spec.task, all_probs, [a["decision"] for a in answers])
+        result = _result_document(core, split, external, data_run, info, meta, groups, results)
+        result["comparison"] = comparison(run, core.spec.task, labels, probs, groups, config)
+    with times("figures"):
+        figures = _figures(out, run, core.names, labels, all_probs, ensemble.mix(probs, core.spec.weights),
+                           core.classes, core.spec.task, results)
     compared = {arch: list(section["variants"]) for arch, section in result["comparison"].items()}
-    result["explanations"], cam_figures = _cam_figures(core, files, meta, int(info["image_size"]), final, out, config,
-                                                       compared)
+    with times("explanations"):
+        result["explanations"], cam_figures = _cam_figures(core, files, meta, int(info["image_size"]), final, out,
+                                                           config, compared)
     figures.update(cam_figures)
 
-    write_atomic(out / "metrics.json", json.dumps(metrics.json_safe(result), indent=2, allow_nan=False))
-    report.render_html(metrics.json_safe(result), figures, out / "report.html")
-    report.render_model_card(metrics.json_safe(result), out / "model_card.md")
+    with times("report"):
+        write_atomic(out / "metrics.json", json.dumps(metrics.json_safe(result), indent=2, allow_nan=False))
+        report.render_html(metrics.json_safe(result), figures, out / "report.html")
+        report.render_model_card(metrics.json_safe(result), out / "model_card.md")
+    log.info("evaluation time: %s", times)
     run.record(artefact, config=config.to_dict(), fingerprint=fp, split=split, data=str(data_run.root),
                models=core.names, output=str(out))
     log.info("evaluation written to %s", out)

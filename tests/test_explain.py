@@ -270,3 +270,22 @@ def test_explainer_uses_the_runs_ensemble_spec_and_refits_a_stale_one(trained_ru
         list(answer["probabilities"].values()),
         ensemble_lib.combine({n: np.array([list(answer["models"][n].values())]) for n in members}, refitted)[0],
         atol=1e-5)
+
+
+def test_linear_infill_solves_grad_cams_road_system_and_keeps_kept_pixels():
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    rng = np.random.default_rng(0)
+    img = torch.rand(3, 40, 30, generator=torch.Generator().manual_seed(0))
+    yy, xx = np.mgrid[:40, :30]
+    blob = np.exp(-((yy - 18) ** 2 + (xx - 12) ** 2) / 80.0)
+    masks = [blob < np.percentile(blob, p) for p in (20, 50, 80)] + [rng.random((40, 30)) > 0.5]
+    for keep in masks:  # 1 = keep: large contiguous holes (the CAM's) and scattered ones
+        mask = torch.from_numpy(keep.astype(np.float32))
+        ours = explain.LinearInfill(noise=0.0)(img, mask)
+        assert torch.allclose(ours, NoisyLinearImputer(noise=0.0)(img, mask), atol=1e-6)
+        assert torch.equal(ours[:, torch.from_numpy(keep)], img[:, torch.from_numpy(keep)])
+    everything = explain.LinearInfill(noise=0.0)(img, torch.zeros(40, 30))  # nothing kept: the channel means
+    assert torch.allclose(everything, img.mean(dim=(1, 2), keepdim=True).expand_as(img))
+    noisy = [explain.LinearInfill(seed=3)(img, mask) for _ in range(2)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], ours)  # seeded noise
