@@ -23,7 +23,6 @@ from lesion.labels import class_names, malignant_indices
 
 AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 200, "75+"))
 SUBGROUP_COLUMNS = ("sex", "age_band", "localization")
-BOOTSTRAP_METRICS = ("balanced_accuracy", "macro_auc", "malignant_auc")
 
 
 def _check(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
@@ -199,16 +198,57 @@ def _summary(y_true, y_prob, task: str) -> dict[str, float]:
     }
 
 
-def lesion_resamples(groups, n_resamples: int, seed: int = 0):
-    """Index arrays of ``n_resamples`` bootstrap resamples of LESIONS: each draws the groups (``groups`` (N,): each
-    image's lesion_id) with replacement and keeps every image of each drawn group, so several photographs of one
-    lesion never count as independent evidence. Reusing the index arrays pairs the resamples across models."""
-    codes, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
-    rng = np.random.default_rng(seed)
-    for _ in range(n_resamples):
-        yield np.concatenate([members[g] for g in rng.integers(0, len(codes), len(codes))])
+def lesion_resample_weights(groups, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """(n_resamples, N) image weights of bootstrap resamples of LESIONS: each resample draws the groups (``groups``
+    (N,): each image's lesion_id) with replacement and weighs every image by how often its group was drawn, which
+    is the same as repeating the images, so several photographs of one lesion never count as independent evidence.
+    Reusing the weights pairs the resamples across models."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if len(inverse) else 0
+    draws = np.random.default_rng(seed).integers(0, max(n_groups, 1), (n_resamples, n_groups))
+    rows = np.arange(n_resamples)[:, None] * n_groups
+    counts = np.bincount((draws + rows).ravel(), minlength=n_resamples * n_groups).reshape(n_resamples, n_groups)
+    return counts[:, inverse].astype(np.float64)
+
+
+def _rowwise_nanmean(values: np.ndarray) -> np.ndarray:
+    """Mean over the defined (finite) values of each row; NaN for a row with none."""
+    defined = np.isfinite(values)
+    total = np.where(defined, values, 0.0).sum(axis=1)
+    return _div(total, defined.sum(axis=1))
+
+
+def weighted_per_class(y_true, y_prob, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """``per_class``'s recall and f1 under each row of image ``weights`` (R, N): arrays (R, C), NaN where undefined."""
+    y_true, y_prob = _check(y_true, y_prob)
+    classes = np.arange(y_prob.shape[1])
+    truth = (y_true[:, None] == classes).astype(np.float64)
+    called = (y_prob.argmax(axis=1)[:, None] == classes).astype(np.float64)
+    tp, support, predicted = weights @ (truth * called), weights @ truth, weights @ called
+    return {"recall": _div(tp, support), "f1": _div(2 * tp, support + predicted)}
+
+
+def weighted_auc(y_binary, score, weights: np.ndarray) -> np.ndarray:
+    """``binary_auc`` under each row of image ``weights`` (R, N) at once (Mann-Whitney, ties counted half): (R,)."""
+    y_binary = np.asarray(y_binary, dtype=bool)
+    order = np.argsort(np.asarray(score, dtype=np.float64), kind="stable")
+    ranked = np.asarray(score, dtype=np.float64)[order]
+    ties = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if len(ranked) else np.zeros(0, int)
+    w = weights[:, order]
+    pos = np.add.reduceat(w * y_binary[order], ties, axis=1) if len(ties) else np.zeros((len(w), 0))
+    neg = np.add.reduceat(w * ~y_binary[order], ties, axis=1) if len(ties) else np.zeros((len(w), 0))
+    below = np.cumsum(neg, axis=1) - neg
+    return _div((pos * (below + 0.5 * neg)).sum(axis=1), pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def _resampled_summary(y_true, y_prob, task: str, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """``_summary`` of every resample in ``weights`` (R, N): {metric: (R,)}."""
+    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    per_class_auc = np.stack([weighted_auc(y_true == k, y_prob[:, k], weights) for k in range(y_prob.shape[1])],
+                             axis=1)
+    return {"balanced_accuracy": _rowwise_nanmean(weighted_per_class(y_true, y_prob, weights)["recall"]),
+            "macro_auc": _rowwise_nanmean(per_class_auc),
+            "malignant_auc": weighted_auc(y_mal, p_mal, weights)}
 
 
 def _interval(estimate: float, values, confidence: float) -> dict[str, Any]:
@@ -232,15 +272,12 @@ def bootstrap_ci(
 ) -> dict[str, Any]:
     """Percentile bootstrap intervals for balanced accuracy, macro AUC and malignant AUC, resampling GROUPS.
 
-    ``groups`` (N,) holds each image's lesion_id (see ``lesion_resamples``). Resamples in which a metric is undefined
+    ``groups`` (N,) holds each image's lesion_id (see ``lesion_resample_weights``). Resamples in which a metric is undefined
     are left out of that metric's interval (``n_valid`` says how many remained).
     """
     y_true, y_prob = _check(y_true, y_prob)
     groups = _check_groups(groups, len(y_true))
-    samples = {name: [] for name in BOOTSTRAP_METRICS}
-    for idx in lesion_resamples(groups, n_resamples, seed):
-        for name, value in _summary(y_true[idx], y_prob[idx], task).items():
-            samples[name].append(value)
+    samples = _resampled_summary(y_true, y_prob, task, lesion_resample_weights(groups, n_resamples, seed))
     estimate = _summary(y_true, y_prob, task)
     out: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "unit": "lesion",
                            "n_groups": len(np.unique(groups))}
@@ -261,6 +298,17 @@ def comparison_metrics(y_true, y_prob, task: str) -> dict[str, float]:
             **{f"recall:{name}": float(recall[k]) for k, name in enumerate(class_names(task))}}
 
 
+def _resampled_comparison(y_true, y_prob, task: str, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """``comparison_metrics`` of every resample in ``weights`` (R, N): {metric: (R,)}."""
+    y_true, y_prob = _check(y_true, y_prob)
+    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    stats = weighted_per_class(y_true, y_prob, weights)
+    return {"balanced_accuracy": _rowwise_nanmean(stats["recall"]),
+            "macro_f1": _rowwise_nanmean(stats["f1"]),
+            "malignant_auc": weighted_auc(y_mal, p_mal, weights),
+            **{f"recall:{name}": stats["recall"][:, k] for k, name in enumerate(class_names(task))}}
+
+
 def paired_bootstrap(y_true, probs: dict[str, np.ndarray], groups, task: str, n_resamples: int = 500,
                      confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """Compare models scored on the same images: each one's ``comparison_metrics`` with its lesion-bootstrap
@@ -276,11 +324,8 @@ def paired_bootstrap(y_true, probs: dict[str, np.ndarray], groups, task: str, n_
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     estimates = {name: comparison_metrics(y_true, probs[name], task) for name in names}
     metric_names = list(next(iter(estimates.values()))) if names else []
-    samples = {name: {m: [] for m in metric_names} for name in names}
-    for idx in lesion_resamples(groups, n_resamples, seed):
-        for name in names:
-            for metric, value in comparison_metrics(y_true[idx], probs[name][idx], task).items():
-                samples[name][metric].append(value)
+    weights = lesion_resample_weights(groups, n_resamples, seed)
+    samples = {name: _resampled_comparison(y_true, probs[name], task, weights) for name in names}
 
     def difference(a: str, b: str, metric: str) -> dict[str, Any]:
         values = np.asarray(samples[a][metric]) - np.asarray(samples[b][metric])

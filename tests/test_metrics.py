@@ -117,6 +117,27 @@ def test_bootstrap_resamples_lesions_not_images():
     assert ci["estimate"] == pytest.approx(metrics.balanced_accuracy(y, p))
 
 
+def test_vectorised_resamples_equal_the_metrics_of_the_repeated_images():
+    # Each resample's weights stand for the images repeated that often: every bootstrap metric must equal the plain
+    # metric of those repeated images, ties in the scores and classes missing from a resample included.
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 7, 120)
+    p = np.round(rng.dirichlet(np.ones(7), 120), 1) + 1e-3  # rounded: many tied scores
+    p /= p.sum(axis=1, keepdims=True)
+    groups = rng.integers(0, 40, 120)
+    weights = metrics.lesion_resample_weights(groups, 25, seed=1)
+    assert weights.shape == (25, 120) and np.all(weights.sum(axis=1) > 0)
+    assert all(len(set(weights[r, groups == g])) == 1 for r in range(25) for g in np.unique(groups))  # per lesion
+    summary = metrics._resampled_summary(y, p, "multiclass", weights)
+    comparison = metrics._resampled_comparison(y, p, "multiclass", weights)
+    for r in range(25):
+        idx = np.repeat(np.arange(120), weights[r].astype(int))
+        for name, value in metrics._summary(y[idx], p[idx], "multiclass").items():
+            assert summary[name][r] == pytest.approx(value, abs=1e-12, nan_ok=True), (r, name)
+        for name, value in metrics.comparison_metrics(y[idx], p[idx], "multiclass").items():
+            assert comparison[name][r] == pytest.approx(value, abs=1e-12, nan_ok=True), (r, name)
+
+
 def test_subgroups_count_every_image():
     rng = np.random.default_rng(4)
     y = rng.integers(0, 7, 40)
