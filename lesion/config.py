@@ -179,6 +179,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     workers: int = checked(2, POSITIVE)  # Ray Train workers (DDP)
     cpus_per_worker: float = checked(0.5, NON_NEGATIVE)
+    threads_per_worker: int | None = checked(None, POSITIVE)  # torch CPU threads per worker; None: Ray's (its CPUs)
     gpus_per_worker: float = checked(0.0, NON_NEGATIVE)
     max_failures: int = checked(2, interval(-1))  # worker failures survived from the last checkpoint; -1: no limit
     seed: int = checked(0, NON_NEGATIVE)
@@ -250,6 +251,7 @@ class ServeConfig:
     tta: bool | None = None  # flip TTA when serving; None = as evaluated (evaluate.tta); its own spec is fitted for it
     gpus_per_replica: float = checked(0.0, NON_NEGATIVE)
     cpus_per_replica: float = checked(0.5, NON_NEGATIVE)  # CPU share of each replica (ingress, ensemble, models, CAM)
+    threads_per_replica: int | None = checked(None, POSITIVE)  # torch threads of model/CAM replicas; None: Ray's
     min_replicas: int = checked(1, NON_NEGATIVE)
     max_replicas: int = checked(2, POSITIVE)  # at least min_replicas
     target_ongoing_requests: float = checked(4.0, interval(0, low_open=True))

@@ -106,6 +106,8 @@ class TrainSession:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.loop = loop
+        if loop["cfg"].get("threads_per_worker"):  # else Ray's OMP_NUM_THREADS: the worker's CPU share, at least 1
+            torch.set_num_threads(int(loop["cfg"]["threads_per_worker"]))
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)

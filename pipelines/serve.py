@@ -59,7 +59,11 @@ def serving_core(run: RunDir, config: Config) -> Inference:
 # --- Ray Serve deployments -------------------------------------------------------------------------------------
 
 
-def _device() -> str:
+def _device(threads: int | None = None) -> str:
+    """The replica's torch device; on CPU ``threads`` (``serve.threads_per_replica``) sets its torch threads, else
+    Ray's default stands (the replica's CPU share, at least one)."""
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -67,8 +71,9 @@ def _device() -> str:
 class ModelDeployment:
     """One member of the core, loaded once per replica: dynamic batches of preprocessed images -> probabilities."""
 
-    def __init__(self, core: Inference, name: str, max_batch_size: int, batch_wait_timeout_s: float):
-        self.core, self.name = core.load([name], _device()), name
+    def __init__(self, core: Inference, name: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 threads: int | None = None):
+        self.core, self.name = core.load([name], _device(threads)), name
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -102,8 +107,8 @@ class EnsembleDeployment:
 class GradCamDeployment:
     """Grad-CAM overlays (every member loaded; gradients are needed, so no inference mode)."""
 
-    def __init__(self, core: Inference):
-        self.explainer = Explainer(core.load(device=_device()))
+    def __init__(self, core: Inference, threads: int | None = None):
+        self.explainer = Explainer(core.load(device=_device(threads)))
 
     def explain(self, image: np.ndarray, model: str, method: str) -> dict:
         return overlay_reply(self.explainer, image, model, method)
@@ -204,7 +209,7 @@ def build_app(config: Config, run: RunDir):
             autoscaling_config=autoscaling,
             max_ongoing_requests=2 * s.max_batch_size,  # one batch running while the next fills
             ray_actor_options=with_gpu,
-        ).bind(core, name, s.max_batch_size, s.batch_wait_timeout_s)
+        ).bind(core, name, s.max_batch_size, s.batch_wait_timeout_s, s.threads_per_replica)
         for name in core.names
     }
     ensemble_app = EnsembleDeployment.options(
@@ -215,7 +220,7 @@ def build_app(config: Config, run: RunDir):
         autoscaling_config={**autoscaling, "target_ongoing_requests": 1},
         max_ongoing_requests=2,
         ray_actor_options=with_gpu,
-    ).bind(core)
+    ).bind(core, s.threads_per_replica)
     return LesionApi.options(
         autoscaling_config=autoscaling, max_ongoing_requests=PASS_THROUGH_ONGOING_REQUESTS, ray_actor_options=cpu_only
     ).bind(ensemble_app, gradcam_app, ApiSettings.of(core, s))

@@ -1,0 +1,166 @@
+"""Training throughput: ``lesion train``'s Ray Train path beside the plain PyTorch loop a user would write instead.
+
+Every set-up trains the same model, from the same ingested shards (an ingested run directory), with the same
+augmentation, input size, global batch and number of CPU threads, and reports training images/s (validation
+excluded) of the epochs after the first (the first holds Ray Data's and oneDNN's warm-up):
+
+- ``ray-ddp``: ``pipelines.train.train_model`` with ``train.workers`` DDP workers of ``train.cpus_per_worker``
+  (Ray gives each worker torch threads for its CPU share, at least one);
+- ``ray-1worker``: the same with one worker and ``train.threads_per_worker`` = all the threads;
+- ``plain``: a single-process loop over the split held in memory (``torch.set_num_threads``, shuffled batches,
+  ``augment_batch``, normalise, forward, backward, AdamW), the peer ``ratio`` is taken against.
+
+The set-ups run interleaved ``--repeats`` times; each row's ``ratio`` is its median images/s over the plain loop's
+median (best and worst beside it). Ray's start-up is timed apart and not inside any figure. Results go to
+``benchmarks/results/train.json`` and the training table of ``benchmarks/README.md``.
+
+    .venv/bin/python benchmarks/train.py --run RUN [--models scratch_cnn efficientnet_lite0] [--epochs 2]
+        [--repeats 2] [--threads 2] [--size 1x]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lesion.config import Config, config_from_dict  # noqa: E402
+from lesion.data import augment  # noqa: E402
+from lesion.data.shards import load_split, read_info  # noqa: E402
+from lesion.models import create_model, model_spec  # noqa: E402
+from lesion.rundir import RunDir, package_versions  # noqa: E402
+from pipelines.common import init_ray, resolve_config  # noqa: E402
+from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
+
+RESULTS = ROOT / "benchmarks" / "results" / "train.json"
+
+
+def plain_epochs(config: Config, run: RunDir, name: str, epochs: int, threads: int, batch: int) -> list[float]:
+    """The peer: images/s of each epoch of a plain single-process loop over the train split in memory."""
+    torch.set_num_threads(threads)
+    cfg = config.model_config(name)
+    info = read_info(run.root)
+    split = load_split(run.root, "train")
+    arch, size = cfg.arch or name, int(cfg.input_size or info["image_size"])
+    spec = model_spec(arch)
+    model = create_model(arch, len(info["classes"]), pretrained=cfg.pretrained, input_size=size,
+                         **{k: getattr(cfg, k) for k in spec["arch_kwargs"]}).to(memory_format=torch.channels_last)
+    mean, std = spec["mean"], spec["std"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    images, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
+    generator = torch.Generator().manual_seed(0)
+    rates = []
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator)
+        started = time.perf_counter()
+        for start in range(0, len(order) - 1, batch):
+            idx = order[start:start + batch]
+            x = augment.augment_batch(augment.to_float(images[idx]), cfg.augment, generator)
+            x = augment.normalize(augment.resize(x, size), mean, std).contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(model(x), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        rates.append(len(order) / (time.perf_counter() - started))
+    return rates
+
+
+def ray_epochs(config: Config, run: RunDir, name: str, epochs: int, layout: dict) -> list[float]:
+    """images/s of each epoch of ``pipelines.train.train_model`` with the train section changed by ``layout``, in a
+    scratch copy of the run's data (so the run's own models stay as they are)."""
+    from pipelines.train import train_model
+
+    values = config.to_dict()
+    values["train"].update(layout, epochs=epochs, patience=epochs + 1)
+    values["train"]["models"] = {name: {k: v for k, v in config.train.models.get(name, {}).items()
+                                        if k not in ("epochs", "batch_size")}}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        copy = RunDir(Path(scratch) / "run")
+        copy.root.mkdir(parents=True)
+        os.symlink(run.data, copy.data)
+        train_model(config_from_dict(values), copy, name)
+        history = json.loads((copy.model_dir(name) / "history.json").read_text())
+    return [row["images_per_second"] for row in history]
+
+
+def summary(rates: list[list[float]]) -> dict:
+    """Median, best and worst images/s over repeats, each repeat the mean of its epochs after the first."""
+    per_repeat = [statistics.mean(r[1:] or r) for r in rates]
+    return {"images_per_s": round(statistics.median(per_repeat), 1), "best": round(max(per_repeat), 1),
+            "worst": round(min(per_repeat), 1), "repeats": [round(v, 1) for v in per_repeat]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="an ingested run directory (its config and train split)")
+    parser.add_argument("--config", help="config file (default: RUN/config.yaml)")
+    parser.add_argument("--models", nargs="+", default=["scratch_cnn", "efficientnet_lite0"])
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per set-up and repeat (the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every set-up")
+    parser.add_argument("--label", default="1x", help="the data size this run measures (for the table)")
+    args = parser.parse_args(argv)
+    run = RunDir(args.run)
+    config = resolve_config(run, args.config)
+    ddp = {"workers": config.train.workers, "cpus_per_worker": config.train.cpus_per_worker,
+           "batch_size": config.train.batch_size}
+    batch = ddp["workers"] * ddp["batch_size"]  # the same global batch everywhere
+    layouts = {"ray-ddp": ddp,
+               "ray-1worker": {"workers": 1, "cpus_per_worker": 1.0, "threads_per_worker": args.threads,
+                               "batch_size": batch}}
+    started = time.perf_counter()
+    init_ray()
+    ray_start = time.perf_counter() - started
+    rows, load = [], os.getloadavg()
+    for name in args.models:
+        rates: dict[str, list[list[float]]] = {"plain": [], **{k: [] for k in layouts}}
+        for repeat in range(args.repeats):
+            rates["plain"].append(plain_epochs(config, run, name, args.epochs, args.threads, batch))
+            for label, layout in layouts.items():
+                rates[label].append(ray_epochs(config, run, name, args.epochs, layout))
+            print(name, repeat, {k: [round(x, 1) for x in v[-1]] for k, v in rates.items()}, flush=True)
+        peer = summary(rates["plain"])
+        for label in ("ray-ddp", "ray-1worker", "plain"):
+            row = {"model": name, "setup": label, "data": args.label, **summary(rates[label])}
+            row["ratio"] = round(row["images_per_s"] / peer["images_per_s"], 2)
+            rows.append(row)
+    info = read_info(run.root)
+    result = {
+        "benchmark": "train",
+        "command": "python benchmarks/train.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "data": {"run": str(run.root), "train_images": int(sum(info["counts"]["train"].values())),
+                 "image_size": info["image_size"], "input_size": config.train.input_size},
+        "threads": args.threads, "global_batch": batch, "epochs": args.epochs, "repeats": args.repeats,
+        "ray_start_s": round(ray_start, 2),
+        "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": [round(x, 2) for x in load],
+                   "platform": platform.platform()},
+        "versions": package_versions(),
+        "rows": rows,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| model | set-up | images/s (median) | best / worst | ratio vs plain loop |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['setup']} | {r['images_per_s']} | {r['best']} / {r['worst']} | {r['ratio']} |"
+              for r in rows]
+    write_section("train", f"Training throughput, `{result['command']}` ({args.threads} threads, global batch "
+                           f"{batch}, {result['data']['train_images']} images):\n\n" + "\n".join(lines))
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
