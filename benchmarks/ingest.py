@@ -8,8 +8,9 @@ full-size images repeated to ``--count``):
   Ray for each (``pipelines.common.init_ray(num_cpus=N)``, shut down between; start-up timed separately);
 - a plain ``torch.utils.data.DataLoader`` with 1 and with 2 worker processes doing the same work.
 
-The four set-ups run interleaved ``--repeats`` times and the best of each is reported (every sample, with the load
-average when it started, is kept in the JSON): on a shared machine the best run is the least disturbed one.
+The four set-ups run interleaved ``--repeats`` times; each row reports the median with best and worst (every sample,
+with the load average when it started, is kept in the JSON) and ``ratio``: its median over the DataLoader's median
+with the same number of processes.
 
 OpenCV is held to one thread per process in both, so N processes means N cores of work. Results go to
 ``benchmarks/results/ingest.json`` and the ingest table of ``benchmarks/README.md``.
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -102,8 +104,8 @@ def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
 def write_readme(result: dict) -> None:
     """Replace the ingest section of benchmarks/README.md (between the markers), keeping everything else."""
     rows = "\n".join(
-        f"| {r['engine']} | {r['processes']} | {r['images']} | {r['seconds']} | {r['images_per_s']} | "
-        f"{', '.join(str(x) for x in r['all_images_per_s'])} |"
+        f"| {r['engine']} | {r['processes']} | {r['images']} | {r['images_per_s']} | {r['best']} / {r['worst']} | "
+        f"{r['ratio']} |"
         for r in result["runs"]
     )
     config = result["config"]
@@ -111,13 +113,14 @@ def write_readme(result: dict) -> None:
 
 Full per-image ingest work (read + decode + black-border crop + hair removal + resize to {config['image_size']} px)
 on the {result['distinct_files']} real 600x450 HAM10000 JPEGs repeated to {result['count']} items. OpenCV runs one
-thread per process. The four set-ups run interleaved, {result['repeats']} times; the best of each is shown.
+thread per process. The four set-ups run interleaved, {result['repeats']} times; the median of each is shown with
+its best and worst, and `ratio` = median images/s over the DataLoader's median with as many processes.
 Machine: {result['device']['cpu']}, {result['device']['cores']} cores; load average
 {result['device']['load_before']} before and {result['device']['load_after']} after (the machine is shared, so
 absolute numbers carry noise). Ray start-up (not in the times): {result['ray_start_s']} s.
 Command: `{result['command']}`.
 
-| engine | processes / Ray CPUs | images | seconds (best) | images/s (best) | images/s (every repeat) |
+| engine | processes / Ray CPUs | images | images/s (median) | best / worst | ratio vs DataLoader |
 |---|---|---|---|---|---|
 {rows}
 
@@ -128,7 +131,7 @@ Single-process cost per image: {result['ms_per_image_inline']} ms (the same work
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1008, help="items (the real images repeated)")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is reported")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (median, best and worst reported)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with images/*.jpg")
     args = parser.parse_args()
     files = sorted(str(p) for p in (args.data / "images").glob("*.jpg"))
@@ -162,12 +165,14 @@ def main() -> int:
                 print(samples[-1], flush=True)
     runs = []
     for n in (1, 2):
+        peer = statistics.median(s["images_per_s"] for s in samples
+                                 if s["engine"] == "torch DataLoader" and s["processes"] == n)
         for engine in ("Ray Data", "torch DataLoader"):
-            mine = [s for s in samples if s["engine"] == engine and s["processes"] == n]
-            best = max(mine, key=lambda s: s["images_per_s"])
-            runs.append({"engine": engine, "processes": n, "images": best["images"], "seconds": best["seconds"],
-                         "images_per_s": best["images_per_s"],
-                         "all_images_per_s": [s["images_per_s"] for s in mine]})
+            rates = [s["images_per_s"] for s in samples if s["engine"] == engine and s["processes"] == n]
+            runs.append({"engine": engine, "processes": n, "images": args.count,
+                         "images_per_s": round(statistics.median(rates), 1), "best": max(rates),
+                         "worst": min(rates), "all_images_per_s": rates,
+                         "ratio": round(statistics.median(rates) / peer, 2)})
 
     import PIL
     import ray

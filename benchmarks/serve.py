@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -109,8 +111,6 @@ def load(url: str, endpoint: str, images: list[bytes], clients: int, per_client:
 
 
 def measure(server: str, url: str, images: list[bytes], levels: list[int], per_client: int) -> list[dict]:
-    for endpoint in ENDPOINTS:  # warm-up: first requests load lazily initialised code paths
-        load(url, endpoint, images, 1, 2)
     rows = []
     for endpoint in ENDPOINTS:
         for clients in levels:
@@ -120,7 +120,9 @@ def measure(server: str, url: str, images: list[bytes], levels: list[int], per_c
     return rows
 
 
-def run_baseline(run: Path, config_path: Path, images, levels, per_client) -> list[dict]:
+@contextlib.contextmanager
+def baseline_server(run: Path, config_path: Path):
+    """The baseline uvicorn server in a subprocess; yields its URL once it answers."""
     port = free_port()
     command = [sys.executable, __file__, "--baseline-server", "--run", str(run), "--config", str(config_path),
                "--port", str(port)]
@@ -128,13 +130,15 @@ def run_baseline(run: Path, config_path: Path, images, levels, per_client) -> li
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
-        return measure("fastapi-baseline", url, images, levels, per_client)
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
-def run_ray_serve(run: Path, config_path: Path, images, levels, per_client) -> tuple[list[dict], float]:
+@contextlib.contextmanager
+def ray_serve_app(run: Path, config_path: Path):
+    """The Ray Serve application on a fresh local Ray; yields (URL, start-up seconds)."""
     import ray
     from ray import serve
 
@@ -147,18 +151,39 @@ def run_ray_serve(run: Path, config_path: Path, images, levels, per_client) -> t
         started = time.perf_counter()
         url = deploy(config, RunDir(run))
         wait_ready(url)
-        startup = time.perf_counter() - started
-        return measure("ray-serve", url, images, levels, per_client), startup
+        yield url, time.perf_counter() - started
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def summarise(samples: list[dict]) -> list[dict]:
+    """One row per server, endpoint and concurrency: medians over the repeats, best and worst throughput, and for
+    Ray Serve the ``ratio`` of its median throughput to the baseline's and its p50 overhead (ms)."""
+    keys = sorted({(s["server"], s["endpoint"], s["clients"]) for s in samples})
+    rows = []
+    for server, endpoint, clients in keys:
+        mine = [s for s in samples if (s["server"], s["endpoint"], s["clients"]) == (server, endpoint, clients)]
+        rows.append({"server": server, "endpoint": endpoint, "clients": clients,
+                     "requests": sum(s["requests"] for s in mine), "errors": sum(s["errors"] for s in mine),
+                     **{k: round(statistics.median(s[k] for s in mine), 1) for k in
+                        ("throughput_rps", "mean_ms", "p50_ms", "p95_ms", "p99_ms")},
+                     "best_rps": max(s["throughput_rps"] for s in mine),
+                     "worst_rps": min(s["throughput_rps"] for s in mine)})
+    peers = {(r["endpoint"], r["clients"]): r for r in rows if r["server"] == "fastapi-baseline"}
+    for row in rows:
+        peer = peers[(row["endpoint"], row["clients"])]
+        row["ratio"] = round(row["throughput_rps"] / peer["throughput_rps"], 2)
+        row["p50_overhead_ms"] = round(row["p50_ms"] - peer["p50_ms"], 1)
+    return rows
 
 
 def write_readme(result: dict) -> None:
     """Replace the serve section of benchmarks/README.md (between the markers), keeping everything else."""
     rows = [
         f"| {r['server']} | {r['endpoint']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | "
-        f"{r['p95_ms']} | {r['p99_ms']} | {r['throughput_rps']} |"
+        f"{r['p95_ms']} | {r['p99_ms']} | {r['throughput_rps']} ({r['best_rps']} / {r['worst_rps']}) | "
+        f"{r['ratio']} | {r['p50_overhead_ms']} |"
         for r in sorted(result["results"], key=lambda r: (r["endpoint"], r["clients"], r["server"]))
     ]
     run = result["run"]
@@ -167,18 +192,22 @@ def write_readme(result: dict) -> None:
         "",
         f"Ray Serve (ingress, ensemble, one replica per model with dynamic batching, max batch "
         f"{result['serve_config']['max_batch_size']}, wait {result['serve_config']['batch_wait_timeout_s']} s; "
-        f"{result['serve_config']['cpus_per_replica']} CPU per replica, one replica each) beside one uvicorn process "
+        f"{result['serve_config']['cpus_per_replica']} CPU and {result['serve_config']['threads_per_replica'] or 'Ray'}'s "
+        "torch threads per replica, one replica each) beside one uvicorn process "
         "running the same FastAPI app on PyTorch in threads (no batching). Both decode and preprocess the upload "
         f"exactly as ingest does (to {run['image_size']} px) and run the same models ({', '.join(run['models'])}) "
         "and calibrated ensemble; /v1/explain returns the ensemble Grad-CAM overlay. Requests: the 21 real 600x450 "
-        f"HAM10000 JPEGs in turn, {result['requests_per_client']} per client, clients on the same machine.",
+        f"HAM10000 JPEGs in turn, {result['requests_per_client']} per client, clients on the same machine. Both "
+        f"servers stay up and are measured in turn, {result['repeats']} times: medians (best / worst "
+        "throughput), `ratio` = Ray Serve's median requests/s over the baseline's, overhead = p50 difference.",
         f"Machine: {result['device']['cpu']}, {result['device']['cores']} cores, no GPU; load average "
         f"{result['load_average']['before']} before and {result['load_average']['after']} after (the machine is "
         f"shared, so absolute numbers carry noise). Ray Serve start-up: {result['ray_serve_startup_s']} s.",
         f"Command: `{result['command']}`.",
         "",
-        "| server | endpoint | clients | requests | errors | p50 ms | p95 ms | p99 ms | requests/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | endpoint | clients | requests | errors | p50 ms | p95 ms | p99 ms | requests/s (best / worst) "
+        "| ratio | p50 overhead ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]))
 
@@ -190,6 +219,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
     parser.add_argument("--requests", type=int, default=8, help="requests per client at every level")
     parser.add_argument("--cpus-per-replica", type=float, default=0.25, help="Ray Serve: CPU share per replica")
+    parser.add_argument("--threads-per-replica", type=int, help="Ray Serve: torch threads per model/CAM replica")
+    parser.add_argument("--repeats", type=int, default=2, help="both servers measured in turn this many times")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,6 +234,7 @@ def main() -> int:
     # fixed replicas: autoscaling in the middle of a short burst on two cores would measure replica start-up
     config.serve.min_replicas = config.serve.max_replicas = 1
     config.serve.cpus_per_replica = args.cpus_per_replica
+    config.serve.threads_per_replica = args.threads_per_replica
     config.serve.host = "127.0.0.1"
     config_path = ROOT / "test-artifacts" / "serve-benchmark-config.yaml"
     config_path.parent.mkdir(exist_ok=True)
@@ -213,8 +245,15 @@ def main() -> int:
     setup_models = RunDir(run).trained_models()
     image_size = json.loads((run / "data" / "info.json").read_text())["image_size"]
     before = [round(x, 2) for x in os.getloadavg()]
-    rows = run_baseline(run, config_path, images, args.clients, args.requests)
-    serve_rows, startup = run_ray_serve(run, config_path, images, args.clients, args.requests)
+    samples = []
+    with baseline_server(run, config_path) as baseline_url, ray_serve_app(run, config_path) as (serve_url, startup):
+        servers = {"fastapi-baseline": baseline_url, "ray-serve": serve_url}
+        for url in servers.values():  # warm-up: first requests load lazily initialised code paths
+            for endpoint in ENDPOINTS:
+                load(url, endpoint, images, 1, 2)
+        for _ in range(args.repeats):
+            for server, url in servers.items():
+                samples += measure(server, url, images, args.clients, args.requests)
     result = {
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
         "versions": package_versions(),
@@ -222,9 +261,11 @@ def main() -> int:
         "run": {"models": setup_models, "image_size": image_size},
         "serve_config": dataclasses.asdict(config.serve),
         "requests_per_client": args.requests,
+        "repeats": args.repeats,
         "load_average": {"before": before, "after": [round(x, 2) for x in os.getloadavg()]},
         "ray_serve_startup_s": round(startup, 1),
-        "results": rows + serve_rows,
+        "results": summarise(samples),
+        "samples": samples,
     }
     out = ROOT / "benchmarks" / "results" / "serve_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
