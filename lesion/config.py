@@ -42,6 +42,7 @@ TUNE_SCHEDULERS = ("asha", "none")
 SEARCH_SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
 EVALUATE_SPLITS = ("train", "val", "test", "all")  # all: every ingested image (an external test set)
 ENSEMBLE_WEIGHTS = ("fit", "equal")
+PRIOR_CORRECTIONS = ("none", "fit")  # the ensemble's class prior: as in the data, or a balanced one fitted
 CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # keys of train.models
 # The architectures of lesion.models' registry (kept equal to lesion.models.MODEL_NAMES by tests/test_variants.py;
@@ -231,6 +232,9 @@ class EvaluateConfig:
     split: str = checked("test", one_of(*EVALUATE_SPLITS))
     tta: bool = False  # test-time augmentation (flips)
     ensemble_weights: str = checked("fit", one_of(*ENSEMBLE_WEIGHTS))  # fit (on validation) or equal
+    # fit: logit adjustment, log p - tau x log(class prior) with tau chosen on validation for balanced accuracy;
+    # none: the calibrated posteriors of the data's own class mix
+    prior_correction: str = checked("none", one_of(*PRIOR_CORRECTIONS))
     bootstrap: int = checked(200, NON_NEGATIVE)  # bootstrap resamples (of lesions) for confidence intervals; 0 disables
     cam_methods: list[str] = checked(["gradcam", "gradcam++", "eigencam"], each(one_of(*CAM_METHODS)))
     cam_images: int = checked(8, NON_NEGATIVE)  # images in the Grad-CAM comparison grid

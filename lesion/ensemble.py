@@ -2,8 +2,9 @@
 and the out-of-distribution threshold, all fitted on the validation split only.
 
 ``combine(probs_by_model, spec)`` turns the members' probabilities into the ensemble's calibrated probabilities:
-each member's probabilities are temperature-scaled (``softmax(log p / T_m)``), averaged with the weights, and the
-mixture is scaled by the ensemble temperature. ``decide`` turns those into "malignant", "benign" or "uncertain".
+each member's probabilities are temperature-scaled (``softmax(log p / T_m)``), averaged with the weights, the
+mixture is scaled by the ensemble temperature and, when fitted, adjusted for the class prior (``prior_bias``: logit
+adjustment towards balanced classes, which trades calibration to the data's class mix for balanced accuracy). ``decide`` turns those into "malignant", "benign" or "uncertain".
 ``fit`` fits a spec on validation probabilities; ``lesion.inference`` owns when and for which inference mode.
 """
 
@@ -21,7 +22,7 @@ from scipy.special import softmax
 
 from lesion import calibration
 from lesion.labels import class_names, malignant_indices
-from lesion.metrics import expected_calibration_error, log_loss
+from lesion.metrics import balanced_accuracy, expected_calibration_error, log_loss
 from lesion.rundir import write_atomic
 
 
@@ -46,6 +47,8 @@ class EnsembleSpec:
     fingerprint: str = ""  # of checkpoints, data and the fitting options; a mismatch triggers a refit
     model_versions: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> checkpoint_sha256, run_id
     validation: dict[str, Any] = field(default_factory=dict)  # n images and NLL/ECE before and after calibration
+    prior_tau: float = 0.0  # logit adjustment strength chosen on validation (0: none)
+    prior_bias: list[float] = field(default_factory=list)  # per-class log offsets, -prior_tau x log(class prior)
 
 
 def mix(probs_by_model: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -60,7 +63,23 @@ def combine(probs_by_model: dict[str, np.ndarray], spec: EnsembleSpec) -> np.nda
         raise KeyError(f"combine: no probabilities for ensemble member(s) {', '.join(missing)}")
     scaled = {name: calibration.apply_temperature(probs_by_model[name], spec.temperatures[name])
               for name in spec.models}
-    return calibration.apply_temperature(mix(scaled, spec.weights), spec.temperature)
+    return adjust_prior(calibration.apply_temperature(mix(scaled, spec.weights), spec.temperature), spec.prior_bias)
+
+
+def adjust_prior(probs: np.ndarray, bias: list[float] | np.ndarray) -> np.ndarray:
+    """``softmax(log p + bias)`` per row: the probabilities under another class prior (no-op for an empty bias)."""
+    if len(bias) == 0:
+        return probs
+    return softmax(calibration.to_log_probs(probs) + np.asarray(bias, dtype=np.float64), axis=1)
+
+
+def fit_prior_tau(probs: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> float:
+    """The logit-adjustment strength tau in [0, 2] (steps of 0.05) whose ``log p - tau x log prior`` has the best
+    balanced accuracy on these (validation) probabilities; the smallest such tau on ties."""
+    log_p, log_prior = calibration.to_log_probs(probs), np.log(np.clip(prior, calibration.EPS, None))
+    taus = np.round(np.arange(0, 2.0001, 0.05), 2)
+    scores = [balanced_accuracy(labels, softmax(log_p - tau * log_prior, axis=1)) for tau in taus]
+    return float(taus[int(np.argmax(scores))])
 
 
 def decide(probs: np.ndarray, spec: EnsembleSpec) -> tuple[list[str], list[str]]:
@@ -111,8 +130,9 @@ def fit_weights(probs_by_model: dict[str, np.ndarray], labels: np.ndarray) -> di
 
 def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str, weighting: str = "fit",
         target_sensitivity: float = 0.95, ood_quantile: float = 0.99, uncertain_margin: float = 0.1,
-        tta: bool = False) -> EnsembleSpec:
-    """Fit temperatures, weights and thresholds on VALIDATION probabilities (members' raw probabilities, N x C)."""
+        tta: bool = False, prior_correction: str = "none") -> EnsembleSpec:
+    """Fit temperatures, weights, the class-prior adjustment (``prior_correction`` "fit") and thresholds on
+    VALIDATION probabilities (members' raw probabilities, N x C)."""
     labels = np.asarray(labels, dtype=np.int64)
     if weighting not in ("fit", "equal"):
         raise ValueError(f"ensemble weighting must be 'fit' or 'equal', got {weighting!r}")
@@ -122,7 +142,13 @@ def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str,
     weights = fit_weights(scaled, labels) if weighting == "fit" else {n: 1.0 / len(names) for n in names}
     mixture = mix(scaled, weights)
     temperature = calibration.fit_temperature(calibration.to_log_probs(mixture), labels)
-    final = calibration.apply_temperature(mixture, temperature)
+    calibrated = calibration.apply_temperature(mixture, temperature)
+    if prior_correction not in ("none", "fit"):
+        raise ValueError(f"prior correction must be 'none' or 'fit', got {prior_correction!r}")
+    prior = np.bincount(labels, minlength=mixture.shape[1]) / max(len(labels), 1)
+    tau = fit_prior_tau(calibrated, labels, prior) if prior_correction == "fit" else 0.0
+    bias = (-tau * np.log(np.clip(prior, calibration.EPS, None))).tolist() if tau > 0 else []
+    final = adjust_prior(calibrated, bias)
     is_mal = np.isin(labels, malignant_indices(task))
     p_mal = final[:, malignant_indices(task)].sum(axis=1)
     uncalibrated = mix(probs_by_model, weights)
@@ -132,6 +158,8 @@ def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str,
         "nll_after": log_loss(labels, final),
         "ece_before": expected_calibration_error(labels, uncalibrated),
         "ece_after": expected_calibration_error(labels, final),
+        "balanced_accuracy_calibrated": balanced_accuracy(labels, calibrated),
+        "balanced_accuracy_after": balanced_accuracy(labels, final),
         "members": {
             n: {"ece_before": expected_calibration_error(labels, probs_by_model[n]),
                 "ece_after": expected_calibration_error(labels, scaled[n])}
@@ -153,6 +181,8 @@ def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str,
         weighting=weighting,
         tta=tta,
         validation=validation,
+        prior_tau=tau,
+        prior_bias=bias,
     )
 
 

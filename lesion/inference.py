@@ -124,7 +124,7 @@ def spec_fingerprint(run: RunDir, config: Config, models: list[str], tta: bool) 
     shas = {name: checkpoint_sha256(run.model_dir(name)) for name in models}
     ev, sv = config.evaluate, config.serve
     return fingerprint(SPEC_VERSION, shas, read_info(run.root).get("fingerprint"), ev.ensemble_weights, tta,
-                       sv.target_sensitivity, sv.ood_quantile)
+                       sv.target_sensitivity, sv.ood_quantile, ev.prior_correction)
 
 
 def fit_spec(run: RunDir, config: Config, members: dict[str, Member], tta: bool) -> ensemble.EnsembleSpec:
@@ -136,11 +136,13 @@ def fit_spec(run: RunDir, config: Config, members: dict[str, Member], tta: bool)
     task = next(iter(members.values())).info["task"]
     spec = ensemble.fit(probs, val.labels, task=task, weighting=config.evaluate.ensemble_weights,
                         target_sensitivity=sv.target_sensitivity, ood_quantile=sv.ood_quantile,
-                        uncertain_margin=sv.uncertain_margin, tta=tta)
+                        uncertain_margin=sv.uncertain_margin, tta=tta,
+                        prior_correction=config.evaluate.prior_correction)
     spec.model_versions = {name: m.version for name, m in members.items()}
-    log.info("ensemble fitted on %d validation images (%s): weights %s, T=%.3f, malignant threshold %.3f",
-             len(val.labels), "flip TTA" if tta else "single pass", {n: round(w, 3) for n, w in spec.weights.items()},
-             spec.temperature, spec.malignant_threshold)
+    log.info("ensemble fitted on %d validation images (%s): weights %s, T=%.3f, prior tau %.2f, malignant "
+             "threshold %.3f", len(val.labels), "flip TTA" if tta else "single pass",
+             {n: round(w, 3) for n, w in spec.weights.items()}, spec.temperature, spec.prior_tau,
+             spec.malignant_threshold)
     return spec
 
 

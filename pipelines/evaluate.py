@@ -275,6 +275,7 @@ def ensemble_result(core: Inference, labels: np.ndarray, probs: dict[str, np.nda
         "members": spec.models,
         "weights": spec.weights,
         "weighting": spec.weighting,
+        "prior_tau": spec.prior_tau,  # logit adjustment fitted on validation (0: the calibrated posteriors)
         "decision": {
             "malignant_threshold": spec.malignant_threshold,
             "target_sensitivity": spec.target_sensitivity,
