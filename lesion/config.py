@@ -242,6 +242,7 @@ class EvaluateConfig:
     batch_size: int = checked(64, POSITIVE)
     gpus_per_actor: float = checked(0.0, NON_NEGATIVE)
     cpus_per_actor: float = checked(1.0, NON_NEGATIVE)  # CPUs reserved by each batch-inference actor
+    threads_per_actor: int | None = checked(None, POSITIVE)  # torch CPU threads per actor; None: Ray's (its CPUs)
     actors: int = checked(1, POSITIVE)
 
 

@@ -50,10 +50,12 @@ class Predictor:
     """Ray Data actor: one member of the inference core, loaded once, applied to batches of raw shard rows ->
     class probabilities in the core's inference mode."""
 
-    def __init__(self, core: Inference, name: str, image_size: int, use_gpu: bool):
+    def __init__(self, core: Inference, name: str, image_size: int, use_gpu: bool, threads: int | None = None):
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if threads and device == "cpu":  # else Ray's OMP_NUM_THREADS: the actor's CPU share, at least 1
+            torch.set_num_threads(threads)
         self.core, self.name, self.image_size = core.load([name], device), name, image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -112,7 +114,7 @@ def batch_predict(files: list[str], core: Inference, image_size: int, config: Co
         scored = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={"core": shipped, "name": name, "image_size": image_size,
-                                   "use_gpu": ev.gpus_per_actor > 0},
+                                   "use_gpu": ev.gpus_per_actor > 0, "threads": ev.threads_per_actor},
             compute=ray.data.ActorPoolStrategy(size=ev.actors),
             num_cpus=ev.cpus_per_actor,
             num_gpus=ev.gpus_per_actor,
