@@ -23,5 +23,9 @@ test: install
 	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1 \
 	$(BIN)/python -m pytest -q -rs
 
+test-fast: install  # the suite without the tests marked slow (multi-node cluster, crash points, long trainings)
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1 \
+	$(BIN)/python -m pytest -q -rs -m "not slow"
+
 clean:
 	rm -rf $(VENV) runs

@@ -125,19 +125,36 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     init_ray()
     ray_start = time.perf_counter() - started
-    rows, load = [], os.getloadavg()
+    load, samples = os.getloadavg(), []
     for name in args.models:
-        rates: dict[str, list[list[float]]] = {"plain": [], **{k: [] for k in layouts}}
         for repeat in range(args.repeats):
-            rates["plain"].append(plain_epochs(config, run, name, args.epochs, args.threads, batch))
+            rates = {"plain": plain_epochs(config, run, name, args.epochs, args.threads, batch)}
             for label, layout in layouts.items():
-                rates[label].append(ray_epochs(config, run, name, args.epochs, layout))
-            print(name, repeat, {k: [round(x, 1) for x in v[-1]] for k, v in rates.items()}, flush=True)
-        peer = summary(rates["plain"])
-        for label in ("ray-ddp", "ray-1worker", "plain"):
-            row = {"model": name, "setup": label, "data": args.label, **summary(rates[label])}
-            row["ratio"] = round(row["images_per_s"] / peer["images_per_s"], 2)
-            rows.append(row)
+                rates[label] = ray_epochs(config, run, name, args.epochs, layout)
+            samples += [{"model": name, "setup": label, "repeat": repeat, "images_per_s": [round(x, 1) for x in r]}
+                        for label, r in rates.items()]
+            print(name, repeat, {k: [round(x, 1) for x in v] for k, v in rates.items()}, flush=True)
+            write_results(argv, run, config, args, batch, ray_start, load, samples)  # a killed run keeps its repeats
+    return 0
+
+
+def rows_of(samples: list[dict], label: str) -> list[dict]:
+    """Per model and set-up: ``summary`` of its repeats and the ``ratio`` to the plain loop's median."""
+    rows = []
+    for name in dict.fromkeys(s["model"] for s in samples):
+        rates = {setup: [s["images_per_s"] for s in samples if s["model"] == name and s["setup"] == setup]
+                 for setup in ("ray-ddp", "ray-1worker", "plain")}
+        peer = summary(rates["plain"])["images_per_s"]
+        for setup, runs in rates.items():
+            row = {"model": name, "setup": setup, "data": label, **summary(runs)}
+            rows.append({**row, "ratio": round(row["images_per_s"] / peer, 2)})
+    return rows
+
+
+def write_results(argv, run: RunDir, config: Config, args, batch: int, ray_start: float | None, load,
+                  samples) -> None:
+    """benchmarks/results/train.json and the README table from the samples so far."""
+    rows = rows_of(samples, args.label)
     info = read_info(run.root)
     result = {
         "benchmark": "train",
@@ -145,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"run": str(run.root), "train_images": int(sum(info["counts"]["train"].values())),
                  "image_size": info["image_size"], "input_size": config.train.input_size},
         "threads": args.threads, "global_batch": batch, "epochs": args.epochs, "repeats": args.repeats,
-        "ray_start_s": round(ray_start, 2),
+        "ray_start_s": None if ray_start is None else round(ray_start, 2),
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": [round(x, 2) for x in load],
                    "platform": platform.platform()},
         "versions": package_versions(),
         "rows": rows,
+        "samples": samples,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
@@ -158,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
               for r in rows]
     write_section("train", f"Training throughput, `{result['command']}` ({args.threads} threads, global batch "
                            f"{batch}, {result['data']['train_images']} images):\n\n" + "\n".join(lines))
-    print(json.dumps(rows, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
