@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-slow clean
 
 install: $(BIN)/lesion
 
@@ -19,13 +19,14 @@ $(BIN)/lesion: pyproject.toml
 run: install
 	$(BIN)/lesion run --run $(RUN)
 
-test: install
-	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1 \
+PYTEST := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1 \
 	$(BIN)/python -m pytest -q -rs
 
-test-fast: install  # the suite without the tests marked slow (multi-node cluster, crash points, long trainings)
-	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1 \
-	$(BIN)/python -m pytest -q -rs -m "not slow"
+test: install  # the suite without the tests marked slow
+	$(PYTEST) -m "not slow"
+
+test-slow: install  # the slow ones: multi-node clusters, kill points, whole workflows, long trainings (CI runs both)
+	$(PYTEST) -m slow
 
 clean:
 	rm -rf $(VENV) runs
