@@ -192,8 +192,9 @@ def write_readme(result: dict) -> None:
         "",
         f"Ray Serve (ingress, ensemble, one replica per model with dynamic batching, max batch "
         f"{result['serve_config']['max_batch_size']}, wait {result['serve_config']['batch_wait_timeout_s']} s; "
-        f"{result['serve_config']['cpus_per_replica']} CPU and {result['serve_config']['threads_per_replica'] or 'Ray'}'s "
-        "torch threads per replica, one replica each) beside one uvicorn process "
+        f"{result['serve_config']['cpus_per_replica']} CPU and "
+        f"{result['serve_config']['threads_per_replica'] or 'Ray'}'s torch threads per replica, one replica each) "
+        "beside one uvicorn process "
         "running the same FastAPI app on PyTorch in threads (no batching). Both decode and preprocess the upload "
         f"exactly as ingest does (to {run['image_size']} px) and run the same models ({', '.join(run['models'])}) "
         "and calibrated ensemble; /v1/explain returns the ensemble Grad-CAM overlay. Requests: the 21 real 600x450 "

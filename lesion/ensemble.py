@@ -4,7 +4,8 @@ and the out-of-distribution threshold, all fitted on the validation split only.
 ``combine(probs_by_model, spec)`` turns the members' probabilities into the ensemble's calibrated probabilities:
 each member's probabilities are temperature-scaled (``softmax(log p / T_m)``), averaged with the weights, the
 mixture is scaled by the ensemble temperature and, when fitted, adjusted for the class prior (``prior_bias``: logit
-adjustment towards balanced classes, which trades calibration to the data's class mix for balanced accuracy). ``decide`` turns those into "malignant", "benign" or "uncertain".
+adjustment towards balanced classes, which trades calibration to the data's class mix for balanced accuracy).
+``decide`` turns those into "malignant", "benign" or "uncertain".
 ``fit`` fits a spec on validation probabilities; ``lesion.inference`` owns when and for which inference mode.
 """
 
@@ -73,10 +74,10 @@ def adjust_prior(probs: np.ndarray, bias: list[float] | np.ndarray) -> np.ndarra
     return softmax(calibration.to_log_probs(probs) + np.asarray(bias, dtype=np.float64), axis=1)
 
 
-def fit_prior_tau(probs: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> float:
-    """The logit-adjustment strength tau in [0, 2] (steps of 0.05) whose ``log p - tau x log prior`` has the best
+def fit_prior_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray) -> float:
+    """The logit-adjustment strength tau in [0, 2] (steps of 0.05) whose ``log p - tau x log_prior`` has the best
     balanced accuracy on these (validation) probabilities; the smallest such tau on ties."""
-    log_p, log_prior = calibration.to_log_probs(probs), np.log(np.clip(prior, calibration.EPS, None))
+    log_p = calibration.to_log_probs(probs)
     taus = np.round(np.arange(0, 2.0001, 0.05), 2)
     scores = [balanced_accuracy(labels, softmax(log_p - tau * log_prior, axis=1)) for tau in taus]
     return float(taus[int(np.argmax(scores))])
@@ -136,6 +137,8 @@ def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str,
     labels = np.asarray(labels, dtype=np.int64)
     if weighting not in ("fit", "equal"):
         raise ValueError(f"ensemble weighting must be 'fit' or 'equal', got {weighting!r}")
+    if prior_correction not in ("none", "fit"):
+        raise ValueError(f"prior correction must be 'none' or 'fit', got {prior_correction!r}")
     names = list(probs_by_model)
     temperatures = {n: calibration.fit_temperature(calibration.to_log_probs(probs_by_model[n]), labels) for n in names}
     scaled = {n: calibration.apply_temperature(probs_by_model[n], temperatures[n]) for n in names}
@@ -143,11 +146,10 @@ def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str,
     mixture = mix(scaled, weights)
     temperature = calibration.fit_temperature(calibration.to_log_probs(mixture), labels)
     calibrated = calibration.apply_temperature(mixture, temperature)
-    if prior_correction not in ("none", "fit"):
-        raise ValueError(f"prior correction must be 'none' or 'fit', got {prior_correction!r}")
     prior = np.bincount(labels, minlength=mixture.shape[1]) / max(len(labels), 1)
-    tau = fit_prior_tau(calibrated, labels, prior) if prior_correction == "fit" else 0.0
-    bias = (-tau * np.log(np.clip(prior, calibration.EPS, None))).tolist() if tau > 0 else []
+    log_prior = np.log(np.clip(prior, calibration.EPS, None))
+    tau = fit_prior_tau(calibrated, labels, log_prior) if prior_correction == "fit" else 0.0
+    bias = (-tau * log_prior).tolist() if tau > 0 else []
     final = adjust_prior(calibrated, bias)
     is_mal = np.isin(labels, malignant_indices(task))
     p_mal = final[:, malignant_indices(task)].sum(axis=1)

@@ -272,8 +272,8 @@ def bootstrap_ci(
 ) -> dict[str, Any]:
     """Percentile bootstrap intervals for balanced accuracy, macro AUC and malignant AUC, resampling GROUPS.
 
-    ``groups`` (N,) holds each image's lesion_id (see ``lesion_resample_weights``). Resamples in which a metric is undefined
-    are left out of that metric's interval (``n_valid`` says how many remained).
+    ``groups`` (N,) holds each image's lesion_id (see ``lesion_resample_weights``). Resamples in which a metric is
+    undefined are left out of that metric's interval (``n_valid`` says how many remained).
     """
     y_true, y_prob = _check(y_true, y_prob)
     groups = _check_groups(groups, len(y_true))

@@ -449,6 +449,14 @@ def unfreeze_last_fraction(model: nn.Module, fraction: float = 0.25) -> int:
     return count
 
 
+def set_cpu_threads(threads: int | None, device: str | torch.device) -> None:
+    """torch's CPU threads for this process (``train.threads_per_worker``, ``evaluate.threads_per_actor``,
+    ``serve.threads_per_replica``) when ``threads`` is set and ``device`` is the CPU; otherwise Ray's default stands:
+    OMP_NUM_THREADS from the worker's CPU share, at least one."""
+    if threads and torch.device(device).type == "cpu":
+        torch.set_num_threads(int(threads))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:

@@ -35,7 +35,7 @@ from lesion.data.augment import model_input
 from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, split_files
 from lesion.inference import Inference, checkpoint_sha256
 from lesion.labels import class_names
-from lesion.models import checkpoint_arch
+from lesion.models import checkpoint_arch, set_cpu_threads
 from lesion.rundir import RunDir, atomic_path, fingerprint, package_versions, write_atomic
 from pipelines import capacity
 from pipelines.common import StageTimes, init_ray, resolve_config
@@ -54,8 +54,7 @@ class Predictor:
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        if threads and device == "cpu":  # else Ray's OMP_NUM_THREADS: the actor's CPU share, at least 1
-            torch.set_num_threads(threads)
+        set_cpu_threads(threads, device)
         self.core, self.name, self.image_size = core.load([name], device), name, image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ import ray.train.torch
 import torch
 
 from lesion.config import TrainConfig
-from lesion.models import create_model, model_spec, unwrap
+from lesion.models import create_model, model_spec, set_cpu_threads, unwrap
 from lesion.training import (
     BALANCE_MODES,
     EarlyStopping,
@@ -106,8 +106,7 @@ class TrainSession:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.loop = loop
-        if loop["cfg"].get("threads_per_worker"):  # else Ray's OMP_NUM_THREADS: the worker's CPU share, at least 1
-            torch.set_num_threads(int(loop["cfg"]["threads_per_worker"]))
+        set_cpu_threads(loop["cfg"].get("threads_per_worker"), self.device)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)

@@ -37,6 +37,7 @@ from ray.serve.schema import LoggingConfig
 from lesion.config import Config, ServeConfig, apply_overrides
 from lesion.explain import Explainer
 from lesion.inference import Inference
+from lesion.models import set_cpu_threads
 from lesion.rundir import RunDir
 from pipelines import capacity
 from pipelines.api import ApiError, ApiSettings, build_api, exposure_warning, overlay_reply
@@ -60,11 +61,10 @@ def serving_core(run: RunDir, config: Config) -> Inference:
 
 
 def _device(threads: int | None = None) -> str:
-    """The replica's torch device; on CPU ``threads`` (``serve.threads_per_replica``) sets its torch threads, else
-    Ray's default stands (the replica's CPU share, at least one)."""
-    if threads and not torch.cuda.is_available():
-        torch.set_num_threads(threads)
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The replica's torch device, with ``serve.threads_per_replica`` torch threads when that is the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    set_cpu_threads(threads, device)
+    return device
 
 
 @serve.deployment
