@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import numpy as np
@@ -72,13 +71,6 @@ def test_some_images_have_a_black_vignette_and_hair():
     records = list(generate(100, 64, seed=3))
     corner_dark = [r["image"][:4, :4].mean() < 30 or r["image"][-4:, -4:].mean() < 30 for r in records]
     assert 10 <= sum(corner_dark) <= 60
-
-
-def test_fast_enough():
-    """560 images at 64 px in a few seconds of one core (CPU time, so a busy shared machine does not fail it)."""
-    start = time.process_time()
-    list(generate(140, 64, seed=0))
-    assert time.process_time() - start < 1.5
 
 
 @pytest.mark.timeout(300)
