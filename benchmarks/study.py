@@ -52,6 +52,7 @@ def model_rows(metrics: dict) -> dict[str, dict]:
             "n": m["n"],
             "accuracy": round(m["accuracy"], 3),
             "balanced_accuracy": interval(bootstrap.get("balanced_accuracy")) or [round(m["balanced_accuracy"], 3)],
+            "macro_f1": round(m["macro"]["f1"], 3),
             "macro_auc": round(m["macro"]["auc"], 3) if m["macro"].get("auc") is not None else None,
             "malignant_auc": interval(bootstrap.get("malignant_auc")),
             "sensitivity_at_90_specificity": m.get("binary", {}).get("sensitivity_at_90_specificity"),
@@ -86,7 +87,7 @@ def write_readme(name: str, result: dict) -> None:
     """The study's section of benchmarks/README.md: test figures per model, explanation quality, stage times."""
     models = "\n".join(
         f"| {model} | {fmt(r['pretrained'])} | {r['n']} | {fmt(r['accuracy'])} | {fmt(r['balanced_accuracy'])} | "
-        f"{fmt(r['macro_auc'])} | {fmt(r['malignant_auc'])} | {fmt(r['sensitivity_at_90_specificity'])} | "
+        f"{fmt(r['macro_f1'])} | {fmt(r['macro_auc'])} | {fmt(r['malignant_auc'])} | {fmt(r['sensitivity_at_90_specificity'])} | "
         f"{fmt(r['ece_before'])} → {fmt(r['ece_after'])} |"
         for model, r in result["models"].items()
     )
@@ -107,8 +108,8 @@ nothing is trained, tuned or fitted on; brackets are 95% bootstrap intervals ove
 Machine: {device['cpu']}, {device['cores']} cores, no GPU; load average {device['load_before']} before and
 {device['load_after']} after. Total {result['total_seconds']:.0f} s. Command: `{result['command']}`.
 
-| model | start | images | accuracy | balanced accuracy | macro AUC | malignant AUC | sens. at 90% spec. | ECE before → after T |
-|---|---|---|---|---|---|---|---|---|
+| model | start | images | accuracy | balanced accuracy | macro F1 | macro AUC | malignant AUC | sens. at 90% spec. | ECE before → after T |
+|---|---|---|---|---|---|---|---|---|---|
 {models}
 
 Grad-CAM against the lesion masks (energy inside the mask and pointing game; chance = the mask's share of the image)
