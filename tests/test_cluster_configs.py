@@ -168,6 +168,12 @@ def test_study_configs_load_and_name_their_study():
     assert laptop.train.gpus_per_worker == 0 and laptop.train.workers * laptop.train.cpus_per_worker < 2
     assert laptop.model_config("efficientnet_lite0").pretrained is True
 
+    binary_laptop = load_config(CLUSTER / "configs" / "ham10000-binary-laptop.yaml")
+    assert (binary_laptop.data.source, binary_laptop.data.task) == ("ham10000", "binary")
+    assert {"scratch_cnn", "mobilenetv2", "efficientnet_b0"} <= set(binary_laptop.train.models)  # the study's three
+    assert binary_laptop.train.gpus_per_worker == 0
+    assert binary_laptop.train.workers * binary_laptop.train.cpus_per_worker < 2
+
 
 # --- runtime_env and image ---------------------------------------------------------------------------------------
 
