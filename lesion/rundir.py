@@ -53,6 +53,7 @@ TEMP_MARK = ".tmp-"  # temporary files are ``.<name>.tmp-<pid>-<random>`` beside
 LOCK_FILE = ".lock"  # the run's one-writer lock (a file, or an object in a remote run)
 MANIFEST_LOCK = ".manifest.lock"  # serialises the manifest's read-modify-write
 LOCAL_ONLY = (LOCK_FILE, MANIFEST_LOCK)  # never synced between a remote run and its staging copy
+_PUSH_LOCK = threading.Lock()  # serialises pushes from threads of one process
 HEARTBEAT_S = 30.0  # a remote lock's owner refreshes it this often ...
 STALE_S = 120.0  # ... and a remote lock not refreshed for this long belongs to a process that is gone
 SETTLE_S = 1.0  # a new remote lock is read back after this pause (see _ObjectLock)
@@ -425,20 +426,22 @@ class RunDir:
         """Mirror ``parts`` of the run (relative paths; all of it when none) to the remote run; returns files copied.
 
         ``manifest.json`` and ``config.yaml`` always go along. Remote files under a pushed part that no longer exist
-        locally are deleted, so a re-made artefact does not keep stale files.
+        locally are deleted, so a re-made artefact does not keep stale files. Pushes from threads of one process
+        (the workflow's nodes) take turns.
         """
         if not self.is_remote:
             return 0
         remote, base = self._remote()
         copied = 0
-        for part in parts or ("",):
-            part = part.strip("/")
-            copied += _mirror(_local_fs(), _join(str(self.root), part), remote, _join(base, part), part,
-                              remote_is_source=False)
-        for name in ("manifest.json", "config.yaml") if parts else ():
-            if (self.root / name).is_file():
-                copied += _mirror(_local_fs(), str(self.root / name), remote, _join(base, name), name,
+        with _PUSH_LOCK:
+            for part in parts or ("",):
+                part = part.strip("/")
+                copied += _mirror(_local_fs(), _join(str(self.root), part), remote, _join(base, part), part,
                                   remote_is_source=False)
+            for name in ("manifest.json", "config.yaml") if parts else ():
+                if (self.root / name).is_file():
+                    copied += _mirror(_local_fs(), str(self.root / name), remote, _join(base, name), name,
+                                      remote_is_source=False)
         log.info("pushed %d file(s) from %s to %s", copied, self.root, self.uri)
         return copied
 

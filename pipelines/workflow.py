@@ -226,20 +226,6 @@ def _last_line(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
-class ThreadSafeRun(RunDir):
-    """A run directory whose manifest updates and pushes are serialised, for nodes running in threads."""
-
-    _lock = threading.Lock()
-
-    def record(self, artefact: str, **kwargs: Any) -> None:
-        with self._lock:
-            super().record(artefact, **kwargs)
-
-    def push(self, *parts: str) -> int:
-        with self._lock:
-            return super().push(*parts)
-
-
 class _NodeLog(logging.Handler):
     """Copies the driver-side log records of one node's thread into ``RUN/logs/<node>.log``."""
 
@@ -655,7 +641,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 def run_command(name: str, args: argparse.Namespace) -> int:
     if name == "cluster":
         return _cluster_command(args)
-    run = ThreadSafeRun(args.run)
+    run = RunDir(args.run)
     if args.plan:
         config = resolve_config(run, args.config, parse_sets(args.set))  # writes nothing
         config = workflow_config(config, workers=args.workers, gpus=args.gpus, tune=args.tune, serve=args.serve)
