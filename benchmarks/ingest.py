@@ -2,7 +2,7 @@
 
 The work per image is what ``lesion ingest`` does: read the file, decode, crop the black border, remove hair,
 resize to ``data.image_size`` (DataConfig defaults). It is timed four ways, each over the same list of paths (the
-full-size images repeated to ``--count``):
+full-size images repeated to each of ``--counts``, to show how cost grows with the data):
 
 - Ray Data with 1 and with 2 Ray CPUs: ``from_items(paths) -> map_batches(preprocess) -> iterate``, a fresh local
   Ray for each (``pipelines.common.init_ray(num_cpus=N)``, shut down between; start-up timed separately);
@@ -10,12 +10,13 @@ full-size images repeated to ``--count``):
 
 The four set-ups run interleaved ``--repeats`` times; each row reports the median with best and worst (every sample,
 with the load average when it started, is kept in the JSON) and ``ratio``: its median over the DataLoader's median
-with the same number of processes.
+with the same number of processes, and the peak memory (PSS) of the whole process tree while it ran (Ray: the
+driver and its local cluster; DataLoader: the main process and its workers), as a median over the repeats.
 
 OpenCV is held to one thread per process in both, so N processes means N cores of work. Results go to
 ``benchmarks/results/ingest.json`` and the ingest table of ``benchmarks/README.md``.
 
-    .venv/bin/python benchmarks/ingest.py [--count 1008] [--repeats 2] [--data ../shared/data/ham10000-fullres]
+    .venv/bin/python benchmarks/ingest.py [--counts 504 2016] [--repeats 2] [--data ../shared/data/ham10000-fullres]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from lesion.config import DataConfig  # noqa: E402
 from lesion.data.preprocess import decode_image, preprocess  # noqa: E402
-from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
+from shared import PeakMemory, cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-fullres"
 RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
@@ -76,9 +77,11 @@ def time_dataloader(paths: list[str], config: DataConfig, workers: int) -> dict:
     loader = DataLoader(PathDataset(paths, config), batch_size=BATCH, num_workers=workers,
                         worker_init_fn=_one_thread, collate_fn=np.stack)
     start = time.perf_counter()
-    images = sum(len(batch) for batch in loader)
+    with PeakMemory() as memory:
+        images = sum(len(batch) for batch in loader)
     seconds = time.perf_counter() - start
-    return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1)}
+    return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
+            "peak_mb": memory.peak_mb}
 
 
 def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
@@ -93,35 +96,38 @@ def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths) // BATCH))
         ds = ds.map_batches(process_batch, fn_kwargs={"config": config}, batch_size=BATCH, batch_format="numpy")
         start = time.perf_counter()
-        images = sum(len(batch["image"]) for batch in ds.iter_batches(batch_size=None))
+        with PeakMemory() as memory:
+            images = sum(len(batch["image"]) for batch in ds.iter_batches(batch_size=None))
         seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
     return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
-            "ray_start_s": round(startup, 2)}
+            "peak_mb": memory.peak_mb, "ray_start_s": round(startup, 2)}
 
 
 def write_readme(result: dict) -> None:
     """Replace the ingest section of benchmarks/README.md (between the markers), keeping everything else."""
     rows = "\n".join(
         f"| {r['engine']} | {r['processes']} | {r['images']} | {r['images_per_s']} | {r['best']} / {r['worst']} | "
-        f"{r['ratio']} |"
+        f"{r['ratio']} | {r['peak_mb']} |"
         for r in result["runs"]
     )
     config = result["config"]
+    counts = " and ".join(map(str, result["counts"]))
     write_section("ingest", f"""## Ingest throughput (`benchmarks/ingest.py`)
 
 Full per-image ingest work (read + decode + black-border crop + hair removal + resize to {config['image_size']} px)
-on the {result['distinct_files']} real 600x450 HAM10000 JPEGs repeated to {result['count']} items. OpenCV runs one
+on the {result['distinct_files']} real 600x450 HAM10000 JPEGs repeated to {counts} items. OpenCV runs one
 thread per process. The four set-ups run interleaved, {result['repeats']} times; the median of each is shown with
-its best and worst, and `ratio` = median images/s over the DataLoader's median with as many processes.
+its best and worst, `ratio` = median images/s over the DataLoader's median with as many processes and items, and
+the median peak memory (PSS) of the whole process tree (Ray: driver and local cluster).
 Machine: {result['device']['cpu']}, {result['device']['cores']} cores; load average
 {result['device']['load_before']} before and {result['device']['load_after']} after (the machine is shared, so
 absolute numbers carry noise). Ray start-up (not in the times): {result['ray_start_s']} s.
 Command: `{result['command']}`.
 
-| engine | processes / Ray CPUs | images | images/s (median) | best / worst | ratio vs DataLoader |
-|---|---|---|---|---|---|
+| engine | processes / Ray CPUs | images | images/s (median) | best / worst | ratio vs DataLoader | peak MB |
+|---|---|---|---|---|---|---|
 {rows}
 
 Single-process cost per image: {result['ms_per_image_inline']} ms (the same work inline, for reference).
@@ -130,7 +136,8 @@ Single-process cost per image: {result['ms_per_image_inline']} ms (the same work
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=1008, help="items (the real images repeated)")
+    parser.add_argument("--counts", type=int, nargs="+", default=[1008],
+                        help="items (the real images repeated); several sizes show how cost grows")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (median, best and worst reported)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with images/*.jpg")
     args = parser.parse_args()
@@ -138,7 +145,6 @@ def main() -> int:
     if not files:
         print(f"no JPEGs under {args.data / 'images'}: pass --data (the shared ham10000-fullres folder)")
         return 1
-    paths = [files[i % len(files)] for i in range(args.count)]
     config = DataConfig()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -153,26 +159,31 @@ def main() -> int:
     samples = []
     ray_start = []
     for repeat in range(args.repeats):
-        for n in (1, 2):
-            for engine in ("Ray Data", "torch DataLoader"):
-                load = round(os.getloadavg()[0], 2)
-                if engine == "Ray Data":
-                    sample = time_ray(paths, config, n)
-                    ray_start.append(sample.pop("ray_start_s"))
-                else:
-                    sample = time_dataloader(paths, config, n)
-                samples.append({"engine": engine, "processes": n, "repeat": repeat, "load_1min": load, **sample})
-                print(samples[-1], flush=True)
+        for count in args.counts:
+            paths = [files[i % len(files)] for i in range(count)]
+            for n in (1, 2):
+                for engine in ("Ray Data", "torch DataLoader"):
+                    load = round(os.getloadavg()[0], 2)
+                    if engine == "Ray Data":
+                        sample = time_ray(paths, config, n)
+                        ray_start.append(sample.pop("ray_start_s"))
+                    else:
+                        sample = time_dataloader(paths, config, n)
+                    samples.append({"engine": engine, "processes": n, "repeat": repeat, "load_1min": load,
+                                    **sample})
+                    print(samples[-1], flush=True)
     runs = []
-    for n in (1, 2):
-        peer = statistics.median(s["images_per_s"] for s in samples
-                                 if s["engine"] == "torch DataLoader" and s["processes"] == n)
-        for engine in ("Ray Data", "torch DataLoader"):
-            rates = [s["images_per_s"] for s in samples if s["engine"] == engine and s["processes"] == n]
-            runs.append({"engine": engine, "processes": n, "images": args.count,
-                         "images_per_s": round(statistics.median(rates), 1), "best": max(rates),
-                         "worst": min(rates), "all_images_per_s": rates,
-                         "ratio": round(statistics.median(rates) / peer, 2)})
+    for count in args.counts:
+        for n in (1, 2):
+            same = [s for s in samples if s["images"] == count and s["processes"] == n]
+            peer = statistics.median(s["images_per_s"] for s in same if s["engine"] == "torch DataLoader")
+            for engine in ("Ray Data", "torch DataLoader"):
+                rates = [s["images_per_s"] for s in same if s["engine"] == engine]
+                runs.append({"engine": engine, "processes": n, "images": count,
+                             "images_per_s": round(statistics.median(rates), 1), "best": max(rates),
+                             "worst": min(rates), "all_images_per_s": rates,
+                             "ratio": round(statistics.median(rates) / peer, 2),
+                             "peak_mb": statistics.median(s["peak_mb"] for s in same if s["engine"] == engine)})
 
     import PIL
     import ray
@@ -180,7 +191,7 @@ def main() -> int:
     result = {
         "benchmark": "ingest",
         "command": " ".join(["python benchmarks/ingest.py", *sys.argv[1:]]),
-        "count": args.count,
+        "counts": args.counts,
         "repeats": args.repeats,
         "distinct_files": len(files),
         "config": {"image_size": config.image_size, "crop_border": config.crop_border,

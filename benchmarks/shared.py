@@ -1,6 +1,8 @@
-"""What every benchmark shares: the machine it ran on, and its section of benchmarks/README.md."""
+"""What every benchmark shares: the machine it ran on, its section of benchmarks/README.md, peak memory."""
 
+import os
 import platform
+import threading
 from pathlib import Path
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -27,3 +29,63 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     README.write_text(text)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (Linux /proc): a local Ray's GCS, raylet and workers too."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """Summed proportional set size of ``pids`` (shared pages split between their users, so a sum over processes
+    counts memory once), from /proc/PID/smaps_rollup."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (OSError, ValueError):
+            pass  # ended, or not ours to read
+    return total
+
+
+class PeakMemory:
+    """``with PeakMemory() as memory: ...`` samples the memory (PSS) of this process and all its descendants every
+    ``interval`` seconds; ``memory.peak_mb`` is the highest total seen."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, pss_bytes(process_tree(os.getpid())))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
