@@ -33,7 +33,7 @@ from lesion.calibration import apply_temperature
 from lesion.config import Config, apply_overrides
 from lesion.data.augment import model_input
 from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, split_files
-from lesion.inference import Inference, checkpoint_sha256
+from lesion.inference import Inference, checkpoint_sha256, data_config_of
 from lesion.labels import class_names
 from lesion.models import checkpoint_arch, set_cpu_threads
 from lesion.rundir import RunDir, atomic_path, fingerprint, package_versions, write_atomic
@@ -43,6 +43,8 @@ from pipelines.common import StageTimes, init_ray, resolve_config
 log = logging.getLogger(__name__)
 
 META = ["image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization"]
+PREPROCESSING = ("image_size", "crop_border", "remove_hair", "resize", "color_constancy", "min_image_side",
+                 "max_image_pixels")  # what an external set is ingested with: the run's own (data_config_of)
 EVALUATE_VERSION = 3  # bump when evaluate's output changes for the same inputs (2: variant comparison; 3: ROAD noise)
 
 
@@ -457,12 +459,15 @@ def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, prob
 
 
 def ingest_external(config: Config, run: RunDir, source: str, root: str | None) -> RunDir:
-    """Ingest another data set into ``RUN/eval/external/<name>`` with the run's preprocessing configuration."""
+    """Ingest another data set into ``RUN/eval/external/<name>`` with the preprocessing the run's own images had
+    (``lesion.inference.data_config_of``: cache size, border crop, hair removal, resizing, colour constancy)."""
     from pipelines.ingest import ingest
 
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name if root else source).strip("_.") or source
     target = RunDir(run.eval / "external" / name)
-    ingest(apply_overrides(config, {"data.source": source, "data.root": root}), target)
+    recorded = data_config_of(run, config)
+    preprocessing = {f"data.{key}": getattr(recorded, key) for key in ("task", *PREPROCESSING)}
+    ingest(apply_overrides(config, {**preprocessing, "data.source": source, "data.root": root}), target)
     return target
 
 

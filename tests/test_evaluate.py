@@ -16,11 +16,11 @@ from PIL import Image
 
 from conftest import tiny_config
 from lesion import calibration, ensemble, inference
-from lesion.config import dump_yaml
+from lesion.config import apply_overrides, dump_yaml
 from lesion.data.shards import load_split, read_info
 from lesion.rundir import RunDir
 from pipelines.cli import main
-from pipelines.evaluate import evaluate
+from pipelines.evaluate import PREPROCESSING, evaluate, ingest_external
 
 ISIC_HEADER = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
 
@@ -153,6 +153,23 @@ def test_evaluate_external_data_via_cli(evaluated, ingested_run, tmp_path, capsy
     assert json.loads((run.eval / "metrics.json").read_text()) == result
     assert external["ensemble_spec"]["validation"] == result["ensemble_spec"]["validation"]
     assert "ensemble" in capsys.readouterr().out
+
+
+def test_an_external_set_is_ingested_with_the_runs_own_preprocessing(ingested_run, monkeypatch, tmp_path):
+    """Whatever config is in hand (here another cache size, colour constancy and hair setting: a run made by a
+    script without a recorded config.yaml once gave exactly that), external images get the preprocessing the run's
+    training images had, so `lesion evaluate --source` scores what the models were trained on."""
+    seen = {}
+    monkeypatch.setattr("pipelines.ingest.ingest", lambda config, target: seen.update(config=config))
+    recorded = inference.data_config_of(ingested_run, tiny_config())
+    other = apply_overrides(tiny_config(), {
+        "data.image_size": recorded.image_size * 2, "data.remove_hair": not recorded.remove_hair,
+        "data.color_constancy": "shades_of_gray" if recorded.color_constancy == "none" else "none"})
+    target = ingest_external(other, ingested_run, "folder", str(tmp_path / "photos"))
+    data = seen["config"].data
+    assert (data.source, data.root, data.task) == ("folder", str(tmp_path / "photos"), recorded.task)
+    assert {key: getattr(data, key) for key in PREPROCESSING} == {key: getattr(recorded, key) for key in PREPROCESSING}
+    assert target.root == ingested_run.eval / "external" / "photos"
 
 
 def test_study_benchmark_reads_every_model_and_explanation(evaluated):
