@@ -1,8 +1,8 @@
 """A whole study on real data, end to end on this machine: what the models score and what it costs.
 
 Runs the workflow (``pipelines.workflow.run_workflow``: ingest, tune when configured, train, evaluate) with a study
-config on a data root into a run directory, then records from ``RUN/eval/metrics.json`` the test-split figures of
-every model and of the ensemble (the split is grouped by lesion and never trained, tuned or fitted on): balanced
+config on a data root into a run directory (recording the config there, as ``lesion run`` does), then records from
+``RUN/eval/metrics.json`` the test-split figures of every model and of the ensemble (the split is grouped by lesion and never trained, tuned or fitted on): balanced
 accuracy and malignant-vs-benign AUC with their 95% lesion-bootstrap intervals, macro AUC, ECE after temperature
 scaling; the Grad-CAM quality against the data's lesion masks (CAM energy inside the mask and pointing game next to
 the chance level, ROAD faithfulness); and each stage's wall time. Stages already current in the run directory are
@@ -30,7 +30,7 @@ from lesion.data.shards import read_info  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from pipelines.common import resolve_config  # noqa: E402
 from pipelines.common import parse_sets  # noqa: E402
-from pipelines.workflow import StageTable, run_workflow  # noqa: E402
+from pipelines.workflow import StageTable, record_workflow_config, run_workflow  # noqa: E402
 from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -140,6 +140,7 @@ def main() -> int:
     run = RunDir(args.run)
     overrides = {"data.root": str(Path(args.data).resolve()), **parse_sets(args.set)}
     config = resolve_config(run, args.config, overrides)
+    record_workflow_config(run, config, args.config)  # as `lesion run` does: later commands on RUN see this config
     load_before = [round(x, 2) for x in os.getloadavg()]
     table = StageTable(f"study {name}: {run.uri}")
     started = time.perf_counter()
