@@ -2,12 +2,12 @@
 
 Runs the workflow (``pipelines.workflow.run_workflow``: ingest, tune when configured, train, evaluate) with a study
 config on a data root into a run directory (recording the config there, as ``lesion run`` does), then records from
-``RUN/eval/metrics.json`` the test-split figures of every model and of the ensemble (the split is grouped by lesion and never trained, tuned or fitted on): balanced
-accuracy and malignant-vs-benign AUC with their 95% lesion-bootstrap intervals, macro AUC, ECE after temperature
-scaling; the Grad-CAM quality against the data's lesion masks (CAM energy inside the mask and pointing game next to
-the chance level, ROAD faithfulness); and each stage's wall time. Stages already current in the run directory are
-skipped and say so. Results go to ``benchmarks/results/<name>.json`` and the ``<name>`` section of
-``benchmarks/README.md``.
+``RUN/eval/metrics.json`` the test-split figures of every model and of the ensemble (the split is grouped by lesion
+and never trained, tuned or fitted on): balanced accuracy and malignant-vs-benign AUC with their 95% lesion-
+bootstrap intervals, macro AUC, ECE after temperature scaling; the Grad-CAM quality against the data's lesion masks
+(CAM energy inside the mask and pointing game next to the chance level, ROAD faithfulness); and each stage's wall
+time. Stages already current in the run directory are skipped and say so. Results go to
+``benchmarks/results/<name>.json`` and the ``<name>`` section of ``benchmarks/README.md``.
 
     .venv/bin/python benchmarks/study.py --config cluster/configs/ham10000-laptop.yaml \\
         --data ../shared/data/ham10000 --run runs/ham10000-laptop [--set train.epochs=12 ...]
