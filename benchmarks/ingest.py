@@ -40,10 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 from lesion.config import DataConfig  # noqa: E402
 from lesion.data.preprocess import decode_image, preprocess  # noqa: E402
-from shared import PeakMemory, cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
+from shared import PeakMemory, cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-fullres"
-RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
 BATCH = 16
 
 
@@ -206,8 +205,7 @@ def main() -> int:
         "samples": samples,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    save_result("ingest", result)
     write_readme(result)
     print(json.dumps(result, indent=2))
     return 0

@@ -1,11 +1,14 @@
-"""What every benchmark shares: the machine it ran on, its section of benchmarks/README.md, peak memory."""
+"""What every benchmark shares: the machine it ran on, its result file and section of benchmarks/README.md, the
+number formats of its tables, and memory measured from /proc."""
 
+import json
 import os
 import platform
 import threading
 from pathlib import Path
 
 README = Path(__file__).resolve().parent / "README.md"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cpu_model() -> str:
@@ -31,6 +34,30 @@ def write_section(name: str, body: str) -> None:
     README.write_text(text)
 
 
+def save_result(name: str, result: dict) -> Path:
+    """Write ``result`` to ``benchmarks/results/<name>.json``; returns the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
+def interval(block: dict | None) -> list[float] | None:
+    """[estimate, low, high] of a bootstrap entry of metrics.json, rounded; None when absent."""
+    if not block:
+        return None
+    return [round(block[key], 3) for key in ("estimate", "low", "high")]
+
+
+def fmt(value) -> str:
+    """A table cell: "-" for None, "estimate [low, high]" for an interval, 3 decimals for a float."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]" if len(value) == 3 else f"{value[0]:.3f}"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def process_tree(root: int) -> list[int]:
     """``root`` and every process descended from it (Linux /proc): a local Ray's GCS, raylet and workers too."""
     children: dict[int, list[int]] = {}
@@ -48,14 +75,16 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def pss_bytes(pids: list[int]) -> int:
-    """Summed proportional set size of ``pids`` (shared pages split between their users, so a sum over processes
-    counts memory once), from /proc/PID/smaps_rollup."""
+def memory_bytes(pids: list[int], kind: str = "pss") -> int:
+    """Summed memory of ``pids`` from /proc (Linux): ``pss``, the proportional set size (shared pages split between
+    their users, so a sum over processes counts memory once; /proc/PID/smaps_rollup), or ``rss``, resident memory
+    (VmRSS of /proc/PID/status)."""
+    name, field = {"pss": ("smaps_rollup", "Pss:"), "rss": ("status", "VmRSS:")}[kind]
     total = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                if line.startswith(field):
                     total += int(line.split()[1]) * 1024
                     break
         except (OSError, ValueError):
@@ -74,7 +103,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, pss_bytes(process_tree(os.getpid())))
+            self.peak = max(self.peak, memory_bytes(process_tree(os.getpid())))
             if self._stop.wait(self.interval):
                 return
 

@@ -33,13 +33,7 @@ from lesion.data.shift import SHIFTS, write_shifted_ham10000  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from pipelines.common import resolve_config  # noqa: E402
 from pipelines.evaluate import evaluate, ingest_external  # noqa: E402
-from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
-
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def interval(block: dict) -> list[float]:
-    return [round(block[key], 3) for key in ("estimate", "low", "high")]
+from shared import cpu_model, fmt, interval, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
 
 
 def row(shift: str, metrics: dict, seconds: float) -> dict:
@@ -54,14 +48,6 @@ def row(shift: str, metrics: dict, seconds: float) -> dict:
         "melanoma_recall": round(melanoma["recall"], 3) if melanoma else None,
         "seconds": round(seconds, 1),
     }
-
-
-def fmt(values) -> str:
-    if values is None:
-        return "-"
-    if isinstance(values, list):
-        return f"{values[0]:.3f} [{values[1]:.3f}, {values[2]:.3f}]"
-    return f"{values:.3f}"
 
 
 def write_readme(name: str, result: dict) -> None:
@@ -118,9 +104,7 @@ def main() -> int:
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None},
         "versions": package_versions(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save_result(name, result)
     write_readme(name, result)
     print(f"wrote {out} and the {name} section of benchmarks/README.md")
     return 0

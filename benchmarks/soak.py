@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lesion.rundir import RunDir, package_versions  # noqa: E402
-from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
+from shared import cpu_model, memory_bytes, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
 
 IMAGES = ROOT.parent / "shared" / "data" / "ham10000-fullres" / "images"
 RESULT = ROOT / "benchmarks" / "results" / "soak.json"
@@ -98,19 +98,6 @@ def send(url: str, kwargs: dict, timeout: float = 60.0) -> tuple[int, float, boo
         retried = True
         time.sleep(float(reply.headers.get("Retry-After", "1")))
     raise AssertionError("unreachable")
-
-
-def rss_bytes(pids: list[int]) -> int:
-    """Summed resident memory of ``pids`` from /proc (Linux)."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def serve_pids() -> list[int]:
@@ -227,10 +214,10 @@ def main() -> int:
     images = good_images()
     for _ in range(3):  # warm-up
         send(f"{url}/v1/predict", request_mix(images)[0][1])
-    rss_start = rss_bytes(serve_pids())
+    rss_start = memory_bytes(serve_pids(), "rss")
     result = soak(url, images, args.clients, args.seconds, args.kill_at or args.seconds / 3)
     time.sleep(2)
-    rss_end = rss_bytes(serve_pids())
+    rss_end = memory_bytes(serve_pids(), "rss")
     result.update({
         "rss_start_mb": round(rss_start / 2**20, 1),
         "rss_end_mb": round(rss_end / 2**20, 1),

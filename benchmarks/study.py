@@ -31,16 +31,7 @@ from lesion.rundir import RunDir, package_versions  # noqa: E402
 from pipelines.common import resolve_config  # noqa: E402
 from pipelines.common import parse_sets  # noqa: E402
 from pipelines.workflow import StageTable, record_workflow_config, run_workflow  # noqa: E402
-from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
-
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def interval(block: dict | None) -> list[float] | None:
-    """[estimate, low, high] of a bootstrap entry, rounded; None when absent."""
-    if not block:
-        return None
-    return [round(block[key], 3) for key in ("estimate", "low", "high")]
+from shared import cpu_model, fmt, interval, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
 
 
 def model_rows(metrics: dict) -> dict[str, dict]:
@@ -75,20 +66,12 @@ def explanation_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]" if len(value) == 3 else f"{value[0]:.3f}"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def write_readme(name: str, result: dict) -> None:
     """The study's section of benchmarks/README.md: test figures per model, explanation quality, stage times."""
     models = "\n".join(
         f"| {model} | {fmt(r['pretrained'])} | {r['n']} | {fmt(r['accuracy'])} | {fmt(r['balanced_accuracy'])} | "
-        f"{fmt(r['macro_f1'])} | {fmt(r['macro_auc'])} | {fmt(r['malignant_auc'])} | {fmt(r['sensitivity_at_90_specificity'])} | "
-        f"{fmt(r['ece_before'])} → {fmt(r['ece_after'])} |"
+        f"{fmt(r['macro_f1'])} | {fmt(r['macro_auc'])} | {fmt(r['malignant_auc'])} | "
+        f"{fmt(r['sensitivity_at_90_specificity'])} | {fmt(r['ece_before'])} → {fmt(r['ece_after'])} |"
         for model, r in result["models"].items()
     )
     cams = "\n".join(
@@ -168,9 +151,7 @@ def main() -> int:
                    "load_after": [round(x, 2) for x in os.getloadavg()]},
         "versions": package_versions(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save_result(name, result)
     write_readme(name, result)
     print(f"wrote {out} and the {name} section of benchmarks/README.md")
     return 0

@@ -42,9 +42,8 @@ from lesion.data.shards import load_split, read_info  # noqa: E402
 from lesion.models import create_model, model_spec  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from pipelines.common import init_ray, resolve_config  # noqa: E402
-from shared import cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
+from shared import cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
 
-RESULTS = ROOT / "benchmarks" / "results" / "train.json"
 
 
 def plain_epochs(config: Config, run: RunDir, name: str, epochs: int, threads: int, batch: int) -> list[float]:
@@ -169,8 +168,7 @@ def write_results(argv, run: RunDir, config: Config, args, batch: int, ray_start
         "rows": rows,
         "samples": samples,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    save_result("train", result)
     lines = ["| model | set-up | images/s (median) | best / worst | ratio vs plain loop |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['setup']} | {r['images_per_s']} | {r['best']} / {r['worst']} | {r['ratio']} |"
               for r in rows]
