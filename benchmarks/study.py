@@ -66,6 +66,11 @@ def explanation_rows(metrics: dict) -> list[dict]:
     return rows
 
 
+SPLIT_NOTES = {"test": "which nothing is trained, tuned or fitted on",
+               "val": "which picked each model's best epoch and fitted the ensemble: a yardstick for choosing a "
+                      "recipe, not a final score"}
+
+
 def write_readme(name: str, result: dict) -> None:
     """The study's section of benchmarks/README.md: test figures per model, explanation quality, stage times."""
     models = "\n".join(
@@ -86,8 +91,8 @@ def write_readme(name: str, result: dict) -> None:
     write_section(name, f"""## Study `{name}` (`benchmarks/study.py`)
 
 `{result['config']}` on {result['data']['num_images']} real images ({result['data']['splits']};
-lesion-grouped splits), cached at {result['data']['image_size']} px. Figures on the **{result['split']}** split, which
-nothing is trained, tuned or fitted on; brackets are 95% bootstrap intervals over lesions.
+lesion-grouped splits), cached at {result['data']['image_size']} px. Figures on the **{result['split']}** split, {
+    SPLIT_NOTES.get(result['split'], '')}; brackets are 95% bootstrap intervals over lesions.
 Machine: {device['cpu']}, {device['cores']} cores, no GPU; load average {device['load_before']} before and
 {device['load_after']} after. Total {result['total_seconds']:.0f} s. Command: `{result['command']}`.
 

@@ -36,6 +36,7 @@ SOURCES = ("ham10000", "isic-task3", "isic-binary", "folder", "parquet", "synthe
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("plateau", "cosine", "none")
 BALANCE_MODES = ("none", "weights", "oversample")
+AUGMENT_POLICIES = ("basic", "dermoscopy")  # lesion.data.augment.POLICIES (kept equal by tests/test_augment.py)
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
 TUNE_MODES = ("min", "max")
 TUNE_SCHEDULERS = ("asha", "none")
@@ -166,6 +167,9 @@ class TrainConfig:
     grad_clip: float = checked(1.0, NON_NEGATIVE)  # max gradient norm; 0 disables
     balance: str = checked("none", one_of(*BALANCE_MODES))  # weights: inverse-frequency loss weights
     augment: float = checked(1.0, NON_NEGATIVE)  # augmentation strength; 0 disables
+    augment_policy: str = checked("basic", one_of(*AUGMENT_POLICIES))  # dermoscopy: any angle, hue, saturation, blur
+    mixup: float = checked(0.0, NON_NEGATIVE)  # Beta(a, a) of mixup / cutmix (half the batches each); 0 disables
+    warmup_epochs: int = checked(0, NON_NEGATIVE)  # linear learning-rate warm-up before a cosine (or no) schedule
     input_size: int | None = checked(None, POSITIVE)  # model input side; None = the cached image size
     pretrained: bool | str = False  # False, True (ImageNet via timm / packaged weights) or a weights path
     weights: str | None = None  # explicit local weights file or directory (implies pretrained)
@@ -181,6 +185,9 @@ class TrainConfig:
     workers: int = checked(2, POSITIVE)  # Ray Train workers (DDP)
     cpus_per_worker: float = checked(0.5, NON_NEGATIVE)
     threads_per_worker: int | None = checked(None, POSITIVE)  # torch CPU threads per worker; None: Ray's (its CPUs)
+    # a worker whose share of the train and val splits is at most this many MB keeps it in memory after the first
+    # epoch and replays it (reshuffled) instead of restarting Ray Data's streaming read every epoch; 0: always stream
+    cache_mb: int = checked(1024, NON_NEGATIVE)
     gpus_per_worker: float = checked(0.0, NON_NEGATIVE)
     max_failures: int = checked(2, interval(-1))  # worker failures survived from the last checkpoint; -1: no limit
     seed: int = checked(0, NON_NEGATIVE)

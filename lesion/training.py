@@ -96,15 +96,27 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
-    """ReduceLROnPlateau on the monitored metric, cosine annealing over ``epochs``, or None; stepped once an epoch."""
+    """ReduceLROnPlateau on the monitored metric, cosine annealing over ``epochs``, or None; stepped once an epoch.
+    ``warmup_epochs`` > 0 first raises the rate linearly (epoch e of w at (e + 1) / (w + 1) of it), then the cosine
+    runs over the epochs left."""
+    if cfg.scheduler not in SCHEDULERS:
+        raise ValueError(f"train.scheduler: expected one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
+    warmup = min(cfg.warmup_epochs, max(epochs - 1, 0))
     if cfg.scheduler == "plateau":
+        if cfg.warmup_epochs:
+            raise ValueError("train.warmup_epochs needs train.scheduler cosine or none (plateau follows the metric)")
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=monitor_mode(cfg.monitor), factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    if cfg.scheduler == "none":
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs - warmup, 1))
+    elif warmup:
+        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    else:
         return None
-    raise ValueError(f"train.scheduler: expected one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
+    if not warmup:
+        return main
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 def step_scheduler(scheduler, metrics: dict[str, float], monitor: str) -> None:
@@ -230,11 +242,34 @@ def _balanced_accuracy_from_confusion(confusion: np.ndarray) -> float:
     return float(np.mean(np.diag(confusion)[present] / support[present])) if present.any() else math.nan
 
 
+def mix_batch(x: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup or CutMix (even odds) of a batch with a shuffled copy of itself, the share ``lam`` ~ Beta(alpha, alpha)
+    of each image kept: (mixed images, the partner of each image (indices), lam). CutMix pastes a box of the partner
+    covering 1 - lam of the image (lam is then the exact share kept)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    draws = torch.rand(4, generator=generator, device=device).tolist()
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=device))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    partner = torch.randperm(len(x), generator=generator, device=device).to(x.device)
+    if draws[0] < 0.5:
+        return lam * x + (1 - lam) * x[partner], partner, lam
+    height, width = x.shape[-2:]
+    box_h, box_w = round(height * math.sqrt(1 - lam)), round(width * math.sqrt(1 - lam))
+    top, left = int(draws[1] * (height - box_h + 1)), int(draws[2] * (width - box_w + 1))
+    mixed = x.clone()
+    mixed[..., top:top + box_h, left:left + box_w] = x[partner][..., top:top + box_h, left:left + box_w]
+    return mixed, partner, 1 - box_h * box_w / (height * width)
+
+
 def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                settings: LoopSettings, *, augment_strength: float = 1.0, generator: torch.Generator | None = None,
-                grad_clip: float = 0.0, on_step=None) -> dict[str, Any]:
+                settings: LoopSettings, *, augment_strength: float = 1.0, augment_policy: str = "basic",
+                mixup: float = 0.0, generator: torch.Generator | None = None, grad_clip: float = 0.0,
+                on_step=None) -> dict[str, Any]:
     """One pass over ``batches`` of (uint8 (N,H,W,3) images, labels); returns train_loss, train_accuracy,
-    train_balanced_accuracy, images (count) and seen (images per class), summed over DDP ranks.
+    train_balanced_accuracy, images (count) and seen (images per class), summed over DDP ranks. ``mixup`` > 0
+    mixes each batch (``mix_batch``) and weighs the loss of both labels by their shares; accuracy counts the label
+    of the larger share.
 
     Statistics accumulate on the device: the only host synchronisation is at the end of the epoch.
     ``on_step(step)`` is called after each optimiser step.
@@ -249,12 +284,19 @@ def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opti
         images = images.to(settings.device, non_blocking=True)
         labels = labels.to(settings.device, non_blocking=True).long()
         x = augment.to_float(images)
-        x = augment.augment_batch(x, augment_strength, generator)
+        x = augment.augment_batch(x, augment_strength, generator, augment_policy)
         x = augment.normalize(augment.resize(x, settings.input_size), settings.mean, settings.std)
+        partner, lam = None, 1.0
+        if mixup > 0:
+            x, partner, lam = mix_batch(x, mixup, generator)
         x = settings.memory_format(x)
         with settings.autocast():
             logits = model(x)
             loss = loss_fn(logits.float(), labels)
+            if partner is not None:
+                loss = lam * loss + (1 - lam) * loss_fn(logits.float(), labels[partner])
+        if lam < 0.5:
+            labels = labels[partner]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:

@@ -49,19 +49,20 @@ EVALUATE_VERSION = 3  # bump when evaluate's output changes for the same inputs 
 
 
 class Predictor:
-    """Ray Data actor: one member of the inference core, loaded once, applied to batches of raw shard rows ->
-    class probabilities in the core's inference mode."""
+    """Ray Data actor: the inference core's members, loaded once, applied to batches of raw shard rows -> each
+    member's class probabilities (N, members, C) in the core's inference mode."""
 
-    def __init__(self, core: Inference, name: str, image_size: int, use_gpu: bool, threads: int | None = None):
+    def __init__(self, core: Inference, image_size: int, use_gpu: bool, threads: int | None = None):
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         set_cpu_threads(threads, device)
-        self.core, self.name, self.image_size = core.load([name], device), name, image_size
+        self.core, self.image_size = core.load(device=device), image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = decode_images(list(batch["image"]), self.image_size)
-        return {"image_id": batch["image_id"], "probs": self.core.member_probs(self.name, images)}
+        probs = self.core.probabilities(images)
+        return {"image_id": batch["image_id"], "probs": np.stack([probs[n] for n in self.core.names], axis=1)}
 
 
 def evaluation_files(data_root: Path, split: str) -> list[str]:
@@ -102,34 +103,31 @@ def read_rows(files: list[str], rows: np.ndarray, image_size: int) -> tuple[np.n
 def batch_predict(files: list[str], core: Inference, image_size: int, config: Config
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Ray Data batch inference: for each member of ``core``, (image_ids, raw probabilities (N, C)) over the
-    shards."""
+    shards, in one pass."""
     import ray
 
     ev = config.evaluate
     cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
     capacity.check("evaluate", capacity.evaluate_needs(config), cluster)  # before any actor starts
-    shipped = core.unloaded()  # each actor loads its one member
-    out = {}
-    for name in core.names:
-        ds = ray.data.read_parquet(files).select_columns(["image_id", "image"])
-        scored = ds.map_batches(
-            Predictor,
-            fn_constructor_kwargs={"core": shipped, "name": name, "image_size": image_size,
-                                   "use_gpu": ev.gpus_per_actor > 0, "threads": ev.threads_per_actor},
-            compute=ray.data.ActorPoolStrategy(size=ev.actors),
-            num_cpus=ev.cpus_per_actor,
-            num_gpus=ev.gpus_per_actor,
-            batch_size=ev.batch_size,
-            batch_format="numpy",
-        )
-        ids, probs = [], []
-        with capacity.waiting_notice(f"evaluate {name}"):
-            for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-                ids.extend(str(i) for i in batch["image_id"])
-                probs.append(np.asarray(batch["probs"], dtype=np.float64))
-        out[name] = (np.asarray(ids), np.concatenate(probs))
-        log.info("%s: scored %d images", name, len(ids))
-    return out
+    ds = ray.data.read_parquet(files).select_columns(["image_id", "image"])
+    scored = ds.map_batches(  # one pass, every member in each actor: one start-up of the read and the actors
+        Predictor,
+        fn_constructor_kwargs={"core": core.unloaded(), "image_size": image_size,
+                               "use_gpu": ev.gpus_per_actor > 0, "threads": ev.threads_per_actor},
+        compute=ray.data.ActorPoolStrategy(size=ev.actors),
+        num_cpus=ev.cpus_per_actor,
+        num_gpus=ev.gpus_per_actor,
+        batch_size=ev.batch_size,
+        batch_format="numpy",
+    )
+    ids, probs = [], []
+    with capacity.waiting_notice("evaluate"):
+        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+            ids.extend(str(i) for i in batch["image_id"])
+            probs.append(np.asarray(batch["probs"], dtype=np.float64))
+    ids, probs = np.asarray(ids), np.concatenate(probs)
+    log.info("scored %d images with %s", len(ids), ", ".join(core.names))
+    return {name: (ids, probs[:, i]) for i, name in enumerate(core.names)}
 
 
 def _aligned(image_ids: pd.Series, ids: np.ndarray, probs: np.ndarray) -> np.ndarray:

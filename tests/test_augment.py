@@ -59,8 +59,7 @@ def test_same_generator_seed_same_result_and_samples_differ():
 
 def test_flips_really_flip(monkeypatch):
     """With rotation, zoom and colour off, each output is the input, its h-flip, v-flip or both."""
-    for name in ("MAX_ROTATION_DEG", "MAX_ZOOM", "MAX_BRIGHTNESS", "MAX_CONTRAST"):
-        monkeypatch.setattr(augment, name, 0.0)
+    monkeypatch.setitem(augment.POLICIES, "basic", dict.fromkeys(augment.POLICIES["basic"], 0.0))
     x = batch(64)
     out = augment_batch(x, 1.0, torch.Generator().manual_seed(0))
     seen = set()
@@ -78,8 +77,7 @@ def test_flips_really_flip(monkeypatch):
 
 
 def test_rotation_stays_small_and_keeps_the_centre(monkeypatch):
-    monkeypatch.setattr(augment, "MAX_BRIGHTNESS", 0.0)
-    monkeypatch.setattr(augment, "MAX_CONTRAST", 0.0)
+    monkeypatch.setitem(augment.POLICIES, "basic", {**augment.POLICIES["basic"], "brightness": 0.0, "contrast": 0.0})
     x = torch.zeros(32, 3, 33, 33)
     x[:, :, 14:19, 14:19] = 1.0  # a centred square stays centred under flips, rotation and zoom
     out = augment_batch(x, 1.0, torch.Generator().manual_seed(0))
@@ -89,6 +87,50 @@ def test_rotation_stays_small_and_keeps_the_centre(monkeypatch):
     # reflection padding: no black corners appear on a bright image
     bright = torch.full((8, 3, 32, 32), 0.8)
     assert augment_batch(bright, 1.0, torch.Generator().manual_seed(0)).min() > 0.7
+
+
+def test_the_dermoscopy_policy_turns_lesions_any_way_recolours_and_defocuses():
+    """A lesion has no up: the dermoscopy policy rotates past the basic policy's 18 degrees, shifts hue and
+    saturation (a grey image stays grey) and defocuses about a quarter of the images."""
+    x = torch.zeros(256, 3, 33, 33)
+    x[:, :, 15:18, 4:29] = 1.0  # a horizontal bar through the centre
+    vertical = torch.zeros(33, 33)
+    vertical[4:29, 15:18] = 1.0
+    basic = augment_batch(x, 1.0, torch.Generator().manual_seed(0))
+    derm = augment_batch(x, 1.0, torch.Generator().manual_seed(0), "dermoscopy")
+
+    def near_vertical(out):
+        return int(((out[:, 0] * vertical).sum(dim=(1, 2)) > 0.5 * vertical.sum()).sum())
+
+    assert near_vertical(basic) == 0 and near_vertical(derm) > 10
+    grey = torch.full((64, 3, 16, 16), 0.5)
+    out = augment_batch(grey, 1.0, torch.Generator().manual_seed(1), "dermoscopy")
+    assert (out.amax(dim=1) - out.amin(dim=1)).max() < 1e-5  # hue and saturation leave grey alone
+    colour = (0.2 + 0.6 * torch.rand(64, 3, 1, 1, generator=torch.Generator().manual_seed(2))).expand(-1, -1, 16, 16)
+    hue_only = {key: 0.0 for key in augment.POLICIES["dermoscopy"]} | {"hue": 0.03}
+    augment.POLICIES["hue-only"] = hue_only
+    try:
+        shifted = augment_batch(colour, 1.0, torch.Generator().manual_seed(3), "hue-only")
+    finally:
+        del augment.POLICIES["hue-only"]
+    assert (shifted - colour).abs().mean() > 1e-3  # hues moved
+    assert torch.allclose(shifted.mean(dim=1), colour.mean(dim=1), atol=1e-3)  # brightness kept
+    flat = torch.zeros(200, 3, 17, 17)
+    flat[:, :, 8, 8] = 1.0  # a point: blurred images spread it
+    spread = augment_batch(flat, 1.0, torch.Generator().manual_seed(4), "dermoscopy")
+    blurred = (spread[:, 0].amax(dim=(1, 2)) < 0.6).float().mean()
+    assert 0.1 < blurred < 0.45
+
+
+def test_the_config_offers_exactly_the_policies_augment_knows():
+    from lesion.config import AUGMENT_POLICIES
+
+    assert AUGMENT_POLICIES == tuple(augment.POLICIES)
+
+
+def test_an_unknown_policy_is_refused_by_name():
+    with pytest.raises(ValueError, match="dermoscopy"):
+        augment_batch(batch(2), 1.0, None, "strong")
 
 
 def test_normalize_and_resize():

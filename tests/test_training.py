@@ -22,6 +22,7 @@ from lesion.training import (
     build_scheduler,
     class_weights,
     evaluate_epoch,
+    mix_batch,
     phase_of,
     plot_learning_curve,
     sampling_rates,
@@ -205,6 +206,50 @@ def test_schedulers_follow_the_config():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="train.optimizer"):
         build_optimizer(model, TrainConfig(optimizer="lamb"))
+
+
+def test_warm_up_raises_the_rate_then_the_cosine_runs_over_the_epochs_left():
+    model = torch.nn.Linear(2, 1)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1))
+    scheduler = build_scheduler(optimizer, TrainConfig(scheduler="cosine", warmup_epochs=2), 6)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])  # up to the full rate, then down
+    assert rates[3] > rates[4] > rates[5] > 0
+    with pytest.raises(ValueError, match="warmup_epochs needs"):
+        build_scheduler(optimizer, TrainConfig(scheduler="plateau", warmup_epochs=1), 6)
+
+
+def test_mixup_and_cutmix_keep_the_share_they_report():
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 10, 10).contiguous()
+    kinds = set()
+    for seed in range(20):
+        mixed, partner, lam = mix_batch(x, 0.4, torch.Generator().manual_seed(seed))
+        assert mixed.shape == x.shape and 0 <= lam <= 1 and sorted(partner.tolist()) == list(range(8))
+        own = (mixed == x).float().mean(dim=(1, 2, 3))
+        if torch.allclose(mixed, lam * x + (1 - lam) * x[partner]):
+            kinds.add("mixup")
+        else:  # cutmix: exactly ``lam`` of each image that has a different partner is its own
+            moved = partner != torch.arange(8)
+            assert torch.allclose(own[moved], torch.full_like(own[moved], lam))
+            kinds.add("cutmix")
+    assert kinds == {"mixup", "cutmix"}
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_with_mixup_and_the_dermoscopy_policy_trains(images):
+    cfg = TrainConfig(lr=3e-3, optimizer="adam")
+    model = tiny_model()
+    optimizer = build_optimizer(model, cfg)
+    loss_fn = build_loss("multiclass", cfg, np.bincount(images[1], minlength=7))
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_epoch(model, array_batches(*images, 16, seed=0), optimizer, loss_fn, settings(),
+                         augment_policy="dermoscopy", mixup=0.4, generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(result["train_loss"]) and result["images"] == len(images[1])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_learning_curve_plot_is_written(tmp_path):

@@ -13,11 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
 
-MAX_ROTATION_DEG = 18.0  # rotation range at strength 1 (+-)
-MAX_ZOOM = 0.10  # zoom range at strength 1 (scale 1 +- this)
-MAX_BRIGHTNESS = 0.10  # brightness range at strength 1 (multiplicative, 1 +- this)
-MAX_CONTRAST = 0.10  # contrast range at strength 1 (around each image's mean, 1 +- this)
+# Ranges at strength 1 of each policy: rotation (+- degrees), zoom (scale 1 +- this), brightness, contrast and
+# saturation (multiplicative, 1 +- this), hue (a rotation of the colour wheel, +- this share of a turn) and blur (the
+# share of images defocused by a Gaussian of sigma 0.3-1.2 px). ``basic`` is the reference studies' augmentation;
+# ``dermoscopy`` what the ISIC winners used: a lesion has no up, so any angle, and stronger colour and focus changes.
+POLICIES = {
+    "basic": {"rotation": 18.0, "zoom": 0.10, "brightness": 0.10, "contrast": 0.10, "saturation": 0.0, "hue": 0.0,
+              "blur": 0.0},
+    "dermoscopy": {"rotation": 180.0, "zoom": 0.20, "brightness": 0.20, "contrast": 0.20, "saturation": 0.20,
+                   "hue": 0.03, "blur": 0.25},
+}
 
 
 def to_float(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
@@ -31,29 +38,34 @@ def to_float(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     return images.float().div_(255.0).contiguous()
 
 
-def augment_batch(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random per-sample flips (h and v, p=0.5 each), rotation (+-18 deg x strength), zoom (+-10% x strength),
-    brightness and contrast (+-10% x strength) of float (N,3,H,W) images in [0, 1]. ``strength`` 0 returns ``x``.
+def augment_batch(x: torch.Tensor, strength: float, generator: torch.Generator | None = None,
+                  policy: str = "basic") -> torch.Tensor:
+    """Random per-sample flips (h and v, p=0.5 each), rotation, zoom, brightness, contrast, saturation, hue and
+    defocus of float (N,3,H,W) images in [0, 1], with the ranges of ``policy`` (``POLICIES``) times ``strength``.
+    ``strength`` 0 returns ``x``.
 
     Geometry is one affine resampling per image (``affine_grid`` + ``grid_sample``, reflection padding, so no black
     corners that would look like a dermatoscope border). Parameters are drawn on the generator's device (CPU when
     none is given) and moved to ``x``'s device.
     """
+    if policy not in POLICIES:
+        raise ValueError(f"augmentation policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
     if strength <= 0:
         return x
+    limits = {key: value * strength for key, value in POLICIES[policy].items()}
     n, _, height, width = x.shape
     device = generator.device if generator is not None else torch.device("cpu")
 
     def uniform(limit: float) -> torch.Tensor:
         return ((torch.rand(n, generator=generator, device=device) * 2 - 1) * limit).to(x.device, torch.float32)
 
-    angle = uniform(math.radians(MAX_ROTATION_DEG) * strength)
-    zoom = 1 + uniform(MAX_ZOOM * strength)
+    angle = uniform(math.radians(limits["rotation"]))
+    zoom = 1 + uniform(limits["zoom"])
     flips = torch.rand(n, 2, generator=generator, device=device).to(x.device) < 0.5
     flip_x = 1 - 2 * flips[:, 0].float()
     flip_y = 1 - 2 * flips[:, 1].float()
-    brightness = 1 + uniform(MAX_BRIGHTNESS * strength)
-    contrast = 1 + uniform(MAX_CONTRAST * strength)
+    brightness = 1 + uniform(limits["brightness"])
+    contrast = 1 + uniform(limits["contrast"])
 
     # Output -> input sampling map in normalised coordinates; the aspect factor keeps rotations rigid on
     # non-square images.
@@ -70,7 +82,29 @@ def augment_batch(x: torch.Tensor, strength: float, generator: torch.Generator |
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = (out - mean) * contrast.view(n, 1, 1, 1) + mean
     out = out * brightness.view(n, 1, 1, 1)
+    if limits["saturation"] > 0 or limits["hue"] > 0:
+        out = _colour(out, 1 + uniform(limits["saturation"]), uniform(2 * math.pi * limits["hue"]))
+    if limits["blur"] > 0:
+        chosen = (torch.rand(n, generator=generator, device=device) < limits["blur"]).to(x.device)
+        sigma = 0.3 + 0.9 * float(torch.rand(1, generator=generator, device=device))
+        radius = math.ceil(3 * sigma)
+        blurred = gaussian_blur(out, [2 * radius + 1] * 2, [sigma, sigma])
+        out = torch.where(chosen.view(n, 1, 1, 1), blurred, out)
     return out.clamp_(0.0, 1.0).to(x.dtype)
+
+
+def _colour(x: torch.Tensor, saturation: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """Scale each image's saturation (distance from the grey axis) and rotate its hues by ``hue`` radians about the
+    grey axis, as one 3x3 colour matrix per image."""
+    n = x.shape[0]
+    axis = torch.full((3,), 1 / math.sqrt(3), device=x.device)
+    grey = torch.outer(axis, axis)  # projection onto the grey axis
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=x.device) / math.sqrt(3)
+    eye = torch.eye(3, device=x.device)
+    cos, sin = torch.cos(hue).view(n, 1, 1), torch.sin(hue).view(n, 1, 1)
+    rotation = grey + cos * (eye - grey) + sin * cross  # Rodrigues' rotation about the grey axis
+    matrix = grey + saturation.view(n, 1, 1) * (rotation - grey)
+    return torch.einsum("nij,njhw->nihw", matrix, x)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -107,11 +141,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_augment_figure(images: np.ndarray, path: str | Path, strength: float = 1.0, seed: int = 0) -> Path:
+def save_augment_figure(images: np.ndarray, path: str | Path, strength: float = 1.0, seed: int = 0,
+                        policy: str = "basic") -> Path:
     """Write a PNG of original/augmented pairs (one pair per row) of uint8 (N,H,W,3) images."""
     from lesion.data.preprocess import save_pairs_figure
 
     generator = torch.Generator().manual_seed(seed)
-    augmented = to_uint8(augment_batch(to_float(torch.as_tensor(np.ascontiguousarray(images))), strength, generator))
+    augmented = to_uint8(augment_batch(to_float(torch.as_tensor(np.ascontiguousarray(images))), strength, generator,
+                                       policy))
     titles = [("original", f"augmented (strength {strength:g})")] * len(images)
     return save_pairs_figure(zip(images, augmented), path, titles, width=5)
