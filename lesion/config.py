@@ -170,6 +170,8 @@ class TrainConfig:
     augment_policy: str = checked("basic", one_of(*AUGMENT_POLICIES))  # dermoscopy: any angle, hue, saturation, blur
     mixup: float = checked(0.0, NON_NEGATIVE)  # Beta(a, a) of mixup / cutmix (half the batches each); 0 disables
     warmup_epochs: int = checked(0, NON_NEGATIVE)  # linear learning-rate warm-up before a cosine (or no) schedule
+    ema: float = checked(0.0, interval(0, 1, high_open=True))  # decay per step of an average of the weights that
+    # is validated, kept as the best and saved instead of the raw weights; 0 disables (0.99: about 100 steps)
     input_size: int | None = checked(None, POSITIVE)  # model input side; None = the cached image size
     pretrained: bool | str = False  # False, True (ImageNet via timm / packaged weights) or a weights path
     weights: str | None = None  # explicit local weights file or directory (implies pretrained)
@@ -268,7 +270,9 @@ class ServeConfig:
     max_replicas: int = checked(2, POSITIVE)  # at least min_replicas
     target_ongoing_requests: float = checked(4.0, interval(0, low_open=True))
     max_batch_size: int = checked(8, POSITIVE)
-    batch_wait_timeout_s: float = checked(0.02, NON_NEGATIVE)
+    # how long a model replica holds a request for others to batch with: 0 batches what is queued (requests queue up
+    # while a batch computes, so batches fill under load) and adds no wait to a lone request
+    batch_wait_timeout_s: float = checked(0.0, NON_NEGATIVE)
     max_body_bytes: int = checked(10 * 1024 * 1024, POSITIVE)
     max_image_pixels: int = checked(50_000_000, POSITIVE)
     api_key: str | None = None  # when set, requests need the X-API-Key header

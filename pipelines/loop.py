@@ -262,6 +262,7 @@ class TrainingRun:
         self.stopper = EarlyStopping(cfg.monitor, cfg.patience)
         self.history: list[dict[str, Any]] = []
         self.attempt = 0
+        self.ema = None  # torch.optim.swa_utils.AveragedModel of the weights with train.ema
         checkpoint = session.checkpoint()
         state = read_state(checkpoint) if checkpoint is not None else None
         self.start = state["epoch"] + 1 if state else 0
@@ -281,6 +282,12 @@ class TrainingRun:
             model = model.to(memory_format=torch.channels_last)
         net = self.session.prepare(model)
         self.net = torch.compile(net) if self.cfg.compile else net
+        if self.cfg.ema and self.ema is None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema), use_buffers=True)
+            if state and "ema" in state:
+                self.ema.load_state_dict(state["ema"])
         self.optimizer = build_optimizer(self.net, self.cfg, lr)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, phase_epochs(phase, self.cfg))
 
@@ -328,15 +335,21 @@ class TrainingRun:
         if self.rates is not None:
             batches = balanced_batches(batches, self.rates, generator)
         hook = self.loop.get("step_hook")
-        on_step = None if hook is None else (lambda step: hook(epoch=epoch, step=step, rank=session.rank,
-                                                                world_size=session.world_size))
+
+        def on_step(step: int) -> None:
+            if self.ema is not None:
+                self.ema.update_parameters(unwrap(self.net))
+            if hook is not None:
+                hook(epoch=epoch, step=step, rank=session.rank, world_size=session.world_size)
+
         started = time.perf_counter()
         train = train_epoch(self.net, batches, self.optimizer, self.loss_fn, self.settings, augment_strength=cfg.augment,
                             augment_policy=cfg.augment_policy, mixup=cfg.mixup, generator=generator,
                             grad_clip=cfg.grad_clip, on_step=on_step)
         train_seconds = time.perf_counter() - started
-        val = evaluate_epoch(self.net, session.val_batches(), self.settings)
-        best = self.stopper.step(epoch, val, self.net)
+        validated = self.net if self.ema is None else self.ema.module  # the EMA weights are the model with train.ema
+        val = evaluate_epoch(validated, session.val_batches(), self.settings)
+        best = self.stopper.step(epoch, val, validated)
         step_scheduler(self.scheduler, val, cfg.monitor)
         seen = train.pop("seen")
         return {"epoch": epoch, "phase": self.phase, "attempt": self.attempt, "lr": lr, **train, **val, "best": best,
@@ -356,7 +369,8 @@ class TrainingRun:
                             "model": model.state_dict(), "pretrained_origin": model.pretrained_origin,
                             "optimizer": self.optimizer.state_dict(),
                             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                            "early_stopping": stopper.state_dict(), "history": self.history},
+                            "early_stopping": stopper.state_dict(), "history": self.history,
+                            **({"ema": self.ema.state_dict()} if self.ema is not None else {})},
                            Path(folder) / STATE_FILE)
             self.session.report(metrics, folder if self.session.rank == 0 else None)
 

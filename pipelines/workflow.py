@@ -344,9 +344,10 @@ class _NodeRunner:
             current = ((run.model_dir(name) / "best.pt").is_file()
                        and run.is_current(f"models/{name}", model_fingerprint(config, run, name)))
             return f"models/{name}", lambda: train_model(config, run, name), current, _train_note
+        split = config.evaluate.split
         current = (run.eval / "metrics.json").is_file() and run.is_current(
-            "eval", evaluation_fingerprint(config, run, "test"))
-        return "eval", lambda: evaluate(config, run), current, _evaluate_note
+            "eval", evaluation_fingerprint(config, run, split))
+        return "eval", lambda: evaluate(config, run, split), current, _evaluate_note
 
     def _stage(self, node: Node, artefact: str, fn: Callable[[], Any], current: bool,
                note: Callable[[Any], str]) -> None:
@@ -394,7 +395,7 @@ def _train_note(summary: dict) -> str:
 
 def _evaluate_note(result: dict) -> str:
     ensemble = result["models"]["ensemble"]
-    return f"test: ensemble bal.acc {ensemble['balanced_accuracy']:.3f}, acc {ensemble['accuracy']:.3f}"
+    return f"{result['split']}: ensemble bal.acc {ensemble['balanced_accuracy']:.3f}, acc {ensemble['accuracy']:.3f}"
 
 
 # --------------------------------------------------------------------------------------------- local cluster

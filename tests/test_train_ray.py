@@ -59,17 +59,38 @@ def test_two_workers_train_and_write_the_best_model(run):
     assert run.manifest()[f"models/{NAME}"]["run_id"] == result["run_id"]
 
     model, checkpoint = load_trained(folder)
-    best = next(row for row in history if row["epoch"] == result["best_epoch"])
     assert checkpoint["best_epoch"] == result["best_epoch"] and checkpoint["pretrained"] == "scratch"
     assert checkpoint["num_classes"] == 7 and checkpoint["input_size"] == 32
-    # best.pt holds the best epoch's weights, and validation under DDP scored every image exactly once:
-    # scoring the validation split again in one process gives the same numbers
+    # best.pt holds the best epoch's weights, and validation under DDP scored every image exactly once
+    assert_best_pt_scores_as_recorded(run, history, result["best_epoch"])
+
+
+def assert_best_pt_scores_as_recorded(run: RunDir, history: list[dict], best_epoch: int) -> None:
+    """Scoring the validation split again with best.pt in one process gives the numbers the best epoch recorded."""
+    model, checkpoint = load_trained(run.model_dir(NAME))
+    best = next(row for row in history if row["epoch"] == best_epoch)
     val = load_split(run.root, "val")
     settings = LoopSettings("multiclass", 7, checkpoint["mean"], checkpoint["std"], 32, torch.device("cpu"))
     logits, labels = predict_logits(model, array_batches(val.images, val.labels, 50), settings)
     again = validation_metrics(logits, labels, "multiclass", 7)
     for key in ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_roc_auc"):
         assert again[key] == pytest.approx(best[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.timeout(300)
+def test_with_train_ema_the_averaged_weights_are_validated_kept_and_saved(run):
+    result = train_model(config(ema=0.9, epochs=3), run, NAME)
+    history = history_of(run)
+    assert_best_pt_scores_as_recorded(run, history, result["best_epoch"])  # what was validated is what is saved
+    states = [torch.load(f, map_location="cpu", weights_only=True)
+              for f in Path(ray_storage(run, NAME)).rglob("train_state.pt")]
+    raw = max(states, key=lambda state: state["epoch"])  # the last checkpoint
+    saved, _ = load_trained(run.model_dir(NAME))
+    averaged = raw["ema"]
+    name = next(k for k in raw["model"] if k.endswith("weight"))
+    assert not torch.equal(saved.state_dict()[name], raw["model"][name])  # not the raw weights ...
+    if raw["epoch"] == result["best_epoch"]:  # ... but the average, when the last epoch was the best
+        assert torch.equal(saved.state_dict()[name], averaged[f"module.{name}"])
 
 
 @pytest.mark.slow
@@ -137,3 +158,47 @@ def test_arrow_image_columns_are_viewed_without_copies():
     assert np.array_equal(view, images) and not view.flags.owndata  # a view of the Arrow buffer
     assert np.array_equal(arrow_images(column.slice(1, 3), 4), images[1:4])  # sliced batches keep their offset
     assert np.array_equal(arrow_images(pa.chunked_array([column.slice(0, 2), column.slice(2)]), 4), images)
+
+
+def fake_session(cache_mb: int, rows: int = 40, val_rows: int = 12):
+    """A Train session over in-memory 'shards' of 1-pixel images numbered 0..rows-1, counting its Ray Data reads."""
+    from pipelines.loop import TrainSession, keeps_data
+
+    session = object.__new__(TrainSession)
+    session.rank, session.world_size = 0, 2
+    session.loop = {"cfg": {"batch_size": 8, "seed": 0, "cache_mb": cache_mb}, "train_rows": 2 * rows,
+                    "val_rows": val_rows, "image_size": 1}
+    session.kept, session.keeps = {}, keeps_data(session.loop, 2)
+    session.reads = []
+    data = {"train": np.arange(rows), "val": np.arange(100, 100 + val_rows)}
+
+    def read(name, batch_size, **kwargs):
+        session.reads.append(name)
+        order = np.random.default_rng(len(session.reads)).permutation(data[name]) if name == "train" else data[name]
+        for start in range(0, len(order), batch_size):
+            ids = order[start:start + batch_size]
+            yield torch.from_numpy(np.repeat(ids.astype(np.uint8).reshape(-1, 1, 1, 1), 3, axis=3)), torch.from_numpy(ids)
+
+    session._batches = read
+    return session
+
+
+def epoch_rows(batches) -> list[int]:
+    return [int(i) for images, labels in batches for i in labels]
+
+
+def test_a_worker_reads_a_small_share_once_and_replays_it_reshuffled_every_later_epoch():
+    session = fake_session(cache_mb=1)
+    epochs = [epoch_rows(session.train_batches(epoch)) for epoch in range(3)]
+    vals = [epoch_rows(session.val_batches()) for _ in range(3)]
+    assert session.reads == ["train", "val"]  # Ray Data's streaming read started once per split, not per epoch
+    assert all(sorted(rows) == list(range(40)) for rows in epochs)  # the same share every epoch ...
+    assert epochs[1] != epochs[2]  # ... in a new order
+    assert vals[0] == vals[1] == vals[2] == list(range(100, 112))  # validation replayed in order
+
+
+def test_a_share_over_train_cache_mb_is_streamed_every_epoch():
+    session = fake_session(cache_mb=0)
+    for epoch in range(3):
+        assert sorted(epoch_rows(session.train_batches(epoch))) == list(range(40))
+    assert session.reads == ["train"] * 3 and not session.kept

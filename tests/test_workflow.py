@@ -141,6 +141,13 @@ def test_docs_help_and_plots_rerun_nothing_a_version_bump_retrains(tmp_path, ray
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["serve"]["port"] == 8123
     assert set(_rows(fourth).values()) <= {"current", "skipped"}, fourth
 
+    # evaluate.split is the split the workflow scores (an ablation scores validation, never test)
+    config_file.write_text(yaml.safe_dump({**changed, "evaluate": {**changed.get("evaluate", {}), "split": "val"}}))
+    assert main(argv) == 0
+    fifth = capsys.readouterr().out
+    assert _rows(fifth)["evaluate"] == "done" and "val: ensemble bal.acc" in fifth, fifth
+    assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["split"] == "val"
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
