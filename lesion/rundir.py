@@ -25,6 +25,7 @@ import contextlib
 import datetime as _dt
 import fcntl
 import fnmatch
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,6 +66,14 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (configs, file lists, versions)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def changed_settings(section: Any) -> dict[str, Any]:
+    """The fields of a config section (a dataclass) that differ from its defaults: what a stage's fingerprint
+    hashes, so that a setting added in a later release, at its default, leaves artefacts made before it current.
+    Changing a default therefore needs the stage's version constant bumped."""
+    defaults = dataclasses.asdict(type(section)())
+    return {key: value for key, value in dataclasses.asdict(section).items() if value != defaults[key]}
 
 
 def package_versions() -> dict[str, str]:

@@ -31,7 +31,7 @@ from lesion.data import preprocess as prep
 from lesion.data import shards, sources, splits
 from lesion.data.shards import SHARD_SCHEMA, SPLITS
 from lesion.labels import class_names
-from lesion.rundir import RunDir, atomic_path, fingerprint, write_atomic
+from lesion.rundir import RunDir, changed_settings, atomic_path, fingerprint, write_atomic
 from pipelines import capacity
 from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
 
@@ -60,8 +60,8 @@ SPLIT_COLUMNS = ("image_id", "lesion_id", "label", "dx", "split", "dx_type", "ag
 def data_fingerprint(data_config: DataConfig) -> str:
     """Fingerprint of an ingest, from its inputs only: the data config, the source files (names, sizes, mtimes) and
     ``INGEST_VERSION``. No source code is read, so editing docs, help text or plotting code re-runs nothing."""
-    values = dataclasses.asdict(data_config)
-    if values["root"] is not None:
+    values = changed_settings(data_config)
+    if values.get("root") is not None:
         values["root"] = str(Path(values["root"]).expanduser().resolve())
     return fingerprint("ingest", INGEST_VERSION, values, sources.input_files(data_config))
 

@@ -19,7 +19,7 @@ from typing import Any
 from lesion.config import Config, TrainConfig, apply_overrides, dump_yaml
 from lesion.data.shards import read_info
 from lesion.models import model_spec, save_checkpoint
-from lesion.rundir import RunDir, fingerprint, remove_tree
+from lesion.rundir import RunDir, changed_settings, fingerprint, remove_tree
 from lesion.training import BALANCE_MODES, plot_learning_curve, write_history
 from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
@@ -34,9 +34,11 @@ RAY_RUN_NAME = "train"  # RUN/models/<name>/ray/<RAY_RUN_NAME>/ holds Ray Train'
 
 
 def train_fingerprint(cfg: TrainConfig, info: dict[str, Any]) -> str:
-    """What a trained model depends on: ``TRAIN_VERSION``, its resolved training config and the data's fingerprint
-    (``info``: the run's ``data/info.json``)."""
-    return fingerprint("train", TRAIN_VERSION, {**dataclasses.asdict(cfg), "models": {}}, info.get("fingerprint"))
+    """What a trained model depends on: ``TRAIN_VERSION``, its resolved training config (``changed_settings``) and
+    the data's fingerprint (``info``: the run's ``data/info.json``)."""
+    settings = changed_settings(cfg)
+    settings.pop("models", None)
+    return fingerprint("train", TRAIN_VERSION, settings, info.get("fingerprint"))
 
 
 def ray_storage(run: RunDir, name: str) -> str:

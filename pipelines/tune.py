@@ -31,7 +31,7 @@ from ray import tune
 
 from lesion.config import Config, ConfigError, TrainConfig, apply_overrides
 from lesion.data.shards import load_split, read_info
-from lesion.rundir import RunDir, atomic_path, fingerprint, remove_tree, write_atomic
+from lesion.rundir import RunDir, changed_settings, atomic_path, fingerprint, remove_tree, write_atomic
 from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
 from pipelines.datasets import training_datasets
@@ -48,8 +48,9 @@ SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
 def tune_fingerprint(config: Config, info: dict[str, Any]) -> str:
     """What a search depends on: ``TUNE_VERSION``, the tune section, the untuned training config of the tuned model
     and the data's fingerprint (``info``: the run's ``data/info.json``)."""
-    return fingerprint("tune", TUNE_VERSION, config.to_dict()["tune"],
-                       dataclasses.asdict(config.model_config(config.tune.model)), info.get("fingerprint"))
+    untuned = changed_settings(config.model_config(config.tune.model))
+    untuned.pop("models", None)
+    return fingerprint("tune", TUNE_VERSION, changed_settings(config.tune), untuned, info.get("fingerprint"))
 
 
 # --------------------------------------------------------------------------------------------- search space

@@ -176,3 +176,28 @@ def test_two_variants_train_in_one_run_and_appear_in_the_comparison(run, tmp_pat
     image = np.zeros((32, 32, 3), np.uint8) + 128
     answer, picture = Explainer(core).explain_preprocessed(image, "cnn-balanced")
     assert set(answer["models"]) == {"cnn-balanced"} and picture.shape == (32, 32, 3)
+
+
+def test_a_training_setting_added_later_at_its_default_leaves_trained_models_current():
+    """Upgrading lesion must not retrain every model because a release added a setting: settings at their default
+    stay out of the fingerprint; a changed setting, a version bump or other data change it."""
+    import dataclasses
+
+    import pipelines.train
+    from lesion.config import TrainConfig
+    from pipelines.train import train_fingerprint
+
+    info = {"fingerprint": "data-1"}
+    Later = dataclasses.make_dataclass("Later", [("new_option", float, dataclasses.field(default=0.0))],
+                                       bases=(TrainConfig,))
+    base = train_fingerprint(TrainConfig(epochs=5), info)
+    assert train_fingerprint(Later(epochs=5), info) == base
+    assert train_fingerprint(Later(epochs=5, new_option=0.5), info) != base
+    assert train_fingerprint(TrainConfig(epochs=6), info) != base
+    assert train_fingerprint(TrainConfig(epochs=5), {"fingerprint": "data-2"}) != base
+    original = pipelines.train.TRAIN_VERSION
+    try:
+        pipelines.train.TRAIN_VERSION = original + 1
+        assert train_fingerprint(TrainConfig(epochs=5), info) != base
+    finally:
+        pipelines.train.TRAIN_VERSION = original
