@@ -99,6 +99,26 @@ def test_faithfulness_removing_the_highlighted_pixels_hurts_most(located):
     assert again == scores  # ROAD's imputation noise comes from a fixed seed
 
 
+def test_faithfulness_in_chunks_over_the_cores_does_not_depend_on_their_number(located, monkeypatch):
+    from types import SimpleNamespace
+
+    from pipelines import evaluate
+
+    model, info, x, _, _, _ = located
+    x = x[:20]  # three chunks of ROAD_CHUNK 8: 8, 8, 4
+    cams = {"gradcam": {"m": explain.explain_batch(model, info, x)}}
+    members = {"m": SimpleNamespace(net=model, info=info)}
+    scores = []
+    for cores in (1, 3):
+        monkeypatch.setattr(evaluate.os, "cpu_count", lambda cores=cores: cores)
+        scores.append(evaluate.faithfulness_by_map(members, {"m": x}, cams))
+    assert scores[0] == scores[1] and scores[0][("m", "gradcam")]["n"] == 20
+    whole = explain.faithfulness(model, info, x, cams["gradcam"]["m"])
+    chunked = scores[0][("m", "gradcam")]
+    assert chunked["confidence_change"] == pytest.approx(whole["confidence_change"], abs=1e-6)  # no noise in it
+    assert chunked["road"] == pytest.approx(whole["road"], abs=0.05)  # ROAD's noise differs, its value hardly
+
+
 @pytest.mark.parametrize("method", list(explain.METHODS))
 def test_every_method_gives_maps_in_unit_range_for_binary_and_multiclass(located, method):
     model, info, x, *_ = located
