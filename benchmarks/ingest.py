@@ -5,7 +5,8 @@ resize to ``data.image_size`` (DataConfig defaults). It is timed four ways, each
 full-size images repeated to each of ``--counts``, to show how cost grows with the data):
 
 - Ray Data with 1 and with 2 Ray CPUs: ``from_items(paths) -> map_batches(preprocess) -> iterate``, a fresh local
-  Ray for each (``pipelines.common.init_ray(num_cpus=N)``, shut down between; start-up timed separately);
+  Ray for each (``pipelines.common.init_ray(num_cpus=N)``, shut down between; its start-up, with a first pass over
+  one batch per CPU that starts the worker processes and their imports, is timed separately);
 - a plain ``torch.utils.data.DataLoader`` with 1 and with 2 worker processes doing the same work.
 
 The four set-ups run interleaved ``--repeats`` times; each row reports the median with best and worst (every sample,
@@ -88,12 +89,17 @@ def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
 
     from pipelines.common import init_ray
 
+    def dataset(items: list[str]):
+        ds = ray.data.from_items([{"path": p} for p in items], override_num_blocks=max(1, len(items) // BATCH))
+        return ds.map_batches(process_batch, fn_kwargs={"config": config}, batch_size=BATCH, batch_format="numpy")
+
     start = time.perf_counter()
     init_ray(num_cpus=cpus)
+    for _ in dataset(paths[:BATCH * cpus]).iter_batches(batch_size=None):  # start-up: the workers start and import
+        pass
     startup = time.perf_counter() - start
     try:
-        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths) // BATCH))
-        ds = ds.map_batches(process_batch, fn_kwargs={"config": config}, batch_size=BATCH, batch_format="numpy")
+        ds = dataset(paths)
         start = time.perf_counter()
         with PeakMemory() as memory:
             images = sum(len(batch["image"]) for batch in ds.iter_batches(batch_size=None))
@@ -122,7 +128,8 @@ its best and worst, `ratio` = median images/s over the DataLoader's median with 
 the median peak memory (PSS) of the whole process tree (Ray: driver and local cluster).
 Machine: {result['device']['cpu']}, {result['device']['cores']} cores; load average
 {result['device']['load_before']} before and {result['device']['load_after']} after (the machine is shared, so
-absolute numbers carry noise). Ray start-up (not in the times): {result['ray_start_s']} s.
+absolute numbers carry noise). Ray start-up, with a first small pass that starts the workers and their imports
+(not in the times): {result['ray_start_s']} s.
 Command: `{result['command']}`.
 
 | engine | processes / Ray CPUs | images | images/s (median) | best / worst | ratio vs DataLoader | peak MB |
