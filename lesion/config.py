@@ -185,7 +185,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     workers: int = checked(2, POSITIVE)  # Ray Train workers (DDP)
-    cpus_per_worker: float = checked(0.5, NON_NEGATIVE)
+    cpus_per_worker: float = checked(0.25, NON_NEGATIVE)  # small: two trainings of the demo fit 2 CPUs at once
     threads_per_worker: int | None = checked(None, POSITIVE)  # torch CPU threads per worker; None: Ray's (its CPUs)
     # a worker whose share of the train and val splits is at most this many MB keeps it in memory after the first
     # epoch and replays it (reshuffled) instead of restarting Ray Data's streaming read every epoch; 0: always stream
