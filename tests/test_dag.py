@@ -52,19 +52,22 @@ def test_a_cap_on_parallel_trainings_is_kept():
 
 
 def test_a_two_cpu_laptop_runs_one_stage_at_a_time():
-    laptop = load_config(ROOT / "cluster" / "configs" / "ham10000-laptop.yaml")  # one model: add a second
-    laptop = apply_overrides(laptop, {"train.models": {**laptop.train.models, "scratch_cnn": {}}})
+    laptop = load_config(ROOT / "cluster" / "configs" / "ham10000-laptop.yaml")  # two members at 0.5 CPU per worker
     nodes = build_graph(laptop, LAPTOP)
     check_graph(nodes, LAPTOP)
-    assert _names(plan_waves(nodes, LAPTOP)) == [["ingest"], ["train efficientnet_lite0"], ["train scratch_cnn"],
-                                                  ["evaluate"]]
-    demo = Config()  # tuning (4 trials x 1 CPU) takes the laptop too: nothing beside it
-    assert all(len(wave) == 1 for wave in plan_waves(build_graph(demo, LAPTOP), LAPTOP))
+    assert _names(plan_waves(nodes, LAPTOP)) == [["ingest"], ["train efficientnet_lite0"],
+                                                  ["train efficientnet_lite0_96"], ["evaluate"]]
+
+
+def test_the_demo_runs_two_small_trainings_at_once_on_a_two_cpu_laptop():
+    waves = _names(plan_waves(build_graph(Config(), LAPTOP), LAPTOP))  # 0.25 CPU per DDP worker
+    assert waves[:2] == [["ingest"], ["tune custom_cnn"]]  # tuning (4 trials) takes the laptop: nothing beside it
+    assert [len(wave) for wave in waves[2:-1]] == [2, 2] and waves[-1] == ["evaluate"]
 
 
 def test_a_node_that_cannot_fit_fails_before_anything_starts():
     # moved from test_workflow's resource_warnings test: the capacity model names what cannot be placed
-    config = apply_overrides(Config(), {"train.workers": 4, "train.gpus_per_worker": 1.0,
+    config = apply_overrides(Config(), {"train.workers": 4, "train.gpus_per_worker": 1.0, "train.cpus_per_worker": 0.5,
                                         "train.models": {"resnet50": {}, "custom_cnn": {}},
                                         "tune.gpus_per_trial": 0.25})
     with pytest.raises(CapacityError) as err:
