@@ -189,7 +189,7 @@ def main() -> int:
                              "images_per_s": round(statistics.median(rates), 1), "best": max(rates),
                              "worst": min(rates), "all_images_per_s": rates,
                              "ratio": round(statistics.median(rates) / peer, 2),
-                             "peak_mb": statistics.median(s["peak_mb"] for s in same if s["engine"] == engine)})
+                             "peak_mb": round(statistics.median(s["peak_mb"] for s in same if s["engine"] == engine), 1)})
 
     import PIL
     import ray

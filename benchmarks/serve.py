@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from lesion.config import dump_yaml  # noqa: E402
 from lesion.inference import Inference  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
-from shared import README, cpu_model, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
+from shared import README, PeakMemory, cpu_model, process_tree, write_section  # noqa: E402  (benchmarks/shared.py)
 from pipelines.api import ApiSettings, LocalBackend, build_api  # noqa: E402
 from pipelines.common import resolve_config  # noqa: E402
 
@@ -130,7 +130,7 @@ def baseline_server(run: Path, config_path: Path):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -167,7 +167,7 @@ def summarise(samples: list[dict]) -> list[dict]:
         rows.append({"server": server, "endpoint": endpoint, "clients": clients,
                      "requests": sum(s["requests"] for s in mine), "errors": sum(s["errors"] for s in mine),
                      **{k: round(statistics.median(s[k] for s in mine), 1) for k in
-                        ("throughput_rps", "mean_ms", "p50_ms", "p95_ms", "p99_ms")},
+                        ("throughput_rps", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "peak_mb")},
                      "best_rps": max(s["throughput_rps"] for s in mine),
                      "worst_rps": min(s["throughput_rps"] for s in mine)})
     peers = {(r["endpoint"], r["clients"]): r for r in rows if r["server"] == "fastapi-baseline"}
@@ -183,7 +183,7 @@ def write_readme(result: dict) -> None:
     rows = [
         f"| {r['server']} | {r['endpoint']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | "
         f"{r['p95_ms']} | {r['p99_ms']} | {r['throughput_rps']} ({r['best_rps']} / {r['worst_rps']}) | "
-        f"{r['ratio']} | {r['p50_overhead_ms']} |"
+        f"{r['ratio']} | {r['p50_overhead_ms']} | {r['peak_mb']} |"
         for r in sorted(result["results"], key=lambda r: (r["endpoint"], r["clients"], r["server"]))
     ]
     run = result["run"]
@@ -200,15 +200,17 @@ def write_readme(result: dict) -> None:
         "and calibrated ensemble; /v1/explain returns the ensemble Grad-CAM overlay. Requests: the 21 real 600x450 "
         f"HAM10000 JPEGs in turn, {result['requests_per_client']} per client, clients on the same machine. Both "
         f"servers stay up and are measured in turn, {result['repeats']} times: medians (best / worst "
-        "throughput), `ratio` = Ray Serve's median requests/s over the baseline's, overhead = p50 difference.",
+        "throughput), `ratio` = Ray Serve's median requests/s over the baseline's, overhead = p50 difference; peak "
+        "memory (PSS) over each measurement: the baseline's process, Ray Serve's whole local cluster (GCS, raylet, "
+        "proxy, controller, replicas), which is what a one-box deployment holds; the load generator is in neither.",
         f"Machine: {result['device']['cpu']}, {result['device']['cores']} cores, no GPU; load average "
         f"{result['load_average']['before']} before and {result['load_average']['after']} after (the machine is "
         f"shared, so absolute numbers carry noise). Ray Serve start-up: {result['ray_serve_startup_s']} s.",
         f"Command: `{result['command']}`.",
         "",
         "| server | endpoint | clients | requests | errors | p50 ms | p95 ms | p99 ms | requests/s (best / worst) "
-        "| ratio | p50 overhead ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ratio | p50 overhead ms | peak MB (PSS) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]))
 
@@ -247,14 +249,22 @@ def main() -> int:
     image_size = json.loads((run / "data" / "info.json").read_text())["image_size"]
     before = [round(x, 2) for x in os.getloadavg()]
     samples = []
-    with baseline_server(run, config_path) as baseline_url, ray_serve_app(run, config_path) as (serve_url, startup):
+    with baseline_server(run, config_path) as (baseline_url, baseline_pid), \
+            ray_serve_app(run, config_path) as (serve_url, startup):
         servers = {"fastapi-baseline": baseline_url, "ray-serve": serve_url}
+        # memory (PSS): the baseline's process; Ray's local cluster (GCS, raylet, proxy, controller, replicas)
+        # without this process, which only sends the requests
+        processes = {"fastapi-baseline": lambda: process_tree(baseline_pid),
+                     "ray-serve": lambda: [pid for pid in process_tree(os.getpid())
+                                           if pid != os.getpid() and pid not in process_tree(baseline_pid)]}
         for url in servers.values():  # warm-up: first requests load lazily initialised code paths
             for endpoint in ENDPOINTS:
                 load(url, endpoint, images, 1, 2)
         for _ in range(args.repeats):
             for server, url in servers.items():
-                samples += measure(server, url, images, args.clients, args.requests)
+                with PeakMemory(pids=processes[server]) as memory:
+                    rows = measure(server, url, images, args.clients, args.requests)
+                samples += [{**row, "peak_mb": memory.peak_mb} for row in rows]
     result = {
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
         "versions": package_versions(),

@@ -6,6 +6,7 @@ import os
 import platform
 import threading
 from pathlib import Path
+from typing import Callable
 
 README = Path(__file__).resolve().parent / "README.md"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,17 +94,18 @@ def memory_bytes(pids: list[int], kind: str = "pss") -> int:
 
 
 class PeakMemory:
-    """``with PeakMemory() as memory: ...`` samples the memory (PSS) of this process and all its descendants every
-    ``interval`` seconds; ``memory.peak_mb`` is the highest total seen."""
+    """``with PeakMemory() as memory: ...`` samples the memory (PSS) of the processes ``pids()`` names (default: this
+    process and all its descendants) every ``interval`` seconds; ``memory.peak_mb`` is the highest total seen."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, pids: Callable[[], list[int]] | None = None):
         self.interval, self.peak = interval, 0
+        self.pids = pids or (lambda: process_tree(os.getpid()))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, memory_bytes(process_tree(os.getpid())))
+            self.peak = max(self.peak, memory_bytes(self.pids()))
             if self._stop.wait(self.interval):
                 return
 

@@ -11,11 +11,14 @@ excluded) of the epochs after the first (the first holds Ray Data's and oneDNN's
   ``augment_batch``, normalise, forward, backward, AdamW), the peer ``ratio`` is taken against.
 
 The set-ups run interleaved ``--repeats`` times; each row's ``ratio`` is its median images/s over the plain loop's
-median (best and worst beside it). Ray's start-up is timed apart and not inside any figure. Results go to
-``benchmarks/results/train.json`` and the training table of ``benchmarks/README.md``.
+median (best and worst beside it), with the peak memory (PSS) of each: the plain loop's process (which also holds
+the Ray driver's imports), and for Ray the whole local cluster (driver, GCS, raylet, workers, Ray Data). Ray's
+start-up is timed apart and not inside any figure. Results go to
+``benchmarks/results/train-LABEL.json`` (``--label``: the data size measured, e.g. 1x and 4x) and a training
+table of ``benchmarks/README.md``.
 
     .venv/bin/python benchmarks/train.py --run RUN [--models scratch_cnn efficientnet_lite0] [--epochs 2]
-        [--repeats 2] [--threads 2] [--size 1x]
+        [--repeats 2] [--threads 2] [--label 1x]
 """
 
 from __future__ import annotations
@@ -42,8 +45,7 @@ from lesion.data.shards import load_split, read_info  # noqa: E402
 from lesion.models import create_model, model_spec  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from pipelines.common import init_ray, resolve_config  # noqa: E402
-from shared import cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py, beside this script)
-
+from shared import PeakMemory, cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
 
 
 def plain_epochs(config: Config, run: RunDir, name: str, epochs: int, threads: int, batch: int) -> list[float]:
@@ -127,12 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     load, samples = os.getloadavg(), []
     for name in args.models:
         for repeat in range(args.repeats):
-            rates = {"plain": plain_epochs(config, run, name, args.epochs, args.threads, batch)}
+            rates, peaks = {}, {}
+            with PeakMemory(pids=lambda: [os.getpid()]) as memory:  # this process: the local Ray beside it is idle
+                rates["plain"] = plain_epochs(config, run, name, args.epochs, args.threads, batch)
+            peaks["plain"] = memory.peak_mb
             for label, layout in layouts.items():
-                rates[label] = ray_epochs(config, run, name, args.epochs, layout)
-            samples += [{"model": name, "setup": label, "repeat": repeat, "images_per_s": [round(x, 1) for x in r]}
-                        for label, r in rates.items()]
-            print(name, repeat, {k: [round(x, 1) for x in v] for k, v in rates.items()}, flush=True)
+                with PeakMemory() as memory:
+                    rates[label] = ray_epochs(config, run, name, args.epochs, layout)
+                peaks[label] = memory.peak_mb
+            samples += [{"model": name, "setup": label, "repeat": repeat, "images_per_s": [round(x, 1) for x in r],
+                         "peak_mb": peaks[label]} for label, r in rates.items()]
+            print(name, repeat, {k: [round(x, 1) for x in v] for k, v in rates.items()}, peaks, flush=True)
             write_results(argv, run, config, args, batch, ray_start, load, samples)  # a killed run keeps its repeats
     return 0
 
@@ -141,11 +148,12 @@ def rows_of(samples: list[dict], label: str) -> list[dict]:
     """Per model and set-up: ``summary`` of its repeats and the ``ratio`` to the plain loop's median."""
     rows = []
     for name in dict.fromkeys(s["model"] for s in samples):
-        rates = {setup: [s["images_per_s"] for s in samples if s["model"] == name and s["setup"] == setup]
-                 for setup in ("ray-ddp", "ray-1worker", "plain")}
-        peer = summary(rates["plain"])["images_per_s"]
-        for setup, runs in rates.items():
-            row = {"model": name, "setup": setup, "data": label, **summary(runs)}
+        mine = {setup: [s for s in samples if s["model"] == name and s["setup"] == setup]
+                for setup in ("ray-ddp", "ray-1worker", "plain")}
+        peer = summary([s["images_per_s"] for s in mine["plain"]])["images_per_s"]
+        for setup, runs in mine.items():
+            row = {"model": name, "setup": setup, "data": label, **summary([s["images_per_s"] for s in runs]),
+                   "peak_mb": statistics.median(s.get("peak_mb", 0.0) for s in runs)}
             rows.append({**row, "ratio": round(row["images_per_s"] / peer, 2)})
     return rows
 
@@ -168,11 +176,12 @@ def write_results(argv, run: RunDir, config: Config, args, batch: int, ray_start
         "rows": rows,
         "samples": samples,
     }
-    save_result("train", result)
-    lines = ["| model | set-up | images/s (median) | best / worst | ratio vs plain loop |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['setup']} | {r['images_per_s']} | {r['best']} / {r['worst']} | {r['ratio']} |"
-              for r in rows]
-    write_section("train", f"Training throughput, `{result['command']}` ({args.threads} threads, global batch "
+    save_result(f"train-{args.label}", result)
+    lines = ["| model | set-up | images/s (median) | best / worst | ratio vs plain loop | peak MB (PSS) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['setup']} | {r['images_per_s']} | {r['best']} / {r['worst']} | {r['ratio']} | "
+              f"{r['peak_mb']} |" for r in rows]
+    write_section(f"train-{args.label}", f"Training throughput ({args.label} data), `{result['command']}` ({args.threads} threads, global batch "
                            f"{batch}, {result['data']['train_images']} images):\n\n" + "\n".join(lines))
 
 
