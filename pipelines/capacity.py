@@ -24,7 +24,10 @@ from lesion.config import Config, TrainConfig
 
 log = logging.getLogger(__name__)
 
-DATA_TASK_CPU = 1.0  # a Ray Data read/map task asks for one CPU by default: training must leave one free for it
+# A Ray Data read/map task asks for one CPU by default: training must leave one free for it. Even a read given a
+# fraction (pipelines.datasets) runs read_parquet's ListFiles step as a one-CPU task: packing three demo trainings
+# into 2 CPUs with a quarter CPU kept for reads waited forever on "3 x {'CPU': 1.0}" (tried, reverted).
+DATA_TASK_CPU = 1.0
 RESOURCES = (("CPU", "cpu"), ("GPU", "gpu"), ("memory", "memory"))
 
 
