@@ -153,14 +153,14 @@ def rows_of(samples: list[dict], label: str) -> list[dict]:
         peer = summary([s["images_per_s"] for s in mine["plain"]])["images_per_s"]
         for setup, runs in mine.items():
             row = {"model": name, "setup": setup, "data": label, **summary([s["images_per_s"] for s in runs]),
-                   "peak_mb": statistics.median(s.get("peak_mb", 0.0) for s in runs)}
+                   "peak_mb": round(statistics.median(s.get("peak_mb", 0.0) for s in runs), 1)}
             rows.append({**row, "ratio": round(row["images_per_s"] / peer, 2)})
     return rows
 
 
 def write_results(argv, run: RunDir, config: Config, args, batch: int, ray_start: float | None, load,
                   samples) -> None:
-    """benchmarks/results/train.json and the README table from the samples so far."""
+    """benchmarks/results/train-LABEL.json and its README table from the samples so far."""
     rows = rows_of(samples, args.label)
     info = read_info(run.root)
     result = {
