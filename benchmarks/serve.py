@@ -157,6 +157,12 @@ def ray_serve_app(run: Path, config_path: Path):
         ray.shutdown()
 
 
+def ray_serve_processes(baseline_pid: int) -> list[int]:
+    """This process's descendants without the baseline server's processes: the local Ray cluster."""
+    others = {os.getpid(), *process_tree(baseline_pid)}
+    return [pid for pid in process_tree(os.getpid()) if pid not in others]
+
+
 def summarise(samples: list[dict]) -> list[dict]:
     """One row per server, endpoint and concurrency: medians over the repeats, best and worst throughput, and for
     Ray Serve the ``ratio`` of its median throughput to the baseline's and its p50 overhead (ms)."""
@@ -255,8 +261,7 @@ def main() -> int:
         # memory (PSS): the baseline's process; Ray's local cluster (GCS, raylet, proxy, controller, replicas)
         # without this process, which only sends the requests
         processes = {"fastapi-baseline": lambda: process_tree(baseline_pid),
-                     "ray-serve": lambda: [pid for pid in process_tree(os.getpid())
-                                           if pid != os.getpid() and pid not in process_tree(baseline_pid)]}
+                     "ray-serve": lambda: ray_serve_processes(baseline_pid)}
         for url in servers.values():  # warm-up: first requests load lazily initialised code paths
             for endpoint in ENDPOINTS:
                 load(url, endpoint, images, 1, 2)

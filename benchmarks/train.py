@@ -181,9 +181,10 @@ def write_results(argv, run: RunDir, config: Config, args, batch: int, ray_start
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['setup']} | {r['images_per_s']} | {r['best']} / {r['worst']} | {r['ratio']} | "
               f"{r['peak_mb']} |" for r in rows]
-    write_section(f"train-{args.label}", f"## Training throughput, {args.label} data (`benchmarks/train.py`)\n\n"
-                                         f"Training throughput ({args.label} data), `{result['command']}` ({args.threads} threads, global batch "
-                           f"{batch}, {result['data']['train_images']} images):\n\n" + "\n".join(lines))
+    heading = f"## Training throughput, {args.label} data (`benchmarks/train.py`)"
+    write_section(f"train-{args.label}", f"{heading}\n\nTraining throughput ({args.label} data), `{result['command']}` "
+                  f"({args.threads} threads, global batch {batch}, {result['data']['train_images']} images):\n\n"
+                  + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -35,12 +35,6 @@ def scale_probs(member: Member, images: np.ndarray, sizes: list[int]) -> np.ndar
                for size in sizes) / len(sizes)
 
 
-def negated(estimate_low_high: list[float]) -> list[float]:
-    """b - a with its interval from a - b's [estimate, low, high]."""
-    estimate, low, high = estimate_low_high
-    return [-estimate, -high, -low]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a run directory with trained models")
@@ -54,14 +48,14 @@ def main() -> int:
     for name in run.trained_models():
         member = Member.load(name, run.model_dir(name))
         size, task = int(member.info["input_size"]), member.info["task"]
-        probs = {"flips": scale_probs(member, val.images, [size]),
-                 "flips x 3 sizes": scale_probs(member, val.images, [size - args.step, size, size + args.step])}
+        probs = {"flips x 3 sizes": scale_probs(member, val.images, [size - args.step, size, size + args.step]),
+                 "flips": scale_probs(member, val.images, [size])}
         compared = paired_bootstrap(val.labels, probs, groups, task, args.bootstrap)
-        block = compared["differences"]["flips - flips x 3 sizes"]
+        block = compared["differences"]["flips x 3 sizes - flips"]
         rows.append({"model": name, "input_size": size,
                      **{f"{variant}:{m}": interval(compared["models"][variant][m])
                         for variant in probs for m in ("balanced_accuracy", "malignant_auc")},
-                     **{f"difference:{m}": negated(interval(block[m])) for m in ("balanced_accuracy", "malignant_auc")}})
+                     **{f"difference:{m}": interval(block[m]) for m in ("balanced_accuracy", "malignant_auc")}})
         print(rows[-1], flush=True)
     result = {"benchmark": "tta-scales", "command": "python benchmarks/tta.py " + shlex.join(sys.argv[1:]),
               "run": str(run.root), "split": "val", "images": int(len(val.labels)),
