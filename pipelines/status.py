@@ -30,7 +30,7 @@ class StageRow:
     seconds: float | None = None
     note: str = ""
     resources: str = ""
-    started_at: float | None = None  # wall clock, while running
+    started_at: float | None = None  # wall clock when it began (None for a node that never ran)
     log: str | None = None
 
 
@@ -83,7 +83,7 @@ class StageTable:
     def end(self, name: str, status: str, seconds: float | None, note: str = "") -> None:
         with self.lock:
             row = self.rows.setdefault(name, StageRow(name))
-            row.status, row.seconds, row.note, row.started_at = status, seconds, note, None
+            row.status, row.seconds, row.note = status, seconds, note
             self._print(row)
 
     def heartbeat(self) -> None:
