@@ -40,7 +40,7 @@ from lesion.inference import Inference  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from shared import README, PeakMemory, cpu_model, process_tree, write_section  # noqa: E402  (benchmarks/shared.py)
 from pipelines.api import ApiSettings, LocalBackend, build_api  # noqa: E402
-from pipelines.common import resolve_config  # noqa: E402
+from pipelines.common import LOCAL_RAY_ENV, resolve_config  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "data" / "ham10000-fullres" / "images"
 ENDPOINTS = {"predict": ("/v1/predict", {}), "explain": ("/v1/explain", {"model": "ensemble", "method": "gradcam"})}
@@ -146,6 +146,8 @@ def ray_serve_app(run: Path, config_path: Path):
 
     config = resolve_config(RunDir(run), str(config_path))
     config.serve.port = free_port()
+    for name, value in LOCAL_RAY_ENV.items():  # the Serve mode `lesion serve` runs on a local Ray
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         started = time.perf_counter()
@@ -184,6 +186,11 @@ def summarise(samples: list[dict]) -> list[dict]:
     return rows
 
 
+def _serve_mode(result: dict) -> str:
+    optimised = result.get("serve_environment", {}).get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
+    return "throughput-optimised mode: no proxy, gRPC between deployments" if optimised else "default mode: proxy"
+
+
 def write_readme(result: dict) -> None:
     """Replace the serve section of benchmarks/README.md (between the markers), keeping everything else."""
     rows = [
@@ -196,7 +203,7 @@ def write_readme(result: dict) -> None:
     write_section("serve", "\n".join([
         "## Serving latency and throughput (`benchmarks/serve.py`)",
         "",
-        f"Ray Serve (ingress, ensemble, one replica per model with dynamic batching, max batch "
+        f"Ray Serve ({_serve_mode(result)}; ingress, ensemble, one replica per model with dynamic batching, max batch "
         f"{result['serve_config']['max_batch_size']}, wait {result['serve_config']['batch_wait_timeout_s']} s; "
         f"{result['serve_config']['cpus_per_replica']} CPU and "
         f"{result['serve_config']['threads_per_replica'] or 'Ray'}'s torch threads per replica, one replica each) "
@@ -229,6 +236,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8, help="requests per client at every level")
     parser.add_argument("--cpus-per-replica", type=float, default=0.25, help="Ray Serve: CPU share per replica")
     parser.add_argument("--threads-per-replica", type=int, help="Ray Serve: torch threads per model/CAM replica")
+    parser.add_argument("--batch-wait-s", type=float,
+                        help="Ray Serve: serve.batch_wait_timeout_s (default: the run's config, else this code's)")
+    parser.add_argument("--out", default="serve_cpu", help="result name: benchmarks/results/OUT.json")
     parser.add_argument("--repeats", type=int, default=2, help="both servers measured in turn this many times")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -244,6 +254,8 @@ def main() -> int:
     config.serve.min_replicas = config.serve.max_replicas = 1
     config.serve.cpus_per_replica = args.cpus_per_replica
     config.serve.threads_per_replica = args.threads_per_replica
+    if args.batch_wait_s is not None:
+        config.serve.batch_wait_timeout_s = args.batch_wait_s
     config.serve.host = "127.0.0.1"
     config_path = ROOT / "test-artifacts" / "serve-benchmark-config.yaml"
     config_path.parent.mkdir(exist_ok=True)
@@ -276,6 +288,7 @@ def main() -> int:
         "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
         "run": {"models": setup_models, "image_size": image_size},
         "serve_config": dataclasses.asdict(config.serve),
+        "serve_environment": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         "requests_per_client": args.requests,
         "repeats": args.repeats,
         "load_average": {"before": before, "after": [round(x, 2) for x in os.getloadavg()]},
@@ -283,11 +296,12 @@ def main() -> int:
         "results": summarise(samples),
         "samples": samples,
     }
-    out = ROOT / "benchmarks" / "results" / "serve_cpu.json"
+    out = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    write_readme(result)
-    print(f"wrote {out} and the serve section of {README}")
+    if args.out == "serve_cpu":
+        write_readme(result)
+    print(f"wrote {out}" + (f" and the serve section of {README}" if args.out == "serve_cpu" else ""))
     return 0
 
 

@@ -270,8 +270,8 @@ class ServeConfig:
     max_replicas: int = checked(2, POSITIVE)  # at least min_replicas
     target_ongoing_requests: float = checked(4.0, interval(0, low_open=True))
     max_batch_size: int = checked(8, POSITIVE)
-    # how long a model replica holds a request for others to batch with. 0 (no wait) measured 0.48x the plain
-    # server's requests/s at 8 clients on 2 cores, 0.02 measured 0.68x (benchmarks/README.md, serving)
+    # how long a model replica holds a request for others to batch with (a lone request waits this long). On 2 cores
+    # 0 and 0.02 have not been told apart: runs of one setting differ by more than the settings do (benchmarks/README.md)
     batch_wait_timeout_s: float = checked(0.02, NON_NEGATIVE)
     max_body_bytes: int = checked(10 * 1024 * 1024, POSITIVE)
     max_image_pixels: int = checked(50_000_000, POSITIVE)

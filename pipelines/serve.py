@@ -110,8 +110,10 @@ class GradCamDeployment:
     def __init__(self, core: Inference, threads: int | None = None):
         self.explainer = Explainer(core.load(device=_device(threads)))
 
-    def explain(self, image: np.ndarray, model: str, method: str) -> dict:
-        return overlay_reply(self.explainer, image, model, method)
+    async def explain(self, image: np.ndarray, model: str, method: str) -> dict:
+        # in a thread, as the model replicas compute: the replica's event loop stays free (health checks, the next
+        # request) also when Serve runs user code on it; the explainer's lock keeps one explanation at a time
+        return await asyncio.to_thread(overlay_reply, self.explainer, image, model, method)
 
 
 class ServeBackend:
