@@ -164,18 +164,24 @@ def explanation_quality(core: Inference, images: np.ndarray, masks: np.ndarray |
     members = {name: core.member(name) for name in core.names}
     inputs = {name: model_input(images, m.info["mean"], m.info["std"], int(m.info["input_size"]), m.device)
               for name, m in members.items()}
-    ens_targets = core.combine(core.probabilities(images)).argmax(axis=1).tolist()
+    ens_targets = core.combine(core.probabilities(images)).argmax(axis=1)
+    predicted = {name: explain.predicted_classes(m.net, m.info, inputs[name]) for name, m in members.items()}
     for name, m in members.items():  # CAM hooks are not thread-safe: the maps one after another
         for method in methods:
-            cams[method][name] = explain.explain_batch(m.net, m.info, inputs[name], None, method)
+            cams[method][name] = explain.explain_batch(m.net, m.info, inputs[name], predicted[name], method)
     for (name, method), scores in faithfulness_by_map(members, inputs, cams).items():
         maps = cams[method][name]
         entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
         section["models"].setdefault(name, {})[method] = {**entry, **scores, "n_images": int(len(images))}
     section["models"]["ensemble"] = {}
     for method in methods:
-        member_maps = {name: explain.explain_batch(m.net, m.info, inputs[name], ens_targets, method)
-                       for name, m in members.items()}
+        member_maps = {}
+        for name, m in members.items():  # a member's own map where it predicts the ensemble's class; new ones elsewhere
+            member_maps[name] = cams[method][name].copy()
+            differ = np.flatnonzero(predicted[name] != ens_targets)
+            if len(differ):
+                member_maps[name][differ] = explain.explain_batch(m.net, m.info, inputs[name][differ],
+                                                                  ens_targets[differ], method)
         maps = explain.ensemble_cam(member_maps, core.spec.weights, size=images.shape[1:3])
         entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
         entry["n_images"] = int(len(images))

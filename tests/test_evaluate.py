@@ -191,3 +191,25 @@ def test_study_benchmark_reads_every_model_and_explanation(evaluated):
     methods = tiny_config().evaluate.cam_methods
     assert {(r["model"], r["method"]) for r in cams} == {(m, k) for m in rows for k in methods}
     assert all(0 <= r["energy_inside"] <= 1 and r["n_images"] > 0 for r in cams)
+
+
+def test_ensemble_maps_reuse_member_maps_only_where_the_classes_agree(evaluated):
+    from lesion import explain
+    from lesion.data.augment import model_input
+    from pipelines.evaluate import explanation_quality
+
+    run = evaluated[0]
+    core = inference.Inference.from_run(run, tiny_config())
+    images = load_split(run.root, "test").images[:24]
+    _, cams = explanation_quality(core, images, None, ["gradcam"])
+    targets = core.combine(core.probabilities(images)).argmax(axis=1)
+    fresh = {}
+    for name in core.names:  # every member explaining the ensemble's class, computed anew
+        member = core.member(name)
+        x = model_input(images, member.info["mean"], member.info["std"], int(member.info["input_size"]), member.device)
+        fresh[name] = explain.explain_batch(member.net, member.info, x, targets, "gradcam")
+        own = explain.predicted_classes(member.net, member.info, x)
+        agree = own == targets
+        np.testing.assert_allclose(cams["gradcam"][name][agree], fresh[name][agree], atol=1e-6)
+    expected = explain.ensemble_cam(fresh, core.spec.weights, size=images.shape[1:3])
+    np.testing.assert_allclose(cams["gradcam"]["ensemble"], expected, atol=1e-6)
