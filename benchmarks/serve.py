@@ -40,7 +40,7 @@ from lesion.inference import Inference  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from shared import README, PeakMemory, cpu_model, process_tree, write_section  # noqa: E402  (benchmarks/shared.py)
 from pipelines.api import ApiSettings, LocalBackend, build_api  # noqa: E402
-from pipelines.common import LOCAL_RAY_ENV, resolve_config  # noqa: E402
+from pipelines.common import resolve_config, use_local_ray_env  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "data" / "ham10000-fullres" / "images"
 ENDPOINTS = {"predict": ("/v1/predict", {}), "explain": ("/v1/explain", {"model": "ensemble", "method": "gradcam"})}
@@ -146,8 +146,7 @@ def ray_serve_app(run: Path, config_path: Path):
 
     config = resolve_config(RunDir(run), str(config_path))
     config.serve.port = free_port()
-    for name, value in LOCAL_RAY_ENV.items():  # the Serve mode `lesion serve` runs on a local Ray
-        os.environ.setdefault(name, value)
+    use_local_ray_env()  # the Serve mode `lesion serve` runs on a local Ray
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         started = time.perf_counter()

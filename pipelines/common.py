@@ -20,12 +20,19 @@ RUN_CONFIG = "config.yaml"  # the configuration a run was made with, beside mani
 
 # Ray Serve's throughput-optimised mode for a Ray this process starts on one machine: the ingress replica serves HTTP
 # itself (no proxy hop), deployments talk over gRPC, user code and the router share the replica's event loop.
-# Measured on 2 cores (benchmarks/README.md, serving): /v1/predict's p50 overhead over a plain uvicorn server fell from
-# about 90 ms to 14 ms at one client, and 8 clients got 0.83x its requests/s instead of 0.61x. Set the variable to 0
+# Measured on 2 cores (benchmarks/README.md, serving): a lone /v1/predict request answered 50-56 ms sooner, and 8
+# clients got 9-11 requests/s instead of 6-7 (two runs against one of the proxy mode). Set the variable to 0
 # to keep the proxy; on a cluster started with `ray start`, set it there (every node's processes read it). The
 # ingress replica's extra draining wait, there for an external load balancer to deregister it, is off: without it
 # serve.shutdown() outlived its 30 s timeout and left the controller up (in-flight requests still drain).
 LOCAL_RAY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def use_local_ray_env() -> None:
+    """Put ``LOCAL_RAY_ENV`` into this process's environment (values already set win), before a local ``ray.init``:
+    the Ray processes that start read it."""
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -44,8 +51,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    for name, value in LOCAL_RAY_ENV.items():  # read by the Ray processes this start makes
-        os.environ.setdefault(name, value)
+    use_local_ray_env()
     kwargs: dict[str, Any] = {"address": "local", "include_dashboard": True}
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus

@@ -48,11 +48,10 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs, small object store, no dashboard)."""
     import ray
 
-    from pipelines.common import LOCAL_RAY_ENV
+    from pipelines.common import use_local_ray_env
 
     if not ray.is_initialized():
-        for name, value in LOCAL_RAY_ENV.items():  # the Serve mode `lesion serve` runs on a local Ray
-            os.environ.setdefault(name, value)
+        use_local_ray_env()  # the Serve mode `lesion serve` runs on a local Ray
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
     yield ray
     ray.shutdown()
