@@ -8,7 +8,7 @@ excluded) of the epochs after the first (the first holds Ray Data's and oneDNN's
   (Ray gives each worker torch threads for its CPU share, at least one);
 - ``ray-1worker``: the same with one worker and ``train.threads_per_worker`` = all the threads;
 - ``plain``: a single-process loop over the split held in memory (``torch.set_num_threads``, shuffled batches,
-  ``augment_batch``, normalise, forward, backward, AdamW), the peer ``ratio`` is taken against.
+  ``augment_batch``, normalise, forward, backward, gradient clipping, AdamW), the peer ``ratio`` is taken against.
 
 The set-ups run interleaved ``--repeats`` times; each row's ``ratio`` is its median images/s over the plain loop's
 median (best and worst beside it), with the peak memory (PSS) of each: the plain loop's process (which also holds
@@ -18,7 +18,7 @@ start-up is timed apart and not inside any figure. Results go to
 table of ``benchmarks/README.md``.
 
     .venv/bin/python benchmarks/train.py --run RUN [--models scratch_cnn efficientnet_lite0] [--epochs 2]
-        [--repeats 2] [--threads 2] [--label 1x]
+        [--repeats 2] [--threads 2] [--label 1x] [--setups ray-ddp ray-1worker]
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from lesion.models import create_model, model_spec  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
 from pipelines.common import init_ray, resolve_config  # noqa: E402
 from shared import PeakMemory, cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
+
+SETUPS = ("ray-ddp", "ray-1worker")
 
 
 def plain_epochs(config: Config, run: RunDir, name: str, epochs: int, threads: int, batch: int) -> list[float]:
@@ -75,6 +77,8 @@ def plain_epochs(config: Config, run: RunDir, name: str, epochs: int, threads: i
             loss = loss_fn(model(x), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip > 0:  # as the Ray loop does (train.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
         rates.append(len(order) / (time.perf_counter() - started))
     return rates
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every set-up")
     parser.add_argument("--label", default="1x", help="the data size this run measures (for the table)")
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS),
+                        help="Ray set-ups beside the plain loop (ray-1worker: one worker with every thread)")
     args = parser.parse_args(argv)
     run = RunDir(args.run)
     config = resolve_config(run, args.config)
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     layouts = {"ray-ddp": ddp,
                "ray-1worker": {"workers": 1, "cpus_per_worker": 1.0, "threads_per_worker": args.threads,
                                "batch_size": batch}}
+    layouts = {label: layouts[label] for label in args.setups}
     started = time.perf_counter()
     init_ray()
     ray_start = time.perf_counter() - started
@@ -149,9 +156,11 @@ def rows_of(samples: list[dict], label: str) -> list[dict]:
     rows = []
     for name in dict.fromkeys(s["model"] for s in samples):
         mine = {setup: [s for s in samples if s["model"] == name and s["setup"] == setup]
-                for setup in ("ray-ddp", "ray-1worker", "plain")}
+                for setup in (*SETUPS, "plain")}
         peer = summary([s["images_per_s"] for s in mine["plain"]])["images_per_s"]
         for setup, runs in mine.items():
+            if not runs:
+                continue
             row = {"model": name, "setup": setup, "data": label, **summary([s["images_per_s"] for s in runs]),
                    "peak_mb": round(statistics.median(s.get("peak_mb", 0.0) for s in runs), 1)}
             rows.append({**row, "ratio": round(row["images_per_s"] / peer, 2)})
