@@ -130,7 +130,7 @@ def test_two_trainings_run_at_once_and_a_failed_one_leaves_the_others(tmp_path, 
     assert main(argv) == 1
     captured = capfd.readouterr()  # fd level: the workers' lines reach this process through Ray's log monitor
     log_path = run.root / "logs" / "train-mobilenetv2.log"
-    assert f"lesion run: train mobilenetv2 failed" in captured.err and str(log_path) in captured.err, captured.err
+    assert "lesion run: train mobilenetv2 failed" in captured.err and str(log_path) in captured.err, captured.err
     assert "mobilenetv2.pth" in log_path.read_text()  # the traceback names the missing file
 
     # both good trainings finished, were recorded, and overlapped in time (each in its own TorchTrainer)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 import yaml
 
-from lesion.config import Config, config_from_dict
+from lesion.config import config_from_dict
 from lesion.rundir import RunDir
 from pipelines.cli import main
 from pipelines.common import parse_sets
