@@ -171,14 +171,14 @@ def evaluate_needs(config: Config) -> list[Need]:
 
 def serve_needs(config: Config, models: int, cpus_per_replica: float) -> list[Need]:
     """The Serve application: one deployment per model, the Grad-CAM deployment (it loads every model, so it asks
-    for a GPU share too), the ensemble and the HTTP ingress, each at ``serve.min_replicas``."""
+    for a GPU share too) and the HTTP ingress (which also combines the ensemble), each at ``serve.min_replicas``."""
     sv = config.serve
     setting = "serve.cpus_per_replica / serve.min_replicas"
     return [Need("model replicas", models * sv.min_replicas, cpus_per_replica, sv.gpus_per_replica,
                  setting=setting + " / serve.gpus_per_replica / --models"),
             Need("Grad-CAM replicas", sv.min_replicas, cpus_per_replica, sv.gpus_per_replica,
                  setting=setting + " / serve.gpus_per_replica"),
-            Need("ensemble and ingress replicas", 2 * sv.min_replicas, cpus_per_replica, setting=setting)]
+            Need("ingress replicas", sv.min_replicas, cpus_per_replica, setting=setting)]
 
 
 def serve_replica_cpus(config: Config, models: int, cluster: Cluster) -> tuple[float, str | None]:

@@ -1,16 +1,16 @@
-"""Serve the trained models with Ray Serve: one deployment per model, an ensemble, Grad-CAM, an HTTP API and a page.
+"""Serve the trained models with Ray Serve: one deployment per model, Grad-CAM, an HTTP API and a page.
 
-    client --HTTP--> LesionApi (FastAPI ingress of pipelines.api: body limit, API key, decode + ingest preprocessing)
-                       |-- EnsembleDeployment --handles--> ModelDeployment x N   (@serve.batch, one per model)
-                       |     calibrated combination, malignancy threshold, OOD score, decision
+    client --HTTP--> LesionApi (FastAPI ingress of pipelines.api: body limit, API key, decode + ingest preprocessing;
+                       |        the ensemble: calibrated combination, malignancy threshold, OOD score, decision)
+                       |--handles--> ModelDeployment x N   (@serve.batch, one per model)
                        '-- GradCamDeployment   (gradients on; lesion.explain)
 
 Every deployment runs the run's inference core (``lesion.inference.Inference``), sent to it without weights: a
-model replica loads its one member, the Grad-CAM replica all of them, the ensemble none (it builds the answer from
-the members' probabilities). The HTTP layer lives in ``pipelines.api`` (no Ray); ``ServeBackend`` connects it to
-the deployment handles. ``lesion serve`` runs it from the command line; ``app_builder`` is the import path for Serve
-config files (``serve deploy cluster/serve/lesion.yaml``) and for ``serve run pipelines.serve:app_builder
-run=RUN_DIR``.
+model replica loads its one member, the Grad-CAM replica all of them, the ingress none (it builds the ensemble's
+answer from the members' probabilities, so a request crosses one process boundary each way, not two). The HTTP
+layer lives in ``pipelines.api`` (no Ray); ``ServeBackend`` connects it to the deployment handles. ``lesion serve``
+runs it from the command line; ``app_builder`` is the import path for Serve config files (``serve deploy
+cluster/serve/lesion.yaml``) and for ``serve run pipelines.serve:app_builder run=RUN_DIR``.
 
 Image sizes: the models see the image after the ingest preprocessing (border crop, hair removal, resize to the run's
 ``data.image_size``); the Grad-CAM overlay is returned at that preprocessed size (``overlay_size``), not at the size
@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "lesion"
 QUIET_LOGS = LoggingConfig(enable_access_log=False)  # request lines are not logged (uploads never are)
-# The ingress and the ensemble only await other deployments: let each replica hold enough requests for the model
-# batches to fill, instead of queueing them in the proxy.
+# The ingress only awaits other deployments: let each replica hold enough requests for the model batches to fill,
+# instead of queueing them in the proxy.
 PASS_THROUGH_ONGOING_REQUESTS = 64
 
 
@@ -88,22 +88,6 @@ class ModelDeployment:
 
 
 @serve.deployment
-class EnsembleDeployment:
-    """Asks every model deployment (through its handle) and builds the core's answer from their probabilities."""
-
-    def __init__(self, models: dict[str, DeploymentHandle], core: Inference):
-        self.models, self.core = models, core
-
-    async def predict(self, image: np.ndarray) -> dict:
-        replies = await asyncio.gather(*(handle.predict.remote(image) for handle in self.models.values()))
-        probs = {name: r["probs"][None] for name, r in zip(self.models, replies)}
-        return self.core.answers(probs, {name: r["version"] for name, r in zip(self.models, replies)})[0]
-
-    async def describe(self) -> dict:
-        return self.core.describe(await asyncio.gather(*(h.describe.remote() for h in self.models.values())))
-
-
-@serve.deployment
 class GradCamDeployment:
     """Grad-CAM overlays (every member loaded; gradients are needed, so no inference mode)."""
 
@@ -117,12 +101,13 @@ class GradCamDeployment:
 
 
 class ServeBackend:
-    """The HTTP layer's backend on Ray Serve: the ensemble and Grad-CAM deployment handles."""
+    """The HTTP layer's backend on Ray Serve: asks every model deployment (through its handle) and builds the core's
+    ensemble answer from their probabilities; explanations go to the Grad-CAM deployment."""
 
     UNAVAILABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
-    def __init__(self, ensemble_handle: DeploymentHandle, gradcam_handle: DeploymentHandle):
-        self.ensemble, self.gradcam = ensemble_handle, gradcam_handle
+    def __init__(self, models: dict[str, DeploymentHandle], gradcam_handle: DeploymentHandle, core: Inference):
+        self.models, self.gradcam, self.core = models, gradcam_handle, core
 
     async def _call(self, response):
         try:
@@ -132,13 +117,16 @@ class ServeBackend:
             raise ApiError(503, "unavailable", "a model replica was lost during this request; retry it") from exc
 
     async def predict(self, image: np.ndarray) -> dict:
-        return await self._call(self.ensemble.predict.remote(image))
+        replies = await self._call(asyncio.gather(*(h.predict.remote(image) for h in self.models.values())))
+        probs = {name: r["probs"][None] for name, r in zip(self.models, replies)}
+        return self.core.answers(probs, {name: r["version"] for name, r in zip(self.models, replies)})[0]
 
     async def explain(self, image: np.ndarray, model: str, method: str) -> dict:
         return await self._call(self.gradcam.explain.remote(image, model, method))
 
     async def describe(self) -> dict:
-        return await self._call(self.ensemble.describe.remote())
+        replies = await self._call(asyncio.gather(*(h.describe.remote() for h in self.models.values())))
+        return self.core.describe(replies)
 
 
 class RayMetrics:
@@ -171,10 +159,11 @@ class RayMetrics:
 @serve.deployment
 @serve.ingress()
 class LesionApi:
-    """The HTTP ingress: the FastAPI app of ``pipelines.api.build_api`` on the ensemble and Grad-CAM handles."""
+    """The HTTP ingress: the FastAPI app of ``pipelines.api.build_api`` on the model and Grad-CAM handles."""
 
-    def __init__(self, ensemble_handle: DeploymentHandle, gradcam_handle: DeploymentHandle, settings: ApiSettings):
-        self.backend = ServeBackend(ensemble_handle, gradcam_handle)
+    def __init__(self, models: dict[str, DeploymentHandle], gradcam_handle: DeploymentHandle, core: Inference,
+                 settings: ApiSettings):
+        self.backend = ServeBackend(models, gradcam_handle, core)
         self.settings = settings
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -214,9 +203,6 @@ def build_app(config: Config, run: RunDir):
         ).bind(core, name, s.max_batch_size, s.batch_wait_timeout_s, s.threads_per_replica)
         for name in core.names
     }
-    ensemble_app = EnsembleDeployment.options(
-        autoscaling_config=autoscaling, max_ongoing_requests=PASS_THROUGH_ONGOING_REQUESTS, ray_actor_options=cpu_only
-    ).bind(model_handles, core)
     gradcam_app = GradCamDeployment.options(
         # one explanation runs at a time per replica: scale out as soon as one waits
         autoscaling_config={**autoscaling, "target_ongoing_requests": 1},
@@ -225,7 +211,7 @@ def build_app(config: Config, run: RunDir):
     ).bind(core, s.threads_per_replica)
     return LesionApi.options(
         autoscaling_config=autoscaling, max_ongoing_requests=PASS_THROUGH_ONGOING_REQUESTS, ray_actor_options=cpu_only
-    ).bind(ensemble_app, gradcam_app, ApiSettings.of(core, s))
+    ).bind(model_handles, gradcam_app, core, ApiSettings.of(core, s))
 
 
 def app_builder(args: dict[str, Any]):

@@ -51,10 +51,10 @@ def test_memory_is_checked_when_known():
 
 
 def test_serving_four_models_on_two_cpus_shrinks_each_replica_and_says_so():
-    config = Config()  # cpus_per_replica 0.5: 4 models + Grad-CAM + ensemble + ingress = 7 replicas = 3.5 CPU
+    config = Config()  # cpus_per_replica 0.5: 4 models + Grad-CAM + ingress = 6 replicas = 3 CPU
     share, note = capacity.serve_replica_cpus(config, 4, LAPTOP)
-    assert share == pytest.approx(0.28)
-    assert "7 replicas x 0.5 CPU need 3.5 CPU" in note and "serve.cpus_per_replica" in note
+    assert share == pytest.approx(0.33)
+    assert "6 replicas x 0.5 CPU need 3 CPU" in note and "serve.cpus_per_replica" in note
     capacity.check("serve", capacity.serve_needs(config, 4, share), LAPTOP)  # now it fits
 
 

@@ -297,6 +297,6 @@ def test_rayservice_serves_the_lesion_application_of_the_serve_config():
     served = app.args["models"]
     assert set(served) == set(load_config(CLUSTER / "configs" / "ham10000.yaml").train.models)
     names = {d.name for d in app.deployments}
-    assert names == {"LesionApi", "EnsembleDeployment", "GradCamDeployment"} | {f"model_{m}" for m in served}
+    assert names == {"LesionApi", "GradCamDeployment"} | {f"model_{m}" for m in served}
     assert all(d.ray_actor_options.num_gpus > 0 for d in app.deployments if d.name.startswith("model_"))
     assert app.args["run"] == _kuberay("rayjob.yaml")["spec"]["entrypoint"].split("--run ")[1].split()[0]

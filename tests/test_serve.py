@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -261,13 +262,11 @@ def test_cluster_serve_config_is_a_valid_deploy_schema_naming_the_deployments(ap
     for d in application.deployments:
         auto = d.autoscaling_config
         assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
-    served = {f"model_{m}" for m in application.args["models"]} | {"LesionApi", "EnsembleDeployment",
-                                                                      "GradCamDeployment"}
+    served = {f"model_{m}" for m in application.args["models"]} | {"LesionApi", "GradCamDeployment"}
     assert configured == served
     # the running application (built by the same app_builder) uses the same deployment naming
     running = set(serve.status().applications["lesion"].deployments)
-    assert running == {"model_custom_cnn", "model_scratch_cnn", "LesionApi", "EnsembleDeployment",
-                       "GradCamDeployment"}
+    assert running == {"model_custom_cnn", "model_scratch_cnn", "LesionApi", "GradCamDeployment"}
 
 
 def _replica_pids(deployment: str) -> list[int]:
@@ -333,8 +332,15 @@ def test_lost_replica_becomes_503_with_retry_after():
     async def dies():
         raise ActorDiedError()
 
-    with pytest.raises(ApiError) as caught:
-        asyncio.run(ServeBackend(None, None)._call(dies()))
+    async def answers():
+        return {"probs": np.full(7, 1 / 7), "version": "v"}
+
+    def handle(reply):  # a model deployment's handle: handle.predict.remote(image) is awaitable
+        return SimpleNamespace(predict=SimpleNamespace(remote=lambda image: reply()))
+
+    backend = ServeBackend({"alive": handle(answers), "lost": handle(dies)}, None, None)
+    with pytest.raises(ApiError) as caught:  # one member's replica lost during the request is enough
+        asyncio.run(backend.predict(np.zeros((8, 8, 3), np.uint8)))
     assert caught.value.status == 503 and "retry" in caught.value.message
 
 
