@@ -2,10 +2,11 @@
 
 Both servers run the same HTTP app (``pipelines.api.build_api``: same body checks, same decoding and ingest
 preprocessing) on the same run's inference core (``lesion.inference``). The Ray Serve one spreads it over
-deployments (ingress, ensemble, one replica per model with dynamic batching, Grad-CAM); the baseline is one uvicorn
-process (a subprocess) running ``pipelines.api.LocalBackend`` in threads, without batching. A bounded load generator on loopback sends the real
-600x450 HAM10000 JPEGs with 1, 8 and 32 concurrent clients, a fixed number of requests each, to /v1/predict and to
-/v1/explain (ensemble Grad-CAM), and measures latency percentiles and throughput.
+deployments (the ingress, which also combines the ensemble, one replica per model with dynamic batching,
+Grad-CAM); the baseline is one uvicorn process (a subprocess) running ``pipelines.api.LocalBackend`` in threads,
+without batching. A bounded load generator on loopback sends the real 600x450 HAM10000 JPEGs with 1, 8 and 32
+concurrent clients, a fixed number of requests each, to /v1/predict and to /v1/explain (ensemble Grad-CAM), and
+measures latency percentiles and throughput.
 
     python benchmarks/serve.py --run RUN_DIR [--requests 8] [--clients 1 8 32]
 
@@ -202,10 +203,11 @@ def write_readme(result: dict) -> None:
     write_section("serve", "\n".join([
         "## Serving latency and throughput (`benchmarks/serve.py`)",
         "",
-        f"Ray Serve ({_serve_mode(result)}; ingress, ensemble, one replica per model with dynamic batching, max batch "
-        f"{result['serve_config']['max_batch_size']}, wait {result['serve_config']['batch_wait_timeout_s']} s; "
+        f"Ray Serve ({_serve_mode(result)}; ingress combining the ensemble, one replica per model with dynamic "
+        f"batching, max batch {result['serve_config']['max_batch_size']}, "
+        f"wait {result['serve_config']['batch_wait_timeout_s']} s; "
         f"{result['serve_config']['cpus_per_replica']} CPU and "
-        f"{result['serve_config']['threads_per_replica'] or 'Ray'}'s torch threads per replica, one replica each) "
+        f"{result['serve_config']['threads_per_replica'] or 'Ray-chosen'} torch threads per replica, one replica each) "
         "beside one uvicorn process "
         "running the same FastAPI app on PyTorch in threads (no batching). Both decode and preprocess the upload "
         f"exactly as ingest does (to {run['image_size']} px) and run the same models ({', '.join(run['models'])}) "
@@ -273,9 +275,10 @@ def main() -> int:
         # without this process, which only sends the requests
         processes = {"fastapi-baseline": lambda: process_tree(baseline_pid),
                      "ray-serve": lambda: ray_serve_processes(baseline_pid)}
-        for url in servers.values():  # warm-up: first requests load lazily initialised code paths
-            for endpoint in ENDPOINTS:
-                load(url, endpoint, images, 1, 2)
+        for url in servers.values():  # warm-up, once at every concurrency: first requests load lazily initialised
+            for endpoint in ENDPOINTS:  # code paths, and each size of a dynamic batch is a new shape to oneDNN
+                for clients in args.clients:
+                    load(url, endpoint, images, clients, 1)
         for _ in range(args.repeats):
             for server, url in servers.items():
                 with PeakMemory(pids=processes[server]) as memory:
