@@ -240,8 +240,8 @@ class LinearInfill:
     one sparse linear system per image, plus noise), solving the same system faster: assembled at once as a sparse
     matrix and factorised with SuperLU's symmetric ordering and mode, where grad-cam fills a LIL matrix pixel by
     pixel and uses the default ordering with pivoting. The noise comes from the imputer's own generator (seeded), so
-    that scores are reproducible when several imputers run in threads. An image with no pixel kept is filled with its channel means
-    (the system has no unique solution there)."""
+    that scores are reproducible when several imputers run in threads. An image with no pixel kept is filled with its
+    channel means (the system has no unique solution there)."""
 
     def __init__(self, noise: float = 0.01, seed: int = 0):
         self.noise = noise
