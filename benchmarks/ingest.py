@@ -4,10 +4,12 @@ The work per image is what ``lesion ingest`` does: read the file, decode, crop t
 resize to ``data.image_size`` (DataConfig defaults). It is timed four ways, each over the same list of paths (the
 full-size images repeated to each of ``--counts``, to show how cost grows with the data):
 
-- Ray Data with 1 and with 2 Ray CPUs: ``from_items(paths) -> map_batches(preprocess) -> iterate``, a fresh local
+- Ray Data with 1 and with 2 Ray CPUs: blocks of ``BLOCK_ROWS`` paths through ``pipelines.ingest.map_blocks`` (the
+  map that ``lesion ingest`` runs, with its settings) -> iterate, a fresh local
   Ray for each (``pipelines.common.init_ray(num_cpus=N)``, shut down between; its start-up, with a first pass over
   one batch per CPU that starts the worker processes and their imports, is timed separately);
-- a plain ``torch.utils.data.DataLoader`` with 1 and with 2 worker processes doing the same work.
+- a plain ``torch.utils.data.DataLoader`` with 1 and with 2 worker processes doing the same work, in batches of
+  ``BLOCK_ROWS``.
 
 The four set-ups run interleaved ``--repeats`` times; each row reports the median with best and worst (every sample,
 with the load average when it started, is kept in the JSON) and ``ratio``: its median over the DataLoader's median
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -41,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 from lesion.config import DataConfig  # noqa: E402
 from lesion.data.preprocess import decode_image, preprocess  # noqa: E402
+from pipelines.ingest import BLOCK_ROWS, map_blocks  # noqa: E402
 from shared import PeakMemory, cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-fullres"
-BATCH = 16
 
 
 def process_path(path: str, config: DataConfig) -> np.ndarray:
@@ -52,9 +55,9 @@ def process_path(path: str, config: DataConfig) -> np.ndarray:
     return preprocess(decode_image(path, max_pixels=config.max_image_pixels), config)[0]
 
 
-def process_batch(batch: dict, config: DataConfig) -> dict:
+def process_batch(batch: pa.Table, config: DataConfig) -> dict:
     cv2.setNumThreads(1)
-    return {"image": np.stack([process_path(str(p), config) for p in batch["path"]])}
+    return {"image": np.stack([process_path(p, config) for p in batch.column("path").to_pylist()])}
 
 
 class PathDataset(Dataset):
@@ -74,7 +77,7 @@ def _one_thread(_worker: int) -> None:
 
 
 def time_dataloader(paths: list[str], config: DataConfig, workers: int) -> dict:
-    loader = DataLoader(PathDataset(paths, config), batch_size=BATCH, num_workers=workers,
+    loader = DataLoader(PathDataset(paths, config), batch_size=BLOCK_ROWS, num_workers=workers,
                         worker_init_fn=_one_thread, collate_fn=np.stack)
     start = time.perf_counter()
     with PeakMemory() as memory:
@@ -90,12 +93,13 @@ def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
     from pipelines.common import init_ray
 
     def dataset(items: list[str]):
-        ds = ray.data.from_items([{"path": p} for p in items], override_num_blocks=max(1, len(items) // BATCH))
-        return ds.map_batches(process_batch, fn_kwargs={"config": config}, batch_size=BATCH, batch_format="numpy")
+        table = pa.table({"path": items})
+        blocks = [table.slice(start, BLOCK_ROWS) for start in range(0, len(items), BLOCK_ROWS)]
+        return map_blocks(ray.data.from_arrow(blocks), process_batch, config=config)
 
     start = time.perf_counter()
     init_ray(num_cpus=cpus)
-    for _ in dataset(paths[:BATCH * cpus]).iter_batches(batch_size=None):  # start-up: the workers start and import
+    for _ in dataset(paths[:BLOCK_ROWS * cpus]).iter_batches(batch_size=None):  # start-up: the workers start and import
         pass
     startup = time.perf_counter() - start
     try:
@@ -201,7 +205,7 @@ def main() -> int:
         "repeats": args.repeats,
         "distinct_files": len(files),
         "config": {"image_size": config.image_size, "crop_border": config.crop_border,
-                   "remove_hair": config.remove_hair, "batch_size": BATCH},
+                   "remove_hair": config.remove_hair, "batch_size": BLOCK_ROWS},
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": load_before,
                    "load_after": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,

@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ from lesion.labels import class_names
 from lesion.rundir import RunDir, changed_settings, atomic_path, fingerprint, write_atomic
 from pipelines import capacity
 from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
+
+if TYPE_CHECKING:
+    import ray
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +154,26 @@ def _input_table(records: list[dict]) -> pa.Table:
                                 schema=INPUT_SCHEMA)
 
 
+def map_blocks(dataset: "ray.data.Dataset", fn: Any, **fn_kwargs: Any) -> "ray.data.Dataset":
+    """``fn(block, **fn_kwargs)`` over every block of ``dataset`` (Arrow in, one task of one CPU per block), results
+    in input order (same inputs -> same shard contents), as many tasks at once as the cluster has CPUs.
+
+    Ray Data's per-operator resource reservation is turned off for this dataset: on a 2-CPU machine it kept the map
+    at about one task in flight for long stretches (cores busy 77% of the pass; benchmarks/README.md, ingest).
+    """
+    dataset = dataset.map_batches(fn, batch_size=None, batch_format="pyarrow", fn_kwargs=fn_kwargs, num_cpus=1)
+    dataset.context.execution_options.preserve_order = True
+    dataset.context.op_resource_reservation_enabled = False
+    return dataset
+
+
 def _process(records: list[dict], data_config: DataConfig, folder: Path) -> dict[str, Any]:
     """Preprocess the records with Ray Data and stream the results into ``folder/<split>/part-*.parquet``."""
     import ray
 
     table = _input_table(records)
     blocks = [table.slice(start, BLOCK_ROWS) for start in range(0, table.num_rows, BLOCK_ROWS)]
-    dataset = ray.data.from_arrow(blocks)
-    dataset.context.execution_options.preserve_order = True  # same inputs -> same shard contents
-    dataset = dataset.map_batches(preprocess_batch, batch_size=None, batch_format="pyarrow",
-                                  fn_kwargs={"data_config": data_config}, num_cpus=1)
+    dataset = map_blocks(ray.data.from_arrow(blocks), preprocess_batch, data_config=data_config)
     writers = {name: _ShardWriter(folder / name, data_config.shard_rows) for name in SPLITS}
     rejected: list[tuple[str, str]] = []
     split_rows: list[pd.DataFrame] = []
