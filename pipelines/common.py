@@ -27,7 +27,7 @@ RUN_CONFIG = "config.yaml"  # the configuration a run was made with, beside mani
 # serve.shutdown() outlived its 30 s timeout and left the controller up (in-flight requests still drain).
 # Two per-run costs that buy nothing on one machine: Ray Train's preemption watcher (an actor per training that polls
 # for nodes being drained) and Ray Data's 32 Parquet footer-reader actors per read (our splits are a few files).
-# Together about 35 CPU-s of the demo's ~600 on 2 cores (benchmarks/README.md, demo).
+# Without them the demo's processes used 579 CPU-s instead of 637 on 2 cores (README.md, results: the demo row).
 LOCAL_RAY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
                  "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
