@@ -11,7 +11,9 @@ full-size images repeated to each of ``--counts``, to show how cost grows with t
 - a plain ``torch.utils.data.DataLoader`` with 1 and with 2 worker processes doing the same work, in batches of
   ``BLOCK_ROWS``.
 
-The four set-ups run interleaved ``--repeats`` times; each row reports the median with best and worst (every sample,
+The four set-ups run interleaved ``--repeats`` times, the engine that goes first alternating between repeats, and
+every Ray set-up waits ``SETTLE_S`` after its shutdown: the exiting Ray processes are reaped by PID 1 about 2.5 s
+after ``ray.shutdown()``, 3.5 CPU-s on this machine, which otherwise fell on whichever set-up was timed next. Each row reports the median with best and worst (every sample,
 with the load average when it started, is kept in the JSON) and ``ratio``: its median over the DataLoader's median
 with the same number of processes, and the peak memory (PSS) of the whole process tree while it ran (Ray: the
 driver and its local cluster; DataLoader: the main process and its workers), as a median over the repeats.
@@ -47,6 +49,7 @@ from lesion.data.preprocess import decode_image, preprocess  # noqa: E402
 from pipelines.ingest import BLOCK_ROWS, map_blocks  # noqa: E402
 from shared import PeakMemory, cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
 
+SETTLE_S = 5.0  # after ray.shutdown(): the exited processes' clean-up must not land on the next timed set-up
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-fullres"
 
 
@@ -110,6 +113,7 @@ def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
         seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
+        time.sleep(SETTLE_S)
     return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
             "peak_mb": memory.peak_mb, "ray_start_s": round(startup, 2)}
 
@@ -127,7 +131,8 @@ def write_readme(result: dict) -> None:
 
 Full per-image ingest work (read + decode + black-border crop + hair removal + resize to {config['image_size']} px)
 on the {result['distinct_files']} real 600x450 HAM10000 JPEGs repeated to {counts} items. OpenCV runs one
-thread per process. The four set-ups run interleaved, {result['repeats']} times; the median of each is shown with
+thread per process. The four set-ups run interleaved, {result['repeats']} times (the engine going first alternates;
+Ray's shut-down is let settle {SETTLE_S:.0f} s before the next set-up); the median of each is shown with
 its best and worst, `ratio` = median images/s over the DataLoader's median with as many processes and items, and
 the median peak memory (PSS) of the whole process tree (Ray: driver and local cluster).
 Machine: {result['device']['cpu']}, {result['device']['cores']} cores; load average
@@ -172,7 +177,7 @@ def main() -> int:
         for count in args.counts:
             paths = [files[i % len(files)] for i in range(count)]
             for n in (1, 2):
-                for engine in ("Ray Data", "torch DataLoader"):
+                for engine in ("Ray Data", "torch DataLoader")[::1 if repeat % 2 == 0 else -1]:
                     load = round(os.getloadavg()[0], 2)
                     if engine == "Ray Data":
                         sample = time_ray(paths, config, n)
