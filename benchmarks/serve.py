@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,9 +48,13 @@ IMAGES = ROOT.parent / "shared" / "data" / "ham10000-fullres" / "images"
 ENDPOINTS = {"predict": ("/v1/predict", {}), "explain": ("/v1/explain", {"model": "ensemble", "method": "gradcam"})}
 
 
-def serve_baseline(run: str, config_path: str, port: int) -> None:
-    """Run the baseline server (blocking): uvicorn, one process, the same FastAPI app on a local backend."""
+def serve_baseline(run: str, config_path: str, port: int, threads: int | None) -> None:
+    """Run the baseline server (blocking): uvicorn, one process, the same FastAPI app on a local backend, with
+    ``threads`` torch threads (default torch's: one per core)."""
     import uvicorn
+
+    if threads:
+        torch.set_num_threads(threads)
 
     config = resolve_config(RunDir(run), config_path)
     core = Inference.from_run(RunDir(run), config, config.serve.models, tta=config.serve.tta)
@@ -122,11 +127,11 @@ def measure(server: str, url: str, images: list[bytes], levels: list[int], per_c
 
 
 @contextlib.contextmanager
-def baseline_server(run: Path, config_path: Path):
+def baseline_server(run: Path, config_path: Path, threads: int | None):
     """The baseline uvicorn server in a subprocess; yields its URL once it answers."""
     port = free_port()
     command = [sys.executable, __file__, "--baseline-server", "--run", str(run), "--config", str(config_path),
-               "--port", str(port)]
+               "--port", str(port)] + (["--baseline-threads", str(threads)] if threads else [])
     process = subprocess.Popen(command, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -188,7 +193,8 @@ def summarise(samples: list[dict]) -> list[dict]:
 
 def _serve_mode(result: dict) -> str:
     optimised = result.get("serve_environment", {}).get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
-    return "throughput-optimised mode: no proxy, gRPC between deployments" if optimised else "default mode: proxy"
+    return ("throughput-optimised mode: requests to the serve port cross Serve's proxy to the ingress replica's own "
+            "HTTP port, gRPC between deployments" if optimised else "default mode: proxy")
 
 
 def write_readme(result: dict) -> None:
@@ -209,7 +215,8 @@ def write_readme(result: dict) -> None:
         f"{result['serve_config']['cpus_per_replica']} CPU and "
         f"{result['serve_config']['threads_per_replica'] or 'Ray-chosen'} torch threads per replica, one replica each) "
         "beside one uvicorn process "
-        "running the same FastAPI app on PyTorch in threads (no batching). Both decode and preprocess the upload "
+        f"running the same FastAPI app on PyTorch in threads ({result['baseline_threads']} torch threads, no "
+        "batching). Both decode and preprocess the upload "
         f"exactly as ingest does (to {run['image_size']} px) and run the same models ({', '.join(run['models'])}) "
         "and calibrated ensemble; /v1/explain returns the ensemble Grad-CAM overlay. Requests: the 21 real 600x450 "
         f"HAM10000 JPEGs in turn, {result['requests_per_client']} per client, clients on the same machine. Both "
@@ -237,6 +244,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8, help="requests per client at every level")
     parser.add_argument("--cpus-per-replica", type=float, default=0.25, help="Ray Serve: CPU share per replica")
     parser.add_argument("--threads-per-replica", type=int, help="Ray Serve: torch threads per model/CAM replica")
+    parser.add_argument("--baseline-threads", type=int,
+                        help="the baseline's torch threads (default torch's: one per core)")
     parser.add_argument("--batch-wait-s", type=float,
                         help="Ray Serve: serve.batch_wait_timeout_s (default: the run's config, else this code's)")
     parser.add_argument("--out", default="serve_cpu", help="result name: benchmarks/results/OUT.json")
@@ -247,7 +256,7 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     run = Path(args.run).resolve()
     if args.baseline_server:
-        serve_baseline(str(run), args.config, args.port)
+        serve_baseline(str(run), args.config, args.port, args.baseline_threads)
         return 0
 
     config = resolve_config(RunDir(run), args.config)
@@ -268,7 +277,7 @@ def main() -> int:
     image_size = json.loads((run / "data" / "info.json").read_text())["image_size"]
     before = [round(x, 2) for x in os.getloadavg()]
     samples = []
-    with baseline_server(run, config_path) as (baseline_url, baseline_pid), \
+    with baseline_server(run, config_path, args.baseline_threads) as (baseline_url, baseline_pid), \
             ray_serve_app(run, config_path) as (serve_url, startup):
         servers = {"fastapi-baseline": baseline_url, "ray-serve": serve_url}
         # memory (PSS): the baseline's process; Ray's local cluster (GCS, raylet, proxy, controller, replicas)
@@ -290,6 +299,7 @@ def main() -> int:
         "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
         "run": {"models": setup_models, "image_size": image_size},
         "serve_config": dataclasses.asdict(config.serve),
+        "baseline_threads": args.baseline_threads or torch.get_num_threads(),
         "serve_environment": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         "requests_per_client": args.requests,
         "repeats": args.repeats,

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "config.yaml"  # the configuration a run was made with, beside manifest.json
 
 # Ray Serve's throughput-optimised mode for a Ray this process starts on one machine: the ingress replica serves HTTP
-# itself (no proxy hop), deployments talk over gRPC, user code and the router share the replica's event loop.
+# itself on a port of its own (from 30000; Serve's proxy on serve.port forwards to it), deployments talk over gRPC,
+# user code and the router share the replica's event loop.
 # Measured on 2 cores (benchmarks/README.md, serving): a lone /v1/predict request answered 50-56 ms sooner, and 8
 # clients got 9-11 requests/s instead of 6-7 (two runs against one of the proxy mode). Set the variable to 0
 # to keep the proxy; on a cluster started with `ray start`, set it there (every node's processes read it). The

@@ -47,9 +47,12 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "lesion"
 QUIET_LOGS = LoggingConfig(enable_access_log=False)  # request lines are not logged (uploads never are)
-# The ingress only awaits other deployments: let each replica hold enough requests for the model batches to fill,
-# instead of queueing them in the proxy.
-PASS_THROUGH_ONGOING_REQUESTS = 64
+# Every replica takes this many requests at once: the ingress only awaits the others, a model replica's batch queue
+# and the Grad-CAM replica's lock hold what they cannot compute yet. With tighter caps (2 x max_batch_size, 2) Serve's
+# router held the rest back and retried with back-off while the replicas idled: on 2 cores 32 clients kept the cores
+# busy 58-67% (/v1/predict; the model replica computing 57% of it) and 69-75% (/v1/explain); with 64, 84-85% and
+# 83-85%, and 1.1-1.3x the single-process server's requests/s (benchmarks/README.md).
+REPLICA_MAX_ONGOING_REQUESTS = 64
 
 
 def serving_core(run: RunDir, config: Config) -> Inference:
@@ -198,19 +201,20 @@ def build_app(config: Config, run: RunDir):
         name: ModelDeployment.options(
             name=f"model_{name}",
             autoscaling_config=autoscaling,
-            max_ongoing_requests=2 * s.max_batch_size,  # one batch running while the next fills
+            max_ongoing_requests=REPLICA_MAX_ONGOING_REQUESTS,
             ray_actor_options=with_gpu,
         ).bind(core, name, s.max_batch_size, s.batch_wait_timeout_s, s.threads_per_replica)
         for name in core.names
     }
     gradcam_app = GradCamDeployment.options(
-        # one explanation runs at a time per replica: scale out as soon as one waits
+        # one explanation runs at a time per replica (the explainer's lock; the others wait in the replica, as at the
+        # models): scale out as soon as one waits
         autoscaling_config={**autoscaling, "target_ongoing_requests": 1},
-        max_ongoing_requests=2,
+        max_ongoing_requests=REPLICA_MAX_ONGOING_REQUESTS,
         ray_actor_options=with_gpu,
     ).bind(core, s.threads_per_replica)
     return LesionApi.options(
-        autoscaling_config=autoscaling, max_ongoing_requests=PASS_THROUGH_ONGOING_REQUESTS, ray_actor_options=cpu_only
+        autoscaling_config=autoscaling, max_ongoing_requests=REPLICA_MAX_ONGOING_REQUESTS, ray_actor_options=cpu_only
     ).bind(model_handles, gradcam_app, core, ApiSettings.of(core, s))
 
 
