@@ -50,7 +50,7 @@ QUIET_LOGS = LoggingConfig(enable_access_log=False)  # request lines are not log
 # Every replica takes this many requests at once: the ingress only awaits the others, a model replica's batch queue
 # and the Grad-CAM replica's lock hold what they cannot compute yet. With tighter caps (2 x max_batch_size, 2) Serve's
 # router held the rest back and retried with back-off while the replicas idled: on 2 cores 32 clients kept the cores
-# busy 58-67% (/v1/predict; the model replica computing 57% of it) and 69-75% (/v1/explain); with 64, 84-85% and
+# busy 58-75% (/v1/predict; the model replica computing 57% of it) and 69-75% (/v1/explain); with 64, 84-85% and
 # 83-85%, and 1.1-1.3x the single-process server's requests/s (benchmarks/README.md).
 REPLICA_MAX_ONGOING_REQUESTS = 64
 
