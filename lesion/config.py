@@ -272,7 +272,8 @@ class ServeConfig:
     max_batch_size: int = checked(8, POSITIVE)
     # how long a model replica holds a request for others to batch with (a lone request waits this long). With 0 the
     # requests that arrive while a batch runs still form the next one; on 2 cores 0 beat 0.02 s at 1, 8 and 32 clients
-    # (1.11x / 1.11x / 1.08x against 0.96x / 1.11x / 0.89x the single-process server: benchmarks/README.md)
+    # (1.11x / 1.11x / 1.08x against 0.96x / 1.11x / 0.89x the single-process server, with the replicas' earlier cap
+    # of 16 requests: benchmarks/README.md)
     batch_wait_timeout_s: float = checked(0.0, NON_NEGATIVE)
     max_body_bytes: int = checked(10 * 1024 * 1024, POSITIVE)
     max_image_pixels: int = checked(50_000_000, POSITIVE)
