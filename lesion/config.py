@@ -241,8 +241,9 @@ class EvaluateConfig:
     split: str = checked("test", one_of(*EVALUATE_SPLITS))
     tta: bool = False  # test-time augmentation (flips)
     ensemble_weights: str = checked("fit", one_of(*ENSEMBLE_WEIGHTS))  # fit (on validation) or equal
-    # fit: logit adjustment, log p - tau x log(class prior) with tau chosen on validation for balanced accuracy;
-    # none: the calibrated posteriors of the data's own class mix
+    # fit: logit adjustment, log p - tau x log(class prior) with tau chosen on validation for balanced accuracy (the
+    # class decision; the malignant probability stays the calibrated one); none: the calibrated posteriors of the
+    # data's own class mix
     prior_correction: str = checked("none", one_of(*PRIOR_CORRECTIONS))
     bootstrap: int = checked(200, NON_NEGATIVE)  # bootstrap resamples (of lesions) for confidence intervals; 0 disables
     cam_methods: list[str] = checked(["gradcam", "gradcam++", "eigencam"], each(one_of(*CAM_METHODS)))

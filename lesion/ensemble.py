@@ -5,6 +5,8 @@ and the out-of-distribution threshold, all fitted on the validation split only.
 each member's probabilities are temperature-scaled (``softmax(log p / T_m)``), averaged with the weights, the
 mixture is scaled by the ensemble temperature and, when fitted, adjusted for the class prior (``prior_bias``: logit
 adjustment towards balanced classes, which trades calibration to the data's class mix for balanced accuracy).
+The adjustment serves the class decision only: ``malignant_probability`` undoes it, so the malignant probability
+(thresholded, ranked by the malignant AUC, returned by the API) is the calibrated posterior at the data's class mix.
 ``decide`` turns those into "malignant", "benign" or "uncertain".
 ``fit`` fits a spec on validation probabilities; ``lesion.inference`` owns when and for which inference mode.
 """
@@ -74,6 +76,13 @@ def adjust_prior(probs: np.ndarray, bias: list[float] | np.ndarray) -> np.ndarra
     return softmax(calibration.to_log_probs(probs) + np.asarray(bias, dtype=np.float64), axis=1)
 
 
+def malignant_probability(probs: np.ndarray, spec: EnsembleSpec) -> np.ndarray:
+    """The malignant probability (N,) of the ensemble's probabilities (``combine``'s, N x C): its malignant classes
+    summed in the calibrated posterior, before the class-prior adjustment."""
+    calibrated = adjust_prior(np.asarray(probs, dtype=np.float64), -np.asarray(spec.prior_bias, dtype=np.float64))
+    return calibrated[:, malignant_indices(spec.task)].sum(axis=1)
+
+
 def fit_prior_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray) -> float:
     """The logit-adjustment strength tau in [0, 2] (steps of 0.05) whose ``log p - tau x log_prior`` has the best
     balanced accuracy on these (validation) probabilities; the smallest such tau on ties."""
@@ -94,7 +103,7 @@ def decide(probs: np.ndarray, spec: EnsembleSpec) -> tuple[list[str], list[str]]
     ood = calibration.ood_score(probs)
     top2 = np.sort(probs, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
-    p_mal = probs[:, malignant_indices(spec.task)].sum(axis=1)
+    p_mal = malignant_probability(probs, spec)
     decisions, reasons = [], []
     for k in range(len(probs)):
         if ood[k] > spec.ood_threshold:
@@ -152,7 +161,7 @@ def fit(probs_by_model: dict[str, np.ndarray], labels: np.ndarray, *, task: str,
     bias = (-tau * log_prior).tolist() if tau > 0 else []
     final = adjust_prior(calibrated, bias)
     is_mal = np.isin(labels, malignant_indices(task))
-    p_mal = final[:, malignant_indices(task)].sum(axis=1)
+    p_mal = calibrated[:, malignant_indices(task)].sum(axis=1)  # malignant_probability: before the adjustment
     uncalibrated = mix(probs_by_model, weights)
     validation = {
         "n": int(len(labels)),

@@ -36,14 +36,15 @@ from lesion.config import Config, DataConfig, config_from_dict
 from lesion.data.augment import model_input
 from lesion.data.preprocess import preprocess_bytes
 from lesion.data.shards import load_split, read_info
-from lesion.labels import class_names, malignant_indices
+from lesion.labels import class_names
 from lesion.models import checkpoint_arch, load_trained, logits_to_probs
 from lesion.rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
 
 TTA_FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (dims of an N,3,H,W tensor)
-SPEC_VERSION = 2  # bump when the fitting of the spec changes (2: the spec records its inference mode)
+SPEC_VERSION = 3  # bump when the fitting of the spec changes (2: the spec records its inference mode; 3: the
+# malignant threshold is chosen on the calibrated malignant probability, before the class-prior adjustment)
 
 
 def checkpoint_sha256(model_dir: str | Path) -> str:
@@ -259,7 +260,7 @@ class Inference:
         decisions, reasons = ensemble.decide(final, spec)
         ood = calibration.ood_score(final)
         top2 = np.sort(final, axis=1)[:, -2:]
-        p_mal = final[:, malignant_indices(spec.task)].sum(axis=1)
+        p_mal = ensemble.malignant_probability(final, spec)
         versions = versions or self.versions()
         return [{
             "predicted_class": classes[int(np.argmax(final[k]))],

@@ -7,7 +7,8 @@ the functions here and ``None`` (JSON null) in ``classification_report``; averag
 scikit-learn does with ``zero_division=np.nan``.
 
 The binary view (malignant vs benign) is derived from any task by summing the probabilities of
-``lesion.labels.malignant_indices(task)``.
+``lesion.labels.malignant_indices(task)``, unless a malignant probability is passed as ``p_malignant`` (an
+ensemble's: ``lesion.ensemble.malignant_probability``).
 """
 
 from __future__ import annotations
@@ -150,11 +151,18 @@ def log_loss(y_true, y_prob, eps: float = 1e-12) -> float:
     return float(-np.mean(np.log(np.clip(y_prob[np.arange(len(y_true)), y_true], eps, 1.0))))
 
 
-def malignant_view(y_true, y_prob, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(is_malignant (N,) bool, malignant probability (N,)) from class labels and class probabilities."""
+def malignant_view(y_true, y_prob, task: str, p_malignant=None) -> tuple[np.ndarray, np.ndarray]:
+    """(is_malignant (N,) bool, malignant probability (N,)) from class labels and class probabilities: the malignant
+    classes' probabilities summed, or ``p_malignant`` (N,) where given (an ensemble's, whose class probabilities are
+    adjusted to a balanced prior while its malignant probability stays the calibrated one)."""
     y_true, y_prob = _check(y_true, y_prob)
     idx = malignant_indices(task)
-    return np.isin(y_true, idx), y_prob[:, idx].sum(axis=1)
+    if p_malignant is None:
+        return np.isin(y_true, idx), y_prob[:, idx].sum(axis=1)
+    p_malignant = np.asarray(p_malignant, dtype=np.float64)
+    if p_malignant.shape != (len(y_true),):
+        raise ValueError(f"p_malignant has shape {p_malignant.shape} for {len(y_true)} images")
+    return np.isin(y_true, idx), p_malignant
 
 
 def sensitivity_at_specificity(y_binary, score, specificity: float) -> float:
@@ -171,9 +179,9 @@ def sensitivity_at_specificity(y_binary, score, specificity: float) -> float:
     return float(sens[spec >= specificity - 1e-12].max())
 
 
-def binary_metrics(y_true, y_prob, task: str, threshold: float | None = None) -> dict[str, Any]:
+def binary_metrics(y_true, y_prob, task: str, threshold: float | None = None, p_malignant=None) -> dict[str, Any]:
     """Malignant-vs-benign view: AUC, sensitivity at 90% and 95% specificity, counts; at ``threshold`` if given."""
-    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    y_mal, p_mal = malignant_view(y_true, y_prob, task, p_malignant)
     out = {
         "auc": binary_auc(y_mal, p_mal),
         "sensitivity_at_90_specificity": sensitivity_at_specificity(y_mal, p_mal, 0.90),
@@ -189,8 +197,8 @@ def binary_metrics(y_true, y_prob, task: str, threshold: float | None = None) ->
     return out
 
 
-def _summary(y_true, y_prob, task: str) -> dict[str, float]:
-    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+def _summary(y_true, y_prob, task: str, p_malignant=None) -> dict[str, float]:
+    y_mal, p_mal = malignant_view(y_true, y_prob, task, p_malignant)
     return {
         "balanced_accuracy": balanced_accuracy(y_true, y_prob),
         "macro_auc": roc_auc(y_true, y_prob)["macro"],
@@ -241,9 +249,9 @@ def weighted_auc(y_binary, score, weights: np.ndarray) -> np.ndarray:
     return _div((pos * (below + 0.5 * neg)).sum(axis=1), pos.sum(axis=1) * neg.sum(axis=1))
 
 
-def _resampled_summary(y_true, y_prob, task: str, weights: np.ndarray) -> dict[str, np.ndarray]:
+def _resampled_summary(y_true, y_prob, task: str, weights: np.ndarray, p_malignant=None) -> dict[str, np.ndarray]:
     """``_summary`` of every resample in ``weights`` (R, N): {metric: (R,)}."""
-    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    y_mal, p_mal = malignant_view(y_true, y_prob, task, p_malignant)
     per_class_auc = np.stack([weighted_auc(y_true == k, y_prob[:, k], weights) for k in range(y_prob.shape[1])],
                              axis=1)
     return {"balanced_accuracy": _rowwise_nanmean(weighted_per_class(y_true, y_prob, weights)["recall"]),
@@ -268,7 +276,8 @@ def _check_groups(groups, n: int) -> np.ndarray:
 
 
 def bootstrap_ci(
-    y_true, y_prob, groups, task: str, n_resamples: int = 500, confidence: float = 0.95, seed: int = 0
+    y_true, y_prob, groups, task: str, n_resamples: int = 500, confidence: float = 0.95, seed: int = 0,
+    p_malignant=None,
 ) -> dict[str, Any]:
     """Percentile bootstrap intervals for balanced accuracy, macro AUC and malignant AUC, resampling GROUPS.
 
@@ -277,8 +286,8 @@ def bootstrap_ci(
     """
     y_true, y_prob = _check(y_true, y_prob)
     groups = _check_groups(groups, len(y_true))
-    samples = _resampled_summary(y_true, y_prob, task, lesion_resample_weights(groups, n_resamples, seed))
-    estimate = _summary(y_true, y_prob, task)
+    samples = _resampled_summary(y_true, y_prob, task, lesion_resample_weights(groups, n_resamples, seed), p_malignant)
+    estimate = _summary(y_true, y_prob, task, p_malignant)
     out: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "unit": "lesion",
                            "n_groups": len(np.unique(groups))}
     for name, values in samples.items():
@@ -345,7 +354,7 @@ def age_band(age) -> str:
     return next(label for low, high, label in AGE_BANDS if low <= float(age) < high)
 
 
-def subgroup_metrics(y_true, y_prob, meta: pd.DataFrame, task: str) -> dict[str, Any]:
+def subgroup_metrics(y_true, y_prob, meta: pd.DataFrame, task: str, p_malignant=None) -> dict[str, Any]:
     """Per subgroup of sex, age band and localization: counts, accuracy, balanced accuracy and malignant AUC.
 
     ``meta`` is row-aligned with ``y_true`` and may carry ``sex``, ``age``, ``localization`` (missing -> 'unknown').
@@ -354,7 +363,7 @@ def subgroup_metrics(y_true, y_prob, meta: pd.DataFrame, task: str) -> dict[str,
     y_true, y_prob = _check(y_true, y_prob)
     if len(meta) != len(y_true):
         raise ValueError(f"meta has {len(meta)} rows for {len(y_true)} images")
-    y_mal, p_mal = malignant_view(y_true, y_prob, task)
+    y_mal, p_mal = malignant_view(y_true, y_prob, task, p_malignant)
     columns = {}
     if "sex" in meta:
         columns["sex"] = meta["sex"]
@@ -403,6 +412,7 @@ def classification_report(
     n_bootstrap: int = 0,
     seed: int = 0,
     malignant_threshold: float | None = None,
+    p_malignant=None,
     n_bins: int = 15,
 ) -> dict[str, Any]:
     """Every metric of one model on one split, as a JSON-ready dict (undefined values are None).
@@ -425,7 +435,7 @@ def classification_report(
     ``confusion_matrix``                C x C counts, rows = true class, columns = predicted class
     ``ece``                             expected calibration error of the top-label confidence (``n_bins`` bins)
     ``log_loss``                        mean negative log-likelihood of the true class
-    ``binary.auc``                      malignant-vs-benign ROC-AUC of the summed malignant probability
+    ``binary.auc``                      malignant-vs-benign ROC-AUC of the malignant probability (``malignant_view``)
     ``binary.sensitivity_at_90_specificity``, ``binary.sensitivity_at_95_specificity``
     ``binary.n_malignant``, ``binary.n_benign``
     ``binary.threshold``, ``binary.sensitivity``, ``binary.specificity``   only with ``malignant_threshold``
@@ -466,10 +476,11 @@ def classification_report(
         "confusion_matrix": confusion_matrix(y_true, y_prob),
         "ece": expected_calibration_error(y_true, y_prob, n_bins),
         "log_loss": log_loss(y_true, y_prob),
-        "binary": binary_metrics(y_true, y_prob, task, malignant_threshold),
+        "binary": binary_metrics(y_true, y_prob, task, malignant_threshold, p_malignant),
     }
     if n_bootstrap > 0 and groups is not None:
-        report["bootstrap"] = bootstrap_ci(y_true, y_prob, groups, task, n_bootstrap, seed=seed)
+        report["bootstrap"] = bootstrap_ci(y_true, y_prob, groups, task, n_bootstrap, seed=seed,
+                                           p_malignant=p_malignant)
     if meta is not None:
-        report["subgroups"] = subgroup_metrics(y_true, y_prob, meta, task)
+        report["subgroups"] = subgroup_metrics(y_true, y_prob, meta, task, p_malignant)
     return json_safe(report)

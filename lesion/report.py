@@ -77,14 +77,16 @@ def plot_confusion_matrices(matrices: dict[str, Any], classes: list[str], path: 
     return _save(fig, path)
 
 
-def plot_roc_curves(y_true, probs_by_model: dict[str, np.ndarray], task: str, path: str | Path) -> Path:
-    """Malignant-vs-benign ROC curves of every model on one chart, AUC in the legend."""
+def plot_roc_curves(y_true, probs_by_model: dict[str, np.ndarray], task: str, path: str | Path,
+                    p_malignant: dict[str, np.ndarray] | None = None) -> Path:
+    """Malignant-vs-benign ROC curves of every model on one chart, AUC in the legend; ``p_malignant`` holds the
+    malignant probability of models whose class probabilities do not sum to it (``metrics.malignant_view``)."""
     from sklearn.metrics import roc_curve
 
     fig = Figure(figsize=(5.5, 5))
     ax = fig.subplots()
     for name, probs in probs_by_model.items():
-        y_mal, p_mal = metrics.malignant_view(y_true, probs, task)
+        y_mal, p_mal = metrics.malignant_view(y_true, probs, task, (p_malignant or {}).get(name))
         if y_mal.all() or not y_mal.any():
             continue
         fpr, tpr, _ = roc_curve(y_mal, p_mal)

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 META = ["image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization"]
 PREPROCESSING = ("image_size", "crop_border", "remove_hair", "resize", "color_constancy", "min_image_side",
                  "max_image_pixels")  # what an external set is ingested with: the run's own (data_config_of)
-EVALUATE_VERSION = 4  # bump when evaluate's output changes for the same inputs (2: variant comparison; 3, 4: ROAD noise)
+EVALUATE_VERSION = 5  # bump when evaluate's output changes for the same inputs (2: variant comparison; 3, 4: ROAD
+# noise; 5: the ensemble's malignant probability before the class-prior adjustment)
 ROAD_CHUNK = 8  # images per ROAD task (explanation quality)
 
 
@@ -298,7 +299,7 @@ def ensemble_result(core: Inference, labels: np.ndarray, probs: dict[str, np.nda
     decisions = [a["decision"] for a in answers]
     return {
         **metrics.classification_report(labels, final, spec.task, malignant_threshold=spec.malignant_threshold,
-                                        **report_kwargs),
+                                        p_malignant=ensemble.malignant_probability(final, spec), **report_kwargs),
         "calibration": _calibration(labels, ensemble.mix(probs, spec.weights), final, spec.temperature),
         "members": spec.models,
         "weights": spec.weights,
@@ -387,12 +388,12 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
         results = model_results(core, labels, probs, run, report_kwargs)
         results["ensemble"] = ensemble_result(core, labels, probs, answers, report_kwargs)
         all_probs = {**probs, "ensemble": final}
-        _write_predictions(out, meta, core.classes, core.spec.task, all_probs, [a["decision"] for a in answers])
+        _write_predictions(out, meta, core.classes, core.spec.task, all_probs, answers)
         result = _result_document(core, split, external, data_run, info, meta, groups, results)
         result["comparison"] = comparison(run, core.spec.task, labels, probs, groups, config)
     with times("figures"):
         figures = _figures(out, run, core.names, labels, all_probs, ensemble.mix(probs, core.spec.weights),
-                           core.classes, core.spec.task, results)
+                           ensemble.malignant_probability(final, core.spec), core.classes, core.spec.task, results)
     compared = {arch: list(section["variants"]) for arch, section in result["comparison"].items()}
     with times("explanations"):
         result["explanations"], cam_figures = _cam_figures(core, files, meta, int(info["image_size"]), final, out,
@@ -445,7 +446,7 @@ def _calibration(labels, before: np.ndarray, after: np.ndarray, temperature: flo
 
 
 def _write_predictions(out: Path, meta: pd.DataFrame, classes: list[str], task: str,
-                       probs: dict[str, np.ndarray], decisions: list[str]) -> None:
+                       probs: dict[str, np.ndarray], answers: list[dict]) -> None:
     folder = out / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
     for name, p in probs.items():
@@ -456,13 +457,15 @@ def _write_predictions(out: Path, meta: pd.DataFrame, classes: list[str], task: 
     for name, p in probs.items():
         for k, cls in enumerate(classes):
             long[f"{name}:{cls}"] = np.round(p[:, k], 6)
-    long["ensemble_decision"] = decisions
+    long["ensemble_malignant_probability"] = [round(a["malignant_probability"], 6) for a in answers]
+    long["ensemble_decision"] = [a["decision"] for a in answers]
     with atomic_path(out / "predictions_long.csv") as tmp:
         long.to_csv(tmp, index=False)
 
 
 def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, probs: dict[str, np.ndarray],
-             uncalibrated: np.ndarray, classes: list[str], task: str, results: dict) -> dict[str, Path]:
+             uncalibrated: np.ndarray, ensemble_malignant: np.ndarray, classes: list[str], task: str,
+             results: dict) -> dict[str, Path]:
     plots = out / "plots"
     figures: dict[str, Path] = {}
     histories = _histories(run, models)
@@ -471,7 +474,8 @@ def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, prob
             histories, plots / "learning_curves.png")
     figures["Confusion matrices (rows: true class)"] = report.plot_confusion_matrices(
         {name: results[name]["confusion_matrix"] for name in probs}, classes, plots / "confusion_matrices.png")
-    figures["ROC curves, malignant vs benign"] = report.plot_roc_curves(labels, probs, task, plots / "roc_curves.png")
+    figures["ROC curves, malignant vs benign"] = report.plot_roc_curves(labels, probs, task, plots / "roc_curves.png",
+                                                                        {"ensemble": ensemble_malignant})
     figures["Reliability diagrams (models uncalibrated; ensemble before and after temperature scaling)"] = (
         report.plot_reliability(labels, {**{n: probs[n] for n in models}, "ensemble (uncalibrated)": uncalibrated,
                                          "ensemble": probs["ensemble"]}, plots / "reliability.png"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.special import expit, softmax
 
 from lesion import calibration, ensemble
-from lesion.metrics import balanced_accuracy, expected_calibration_error, log_loss
+from lesion.metrics import balanced_accuracy, binary_auc, expected_calibration_error, log_loss
 
 
 def _sample(logits, rng):
@@ -134,3 +136,31 @@ def test_prior_correction_raises_balanced_accuracy_on_imbalanced_classes_and_tra
     np.testing.assert_allclose(ensemble.combine({"m": probs}, again), ensemble.combine({"m": probs}, adjusted))
     with pytest.raises(ValueError, match="prior correction"):
         ensemble.fit({"m": probs}, labels, task="multiclass", prior_correction="balanced")
+
+
+def test_malignant_probability_is_the_calibrated_posterior_before_the_prior_adjustment():
+    # The logit adjustment raises every rare class, benign ones (df, vasc) too, so summing the adjusted
+    # probabilities of mel, bcc and akiec would rank images by something else than their chance of malignancy.
+    # With exact posteriors the calibrated malignant probability is the best possible ranking: it must rank better
+    # than the adjusted sum, be what decide() thresholds, and reach the validation sensitivity it was chosen for.
+    rng = np.random.default_rng(11)
+    n = 8000
+    prior = np.array([0.11, 0.67, 0.05, 0.03, 0.11, 0.015, 0.015])  # HAM10000's class mix
+    labels = rng.choice(7, n, p=prior)
+    evidence = rng.normal(0, 1.0, (n, 7))
+    evidence[np.arange(n), labels] += 1.2
+    probs = softmax(evidence + np.log(prior), axis=1)
+    adjusted = ensemble.fit({"m": probs}, labels, task="multiclass", prior_correction="fit")
+    assert adjusted.prior_tau > 0
+    final = ensemble.combine({"m": probs}, adjusted)
+    calibrated = ensemble.combine({"m": probs}, dataclasses.replace(adjusted, prior_bias=[]))
+    p_mal = ensemble.malignant_probability(final, adjusted)
+    np.testing.assert_allclose(p_mal, calibrated[:, [0, 2, 3]].sum(axis=1), atol=1e-9)
+    is_mal = np.isin(labels, [0, 2, 3])
+    assert binary_auc(is_mal, p_mal) > binary_auc(is_mal, final[:, [0, 2, 3]].sum(axis=1)) + 0.02
+    assert np.mean(p_mal[is_mal] >= adjusted.malignant_threshold) >= adjusted.target_sensitivity
+    decisions, _ = ensemble.decide(final, adjusted)
+    decided = np.array([d != "uncertain" for d in decisions])
+    assert decided.any()
+    np.testing.assert_array_equal(np.array(decisions)[decided] == "malignant",
+                                  p_mal[decided] >= adjusted.malignant_threshold)

@@ -18,6 +18,7 @@ from conftest import tiny_config
 from lesion import calibration, ensemble, inference
 from lesion.config import apply_overrides, dump_yaml
 from lesion.data.shards import load_split, read_info
+from lesion.metrics import binary_auc
 from lesion.rundir import RunDir
 from pipelines.cli import main
 from pipelines.evaluate import PREPROCESSING, evaluate, ingest_external
@@ -95,6 +96,12 @@ def test_metrics_json_has_every_field_for_models_and_ensemble(evaluated):
     ens = result["models"]["ensemble"]
     assert sum(ens["decision"]["counts"].values()) == len(test)
     assert ens["binary"]["threshold"] == pytest.approx(ens["decision"]["malignant_threshold"])
+    # the malignant AUC ranks by the malignant probability the API answers, written beside each decision
+    long = pd.read_csv(run.eval / "predictions_long.csv")
+    y_mal = np.isin(long["true_label"], ["mel", "bcc", "akiec"])
+    assert ens["binary"]["auc"] == pytest.approx(binary_auc(y_mal, long["ensemble_malignant_probability"]), abs=1e-4)
+    called = long["ensemble_decision"] == "malignant"
+    assert (long.loc[called, "ensemble_malignant_probability"] >= ens["decision"]["malignant_threshold"] - 1e-6).all()
     # arg-max accuracy recomputed from the ISIC CSV agrees with metrics.json
     csv = pd.read_csv(run.eval / "predictions" / "ensemble.csv").set_index("image")
     labels = pd.Series(test.labels, index=test.meta["image_id"])

@@ -90,6 +90,27 @@ def test_binary_view_sums_malignant_classes():
     assert metrics.binary_metrics(y_mal.astype(int), pb, "binary")["auc"] == pytest.approx(b["auc"])
 
 
+def test_a_given_malignant_probability_replaces_the_sum_everywhere_the_report_uses_it():
+    # An ensemble's class probabilities are prior-adjusted but its malignant probability is not: the report's
+    # binary view, its bootstrap interval and its subgroups must all rank by the one it is given.
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 7, 240)
+    p = rng.dirichlet(np.ones(7), 240)
+    score = np.isin(y, [0, 2, 3]) + rng.normal(0, 0.8, 240)  # informative, unlike p's malignant columns
+    meta = pd.DataFrame({"sex": rng.choice(["female", "male"], 240)})
+    report = metrics.classification_report(y, p, "multiclass", groups=np.arange(240), n_bootstrap=50, meta=meta,
+                                           p_malignant=score)
+    expected = skm.roc_auc_score(np.isin(y, [0, 2, 3]), score)
+    assert report["binary"]["auc"] == pytest.approx(expected)
+    assert report["bootstrap"]["malignant_auc"]["estimate"] == pytest.approx(expected)
+    female = meta["sex"].to_numpy() == "female"
+    assert report["subgroups"]["sex"]["female"]["malignant_auc"] == pytest.approx(
+        skm.roc_auc_score(np.isin(y[female], [0, 2, 3]), score[female]))
+    assert report["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy(y, p))  # classes still from p
+    with pytest.raises(ValueError, match="p_malignant has shape"):
+        metrics.binary_metrics(y, p, "multiclass", p_malignant=score[:10])
+
+
 def test_ece_by_hand():
     # bins of width 1/15: confidences 0.95 (2 images, 1 right) and 0.55 (2 images, 2 right)
     y = np.array([0, 1, 0, 1])
