@@ -403,16 +403,13 @@ def json_safe(value: Any) -> Any:
 
 
 def classification_report(
-    y_true,
-    y_prob,
-    task: str,
-    *,
+    y_true, y_prob, task: str, *,
     groups=None,
     meta: pd.DataFrame | None = None,
     n_bootstrap: int = 0,
     seed: int = 0,
     malignant_threshold: float | None = None,
-    p_malignant=None,
+    p_malignant=None,  # the malignant probability, where it is not the sum of y_prob's malignant classes
     n_bins: int = 15,
 ) -> dict[str, Any]:
     """Every metric of one model on one split, as a JSON-ready dict (undefined values are None).

@@ -163,10 +163,12 @@ def test_study_configs_load_and_name_their_study():
     assert list(binary.train.models) == ["scratch_cnn", "mobilenetv2", "efficientnet_b0"]
     assert not binary.workflow.tune  # tune.model (custom_cnn) is not in this study
 
-    laptop = load_config(CLUSTER / "configs" / "ham10000-laptop.yaml")
-    assert (laptop.data.source, laptop.data.task) == ("ham10000", "multiclass")
-    assert laptop.train.gpus_per_worker == 0 and laptop.train.workers * laptop.train.cpus_per_worker < 2
-    assert laptop.model_config("efficientnet_lite0").pretrained is True
+    for name in ("ham10000-laptop.yaml", "ham10000-laptop-unweighted.yaml"):
+        laptop = load_config(CLUSTER / "configs" / name)
+        assert (laptop.data.source, laptop.data.task) == ("ham10000", "multiclass")
+        assert laptop.train.gpus_per_worker == 0 and laptop.train.workers * laptop.train.cpus_per_worker < 2
+        assert laptop.model_config("efficientnet_lite0").pretrained is True
+    assert laptop.train.balance == "none" and laptop.evaluate.prior_correction == "fit"  # the fitted adjustment balances
 
     binary_laptop = load_config(CLUSTER / "configs" / "ham10000-binary-laptop.yaml")
     assert (binary_laptop.data.source, binary_laptop.data.task) == ("ham10000", "binary")
