@@ -291,6 +291,11 @@ def comparison(run: RunDir, task: str, labels: np.ndarray, probs: dict[str, np.n
     return out
 
 
+def malignant_of(answers: list[dict]) -> np.ndarray:
+    """The ensemble's malignant probability (N,) as the core's answers give it (``ensemble.malignant_probability``)."""
+    return np.array([a["malignant_probability"] for a in answers], dtype=np.float64)
+
+
 def ensemble_result(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarray], answers: list[dict],
                     report_kwargs: dict) -> dict:
     """metrics.json's ensemble entry from the core's answers: metrics, calibration, members and decisions."""
@@ -299,7 +304,7 @@ def ensemble_result(core: Inference, labels: np.ndarray, probs: dict[str, np.nda
     decisions = [a["decision"] for a in answers]
     return {
         **metrics.classification_report(labels, final, spec.task, malignant_threshold=spec.malignant_threshold,
-                                        p_malignant=ensemble.malignant_probability(final, spec), **report_kwargs),
+                                        p_malignant=malignant_of(answers), **report_kwargs),
         "calibration": _calibration(labels, ensemble.mix(probs, spec.weights), final, spec.temperature),
         "members": spec.models,
         "weights": spec.weights,
@@ -393,7 +398,7 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
         result["comparison"] = comparison(run, core.spec.task, labels, probs, groups, config)
     with times("figures"):
         figures = _figures(out, run, core.names, labels, all_probs, ensemble.mix(probs, core.spec.weights),
-                           ensemble.malignant_probability(final, core.spec), core.classes, core.spec.task, results)
+                           malignant_of(answers), core.classes, core.spec.task, results)
     compared = {arch: list(section["variants"]) for arch, section in result["comparison"].items()}
     with times("explanations"):
         result["explanations"], cam_figures = _cam_figures(core, files, meta, int(info["image_size"]), final, out,
