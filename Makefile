@@ -13,7 +13,7 @@ $(BIN)/lesion: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch/torchvision are pinned only here: these releases install from this machine's disk.
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,export,dicom,docs]'
 	touch $(BIN)/lesion
 
 run: install
