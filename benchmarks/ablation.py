@@ -1,15 +1,15 @@
 """A recipe ablation's table: each change against its baseline, on the validation split, paired over lesions.
 
-Reads the evaluation of a study whose variants differ by one change each (``cluster/configs/ham10000-ablation.yaml``
-run by ``benchmarks/study.py`` with ``evaluate.split: val``): per change, the variant's validation balanced accuracy
-and malignant AUC with their lesion-bootstrap intervals, and the paired difference from its baseline (the same
+Reads the evaluation of a study whose variants differ by one change each
+(``benchmarks/configs/ham10000-ablation.yaml`` run by ``python -m benchmarks.study`` with ``evaluate.split: val``):
+per change, the variant's validation balanced accuracy and malignant AUC with their lesion-bootstrap intervals, and the paired difference from its baseline (the same
 resampled lesions for both, ``metrics.json`` -> ``comparison``), so a change whose interval excludes 0 is a real
 one. A variant trained on the data's own class mix is judged by its raw arg-max there, which the ensemble never
 uses: each row also gives both models' balanced accuracy with the ensemble's calibration and logit adjustment fitted
 on half of the validation lesions and applied to the other half (cross-fitted, over 5 random halvings). Results go
-to ``benchmarks/results/<name>.json`` and the ``<name>`` section of ``benchmarks/README.md``.
+to ``benchmarks/results/<name>.json``.
 
-    .venv/bin/python benchmarks/ablation.py --run RUN --pairs lite0_base:lite0_mixup lite0_base:lite0_warmup ...
+    python -m benchmarks.ablation --run RUN --pairs lite0_base:lite0_mixup lite0_base:lite0_warmup ...
 """
 
 from __future__ import annotations
@@ -23,12 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lesion import ensemble  # noqa: E402
-from lesion.metrics import balanced_accuracy  # noqa: E402
-from shared import fmt, interval, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
+from benchmarks.shared import interval, save_result
+from lesion import ensemble
+from lesion.metrics import balanced_accuracy
 
 
 def difference(comparison: dict, baseline: str, variant: str, metric: str) -> list[float]:
@@ -89,28 +86,10 @@ def main() -> int:
             row[f"{role}_balanced_accuracy_adjusted"] = adjusted_balanced_accuracy(
                 long, row[role], metrics["classes"], metrics["task"])
     result = {"name": args.name, "run": args.run, "split": metrics["split"],
-              "command": shlex.join(["python", "benchmarks/ablation.py", *sys.argv[1:]]),
+              "command": shlex.join(["python", "-m", "benchmarks.ablation", *sys.argv[1:]]),
               "n_lesions": next(iter(metrics["comparison"].values()))["n_groups"], "rows": rows}
     save_result(args.name, result)
-    table = "\n".join(
-        f"| {r['variant']} | {r['baseline']} | {fmt(r['balanced_accuracy'])} | {fmt(r['balanced_accuracy_difference'])} | "
-        f"{fmt(r['malignant_auc'])} | {fmt(r['malignant_auc_difference'])} | "
-        f"{fmt(r['variant_balanced_accuracy_adjusted'])} | {fmt(r['baseline_balanced_accuracy_adjusted'])} |"
-        for r in result["rows"])
-    write_section(args.name, f"""## Ablation `{args.name}` (`benchmarks/ablation.py`)
-
-Each change against its baseline on the **validation** split ({result['n_lesions']} lesions), with flip TTA as
-evaluated: the variant's balanced accuracy and malignant AUC [95% lesion-bootstrap interval] and its paired
-difference from the baseline (variant - baseline, the same resampled lesions for both: an interval that excludes 0
-is a real difference). The last two columns: each model's balanced accuracy once the ensemble's calibration and
-logit adjustment are fitted on half of the lesions and applied to the other half (mean [min, max] over 5 halvings),
-as the ensemble would use it. Command: `{result['command']}`.
-
-| variant | baseline | balanced accuracy | difference | malignant AUC | difference | adjusted: variant | adjusted: baseline |
-|---|---|---|---|---|---|---|---|
-{table}
-""")
-    print(f"wrote benchmarks/results/{args.name}.json and its section of benchmarks/README.md")
+    print(f"wrote benchmarks/results/{args.name}.json")
     return 0
 
 

@@ -7,9 +7,9 @@ the layout of the ``folder`` source. The command is what a user runs on an exter
 the run's preprocessing (border crop, hair removal, resizing, colour constancy), scores every model and the ensemble
 and writes the evaluation with every output the run's ``evaluate`` section asks for (TTA, bootstrap, CAM scoring).
 There is no peer: the figure is the wall time of the command, with the parts it logs (ingest, and evaluation's stage
-times). Results go to ``benchmarks/results/external.json`` and the ``external`` section of ``benchmarks/README.md``.
+times). Results go to ``benchmarks/results/external.json``.
 
-    .venv/bin/python benchmarks/external.py --run RUN [--count 300] [--size 1022x767] [--out /tmp/external]
+    python -m benchmarks.external --run RUN [--count 300] [--size 1022x767] [--out /tmp/external]
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.shared import cpu_model, save_result
+from lesion.rundir import package_versions
 
-from lesion.rundir import package_versions  # noqa: E402
-from shared import cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
+ROOT = Path(__file__).resolve().parents[1]
 
 FULLRES = ROOT.parent / "shared" / "data" / "ham10000-fullres"
 
@@ -89,7 +88,7 @@ def main() -> int:
     stages = stage_seconds(log)
     result = {
         "benchmark": "external",
-        "command": "python benchmarks/external.py " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.external " + shlex.join(sys.argv[1:]),
         "evaluate_command": shlex.join(["lesion", *command[1:]]),
         "images": args.count, "size": list(size), "counts": counts,
         "seconds": round(seconds, 1),
@@ -100,13 +99,6 @@ def main() -> int:
         "versions": package_versions(),
     }
     save_result("external", result)
-    parts = ", ".join(f"{name} {value:.0f} s" for name, value in stages.items())
-    write_section("external", f"""## External evaluation (`benchmarks/external.py`)
-
-`{result['evaluate_command']}` on {args.count} JPEGs of {size[0]}x{size[1]} made from the real full-size HAM10000
-images (random crop, flip, resize): {result['seconds']} s end to end on {result['device']['cores']} cores
-({result['device']['cpu']}): Ray start-up and ingest {result['ingest_seconds']} s, then {parts}.
-Command: `{result['command']}`.""")
     print(result)
     return 0
 

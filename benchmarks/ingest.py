@@ -12,16 +12,16 @@ full-size images repeated to each of ``--counts``, to show how cost grows with t
   ``BLOCK_ROWS``.
 
 The four set-ups run interleaved ``--repeats`` times, the engine that goes first alternating between repeats, and
-every Ray set-up waits ``SETTLE_S`` after its shutdown: the exiting Ray processes are reaped by PID 1 about 2.5 s
-after ``ray.shutdown()``, 3.5 CPU-s on this machine, which otherwise fell on whichever set-up was timed next. Each row reports the median with best and worst (every sample,
-with the load average when it started, is kept in the JSON) and ``ratio``: its median over the DataLoader's median
+every Ray set-up waits ``SETTLE_S`` after its shutdown: the exiting Ray processes are reaped by PID 1 a few seconds
+after ``ray.shutdown()``, work which otherwise fell on whichever set-up was timed next (docs/decisions.md). Each row
+reports the median with best and worst (every sample, with the load average when it started, is kept in the JSON) and ``ratio``: its median over the DataLoader's median
 with the same number of processes, and the peak memory (PSS) of the whole process tree while it ran (Ray: the
 driver and its local cluster; DataLoader: the main process and its workers), as a median over the repeats.
 
 OpenCV is held to one thread per process in both, so N processes means N cores of work. Results go to
-``benchmarks/results/ingest.json`` and the ingest table of ``benchmarks/README.md``.
+``benchmarks/results/ingest.json``.
 
-    .venv/bin/python benchmarks/ingest.py [--counts 504 2016] [--repeats 2] [--data ../shared/data/ham10000-fullres]
+    python -m benchmarks.ingest [--counts 504 2016] [--repeats 2] [--data ../shared/data/ham10000-fullres]
 """
 
 from __future__ import annotations
@@ -41,13 +41,12 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.shared import PeakMemory, cpu_model, save_result
+from lesion.config import DataConfig
+from lesion.data.preprocess import decode_image, preprocess
+from pipelines.ingest import BLOCK_ROWS, map_blocks
 
-from lesion.config import DataConfig  # noqa: E402
-from lesion.data.preprocess import decode_image, preprocess  # noqa: E402
-from pipelines.ingest import BLOCK_ROWS, map_blocks  # noqa: E402
-from shared import PeakMemory, cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
+ROOT = Path(__file__).resolve().parents[1]
 
 SETTLE_S = 5.0  # after ray.shutdown(): the exited processes' clean-up must not land on the next timed set-up
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-fullres"
@@ -118,37 +117,6 @@ def time_ray(paths: list[str], config: DataConfig, cpus: int) -> dict:
             "peak_mb": memory.peak_mb, "ray_start_s": round(startup, 2)}
 
 
-def write_readme(result: dict) -> None:
-    """Replace the ingest section of benchmarks/README.md (between the markers), keeping everything else."""
-    rows = "\n".join(
-        f"| {r['engine']} | {r['processes']} | {r['images']} | {r['images_per_s']} | {r['best']} / {r['worst']} | "
-        f"{r['ratio']} | {r['peak_mb']} |"
-        for r in result["runs"]
-    )
-    config = result["config"]
-    counts = " and ".join(map(str, result["counts"]))
-    write_section("ingest", f"""## Ingest throughput (`benchmarks/ingest.py`)
-
-Full per-image ingest work (read + decode + black-border crop + hair removal + resize to {config['image_size']} px)
-on the {result['distinct_files']} real 600x450 HAM10000 JPEGs repeated to {counts} items. OpenCV runs one
-thread per process. The four set-ups run interleaved, {result['repeats']} times (the engine going first alternates;
-Ray's shut-down is let settle {SETTLE_S:.0f} s before the next set-up); the median of each is shown with
-its best and worst, `ratio` = median images/s over the DataLoader's median with as many processes and items, and
-the median peak memory (PSS) of the whole process tree (Ray: driver and local cluster).
-Machine: {result['device']['cpu']}, {result['device']['cores']} cores; load average
-{result['device']['load_before']} before and {result['device']['load_after']} after (the machine is shared, so
-absolute numbers carry noise). Ray start-up, with a first small pass that starts the workers and their imports
-(not in the times): {result['ray_start_s']} s.
-Command: `{result['command']}`.
-
-| engine | processes / Ray CPUs | images | images/s (median) | best / worst | ratio vs DataLoader | peak MB |
-|---|---|---|---|---|---|---|
-{rows}
-
-Single-process cost per image: {result['ms_per_image_inline']} ms (the same work inline, for reference).
-""")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1008],
@@ -205,7 +173,7 @@ def main() -> int:
 
     result = {
         "benchmark": "ingest",
-        "command": " ".join(["python benchmarks/ingest.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.ingest", *sys.argv[1:]]),
         "counts": args.counts,
         "repeats": args.repeats,
         "distinct_files": len(files),
@@ -222,7 +190,6 @@ def main() -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     save_result("ingest", result)
-    write_readme(result)
     print(json.dumps(result, indent=2))
     return 0
 

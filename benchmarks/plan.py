@@ -1,15 +1,15 @@
-"""The schedule of a whole study on a GPU cluster, as ``lesion run`` would run it (the graph) and one stage at a time
-(the old list), with stage times estimated from per-epoch times given as inputs.
+"""The schedule of a whole study on a GPU cluster, as ``lesion run`` would run it (the graph) and one stage at a time,
+with stage times estimated from per-epoch times given as inputs.
 
 The plan comes from the workflow itself (``pipelines.workflow.build_graph`` and ``fits_beside``): an event-driven
 simulation starts each node as soon as its inputs are made and it fits beside the running ones. Stage time =
 epochs x seconds per epoch of that model; tuning = trials x epochs per trial x seconds per trial epoch / trials at
-once (every trial runs all its epochs: ASHA's early stops make the real search shorter). No GPU has been measured
-for this study yet, so every per-epoch time not given with ``--epoch-seconds`` is ONE UNIT (one DDP epoch of a
-model), and the makespans are in those units: the plan's shape and the DAG-vs-sequential ratio, not wall time.
+once (every trial runs all its epochs: ASHA's early stops make the real search shorter). Every per-epoch time not
+given with ``--epoch-seconds`` is ONE UNIT (one DDP epoch of a model), and the makespans are in those units: the
+plan's shape and the DAG-vs-sequential ratio, not wall time.
 A trial epoch (one worker doing the work of the model's ``workers``) defaults to ``workers`` units.
 
-    .venv/bin/python benchmarks/plan.py [--config cluster/configs/ham10000.yaml] [--cluster '{"GPU": 8, ...}']
+    python -m benchmarks.plan [--config cluster/configs/ham10000.yaml] [--cluster '{"GPU": 8, ...}']
         [--epoch-seconds resnet50=41.0 ...]   # measured figures, when there are some
 """
 
@@ -20,17 +20,17 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lesion.config import Config, apply_overrides, load_config
+from pipelines.capacity import Cluster, tune_concurrency
+from pipelines.stages import Stage
+from pipelines.workflow import build_graph, check_graph, fits_beside
 
-from lesion.config import Config, apply_overrides, load_config  # noqa: E402
-from pipelines.capacity import Cluster, tune_concurrency  # noqa: E402
-from pipelines.workflow import Node, build_graph, check_graph, fits_beside  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def durations(config: Config, nodes: list[Node], cluster: Cluster, epoch_seconds: dict[str, float],
+def durations(config: Config, nodes: list[Stage], cluster: Cluster, epoch_seconds: dict[str, float],
               evaluate_units: float) -> dict[str, float]:
     """Estimated time of each node (ingest 0: the same in both schedules)."""
     out = {}
@@ -48,14 +48,14 @@ def durations(config: Config, nodes: list[Node], cluster: Cluster, epoch_seconds
     return out
 
 
-def simulate(nodes: list[Node], cluster: Cluster, took: dict[str, float], max_trainings: int | None
+def simulate(nodes: list[Stage], cluster: Cluster, took: dict[str, float], max_trainings: int | None
              ) -> tuple[float, list[dict]]:
     """Event-driven schedule: (makespan, [{node, start, end}])."""
     now, running, done, timeline = 0.0, {}, set(), []
     pending = list(nodes)
     while pending or running:
         for node in list(pending):
-            if set(node.after) <= done and (not running or fits_beside(list(running.values()), node, cluster,
+            if set(node.inputs) <= done and (not running or fits_beside(list(running.values()), node, cluster,
                                                                        max_trainings)):
                 pending.remove(node)
                 running[node.name] = node
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     capped_time, _ = simulate(nodes, cluster, took, one_at_a_time.workflow.max_parallel_trainings)
     result = {
         "config": str(Path(args.config).resolve().relative_to(ROOT)), "cluster": json.loads(args.cluster),
-        "units": "seconds" if given else "one DDP epoch of a model (no GPU measurement yet: see benchmarks/plan.py)",
+        "units": "seconds" if given else "one DDP epoch of a model (--epoch-seconds gives seconds)",
         "epoch_seconds_given": given,
         "node_time": took, "dag": {"makespan": dag_time, "timeline": dag},
-        "sequential": {"makespan": seq_time, "note": "every stage one after another (lesion run before the graph)"},
+        "sequential": {"makespan": seq_time, "note": "every stage one after another"},
         "one_training_at_a_time": {"makespan": capped_time, "note": "the graph with max_parallel_trainings: 1"},
         "speedup_vs_sequential": seq_time / dag_time if dag_time else None,
     }

@@ -1,5 +1,5 @@
-"""What every benchmark shares: the machine it ran on, its result file and section of benchmarks/README.md, the
-number formats of its tables, and memory measured from /proc."""
+"""What every benchmark shares: the machine it ran on, its result file (``benchmarks/results/<name>.json``, rendered
+by the docs' results page) and memory measured from /proc."""
 
 import json
 import os
@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-README = Path(__file__).resolve().parent / "README.md"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -21,19 +20,6 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def write_section(name: str, body: str) -> None:
-    """Put ``body`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of benchmarks/README.md
-    (appended when the markers are absent), keeping everything else."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    section = f"{start}\n{body.strip()}\n{end}"
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    README.write_text(text)
 
 
 def save_result(name: str, result: dict) -> Path:
@@ -49,15 +35,6 @@ def interval(block: dict | None) -> list[float] | None:
     if not block:
         return None
     return [round(block[key], 3) for key in ("estimate", "low", "high")]
-
-
-def fmt(value) -> str:
-    """A table cell: "-" for None, "estimate [low, high]" for an interval, 3 decimals for a float."""
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]" if len(value) == 3 else f"{value[0]:.3f}"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def process_tree(root: int) -> list[int]:
@@ -98,11 +75,11 @@ class PeakMemory:
     """``with PeakMemory() as memory: ...`` samples the memory (PSS) of the processes ``pids()`` names (default: this
     process and all its descendants); ``memory.peak_mb`` is the highest total seen.
 
-    Reading PSS makes the kernel walk each process's page tables: for a local Ray's 30 processes one sample costs
-    about 0.2 s of CPU, so a fixed 0.2 s interval took half a core from the Ray set-ups and almost nothing from a
-    one-process peer. The sampler therefore waits ``overhead`` times its own last sample's CPU time between samples
-    (at least ``interval``), at the lowest scheduling priority: it takes at most about 1 / ``overhead`` of one core
-    whatever it measures."""
+    Reading PSS makes the kernel walk each process's page tables, which costs far more for a local Ray's many
+    processes than for a one-process peer: a fixed interval would slow the Ray set-ups it measures
+    (docs/decisions.md). The sampler therefore waits ``overhead`` times its own last sample's CPU time between
+    samples (at least ``interval``), at the lowest scheduling priority: it takes at most about 1 / ``overhead`` of
+    one core whatever it measures."""
 
     def __init__(self, interval: float = 0.2, pids: Callable[[], list[int]] | None = None, overhead: float = 20.0):
         self.interval, self.overhead, self.peak = interval, overhead, 0

@@ -6,10 +6,9 @@ shift into ``--out/<shift>`` (HAM10000 layout), ingested with the run's own prep
 ``data.color_constancy: shades_of_gray`` corrects the shifted images as it corrected its training images) and scored
 by ``lesion evaluate``'s code with the run's ensemble (its TTA and bootstrap settings; no Grad-CAM scoring). Each row:
 the ensemble's balanced accuracy and malignant AUC with 95% lesion-bootstrap intervals, melanoma recall (the 7-class
-task), and ``ratio`` = the shifted malignant AUC over the clean one. Results go to ``benchmarks/results/<name>.json``
-and the ``<name>`` section of ``benchmarks/README.md``.
+task), and ``ratio`` = the shifted malignant AUC over the clean one. Results go to ``benchmarks/results/<name>.json``.
 
-    .venv/bin/python benchmarks/shift.py --run runs/ham10000-laptop --data ../shared/data/ham10000 \\
+    python -m benchmarks.shift --run runs/ham10000-laptop --data ../shared/data/ham10000 \\
         --out /tmp/shifted [--shifts colour blur]
 """
 
@@ -25,15 +24,12 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lesion.config import apply_overrides  # noqa: E402
-from lesion.data.shift import SHIFTS, write_shifted_ham10000  # noqa: E402
-from lesion.rundir import RunDir, package_versions  # noqa: E402
-from pipelines.common import resolve_config  # noqa: E402
-from pipelines.evaluate import evaluate, ingest_external  # noqa: E402
-from shared import cpu_model, fmt, interval, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
+from benchmarks.shared import cpu_model, interval, save_result
+from lesion.config import apply_overrides
+from lesion.data.shift import SHIFTS, write_shifted_ham10000
+from lesion.rundir import RunDir, package_versions
+from pipelines.common import resolve_config
+from pipelines.evaluate import evaluate, ingest_external
 
 
 def row(shift: str, metrics: dict, seconds: float) -> dict:
@@ -48,24 +44,6 @@ def row(shift: str, metrics: dict, seconds: float) -> dict:
         "melanoma_recall": round(melanoma["recall"], 3) if melanoma else None,
         "seconds": round(seconds, 1),
     }
-
-
-def write_readme(name: str, result: dict) -> None:
-    rows = "\n".join(
-        f"| {r['shift']} | {r['images']} | {fmt(r['balanced_accuracy'])} | {fmt(r['malignant_auc'])} | "
-        f"{r['ratio']:.2f} | {fmt(r['melanoma_recall'])} |" for r in result["rows"])
-    write_section(name, f"""## Simulated second source, run `{result['run']}` (`benchmarks/shift.py`)
-
-The run's lesion-grouped test split, each shift applied to every image (`lesion/data/shift.py`: transform families
-and strengths the training augmentation never shows), ingested with the run's preprocessing (colour constancy:
-`{result['color_constancy']}`) and scored by the run's ensemble. Brackets: 95% lesion-bootstrap intervals;
-`ratio` = malignant AUC over the clean copy's. Machine: {result['device']['cpu']}, {result['device']['cores']} cores.
-Command: `{result['command']}`.
-
-| shift | images | balanced accuracy | malignant AUC | ratio | melanoma recall |
-|---|---|---|---|---|---|
-{rows}
-""")
 
 
 def main() -> int:
@@ -99,14 +77,13 @@ def main() -> int:
         "name": name,
         "run": str(run.uri),
         "color_constancy": config.data.color_constancy,
-        "command": shlex.join(["python", "benchmarks/shift.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "benchmarks.shift", *sys.argv[1:]]),
         "rows": rows,
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None},
         "versions": package_versions(),
     }
     out = save_result(name, result)
-    write_readme(name, result)
-    print(f"wrote {out} and the {name} section of benchmarks/README.md")
+    print(f"wrote {out}")
     return 0
 
 

@@ -7,9 +7,9 @@ and never trained, tuned or fitted on): balanced accuracy and malignant-vs-benig
 bootstrap intervals, macro AUC, ECE after temperature scaling; the Grad-CAM quality against the data's lesion masks
 (CAM energy inside the mask and pointing game next to the chance level, ROAD faithfulness); and each stage's wall
 time. Stages already current in the run directory are skipped and say so. Results go to
-``benchmarks/results/<name>.json`` and the ``<name>`` section of ``benchmarks/README.md``.
+``benchmarks/results/<name>.json``.
 
-    .venv/bin/python benchmarks/study.py --config cluster/configs/ham10000-laptop.yaml \\
+    python -m benchmarks.study --config cluster/configs/ham10000-laptop-unweighted.yaml \\
         --data ../shared/data/ham10000 --run runs/ham10000-laptop [--set train.epochs=12 ...]
 """
 
@@ -23,15 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lesion.data.shards import read_info  # noqa: E402
-from lesion.rundir import RunDir, package_versions  # noqa: E402
-from pipelines.common import resolve_config  # noqa: E402
-from pipelines.common import parse_sets  # noqa: E402
-from pipelines.workflow import StageTable, record_workflow_config, run_workflow  # noqa: E402
-from shared import cpu_model, fmt, interval, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
+from benchmarks.shared import cpu_model, interval, save_result
+from lesion.data.shards import read_info
+from lesion.rundir import RunDir, package_versions
+from pipelines.common import resolve_config
+from pipelines.common import parse_sets
+from pipelines.workflow import StageTable, record_workflow_config, run_workflow
 
 
 def model_rows(metrics: dict) -> dict[str, dict]:
@@ -66,58 +63,9 @@ def explanation_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-SPLIT_NOTES = {"test": "which nothing is trained, tuned or fitted on",
-               "val": "which picked each model's best epoch and fitted the ensemble: a yardstick for choosing a "
-                      "recipe, not a final score"}
-
-
-def write_readme(name: str, result: dict) -> None:
-    """The study's section of benchmarks/README.md: test figures per model, explanation quality, stage times."""
-    models = "\n".join(
-        f"| {model} | {fmt(r['pretrained'])} | {r['n']} | {fmt(r['accuracy'])} | {fmt(r['balanced_accuracy'])} | "
-        f"{fmt(r['macro_f1'])} | {fmt(r['macro_auc'])} | {fmt(r['malignant_auc'])} | "
-        f"{fmt(r['sensitivity_at_90_specificity'])} | {fmt(r['ece_before'])} → {fmt(r['ece_after'])} |"
-        for model, r in result["models"].items()
-    )
-    cams = "\n".join(
-        f"| {r['model']} | {r['method']} | {fmt(r['n_images'])} | {fmt(r['energy_inside'])} | {fmt(r['mask_share'])} | "
-        f"{fmt(r['pointing_game'])} | {fmt(r['road'])} | {fmt(r['confidence_change'])} |"
-        for r in result["explanations"]
-    )
-    stages = "\n".join(f"| {stage} | {row['status']} | {'-' if row['seconds'] is None else round(row['seconds'])} | "
-                       f"{row['note']} |"
-                       for stage, row in result["stages"].items())
-    device = result["device"]
-    write_section(name, f"""## Study `{name}` (`benchmarks/study.py`)
-
-`{result['config']}` on {result['data']['num_images']} real images ({result['data']['splits']};
-lesion-grouped splits), cached at {result['data']['image_size']} px. Figures on the **{result['split']}** split, {
-    SPLIT_NOTES.get(result['split'], '')}; brackets are 95% bootstrap intervals over lesions.
-Machine: {device['cpu']}, {device['cores']} cores, no GPU; load average {device['load_before']} before and
-{device['load_after']} after. Total {result['total_seconds']:.0f} s. Command: `{result['command']}`.
-
-| model | start | images | accuracy | balanced accuracy | macro F1 | macro AUC | malignant AUC | sens. at 90% spec. | ECE before → after T |
-|---|---|---|---|---|---|---|---|---|---|
-{models}
-
-Grad-CAM against the lesion masks (energy inside the mask and pointing game; chance = the mask's share of the image)
-and faithfulness (ROAD, confidence change):
-
-| model | method | images | energy inside | chance | pointing game | ROAD | confidence change |
-|---|---|---|---|---|---|---|---|
-{cams}
-
-Stages (wall time; `skipped` = already current in the run directory):
-
-| stage | status | seconds | note |
-|---|---|---|---|
-{stages}
-""")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="study config, e.g. cluster/configs/ham10000-laptop.yaml")
+    parser.add_argument("--config", required=True, help="study config, e.g. cluster/configs/ham10000-laptop-unweighted.yaml")
     parser.add_argument("--data", required=True, help="data root (sets data.root)")
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--name", help="results name (default: the config file's stem)")
@@ -143,10 +91,10 @@ def main() -> int:
     result = {
         "name": name,
         "config": args.config,
-        "command": shlex.join(["python", "benchmarks/study.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "benchmarks.study", *sys.argv[1:]]),
         "split": metrics["split"],
-        "data": {"root": config.data.root, "num_images": info["num_images"], "image_size": info["image_size"],
-                 "splits": ", ".join(f"{split} {sum(counts.values())}" for split, counts in info["counts"].items())},
+        "data": {"root": config.data.root, "num_images": info.num_images, "image_size": info.image_size,
+                 "splits": ", ".join(f"{split} {info.split_rows(split)}" for split in info.counts)},
         "models": model_rows(metrics),
         "explanations": explanation_rows(metrics),
         "stages": {stage: {"status": row.status, "seconds": row.seconds, "note": row.note}
@@ -157,8 +105,7 @@ def main() -> int:
         "versions": package_versions(),
     }
     out = save_result(name, result)
-    write_readme(name, result)
-    print(f"wrote {out} and the {name} section of benchmarks/README.md")
+    print(f"wrote {out}")
     return 0
 
 

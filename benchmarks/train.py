@@ -14,10 +14,9 @@ The set-ups run interleaved ``--repeats`` times; each row's ``ratio`` is its med
 median (best and worst beside it), with the peak memory (PSS) of each: the plain loop's process (which also holds
 the Ray driver's imports), and for Ray the whole local cluster (driver, GCS, raylet, workers, Ray Data). Ray's
 start-up is timed apart and not inside any figure. Results go to
-``benchmarks/results/train-LABEL.json`` (``--label``: the data size measured, e.g. 1x and 4x) and a training
-table of ``benchmarks/README.md``.
+``benchmarks/results/train-LABEL.json`` (``--label``: the data size measured, e.g. 1x and 4x).
 
-    .venv/bin/python benchmarks/train.py --run RUN [--models scratch_cnn efficientnet_lite0] [--epochs 2]
+    python -m benchmarks.train --run RUN [--models scratch_cnn efficientnet_lite0] [--epochs 2]
         [--repeats 2] [--threads 2] [--label 1x] [--setups ray-ddp ray-1worker]
 """
 
@@ -36,16 +35,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lesion.config import Config, config_from_dict  # noqa: E402
-from lesion.data import augment  # noqa: E402
-from lesion.data.shards import load_split, read_info  # noqa: E402
-from lesion.models import create_model, model_spec  # noqa: E402
-from lesion.rundir import RunDir, package_versions  # noqa: E402
-from pipelines.common import init_ray, resolve_config  # noqa: E402
-from shared import PeakMemory, cpu_model, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
+from benchmarks.shared import PeakMemory, cpu_model, save_result
+from lesion.config import Config, config_from_dict
+from lesion.data import augment
+from lesion.data.shards import load_split, read_info
+from lesion.models import create_model, model_spec
+from lesion.rundir import RunDir, package_versions
+from pipelines.common import init_ray, resolve_config
 
 SETUPS = ("ray-ddp", "ray-1worker")
 
@@ -56,9 +52,9 @@ def plain_epochs(config: Config, run: RunDir, name: str, epochs: int, threads: i
     cfg = config.model_config(name)
     info = read_info(run.root)
     split = load_split(run.root, "train")
-    arch, size = cfg.arch or name, int(cfg.input_size or info["image_size"])
+    arch, size = cfg.arch or name, int(cfg.input_size or info.image_size)
     spec = model_spec(arch)
-    model = create_model(arch, len(info["classes"]), pretrained=cfg.pretrained, input_size=size,
+    model = create_model(arch, len(info.classes), pretrained=cfg.pretrained, input_size=size,
                          **{k: getattr(cfg, k) for k in spec["arch_kwargs"]}).to(memory_format=torch.channels_last)
     mean, std = spec["mean"], spec["std"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -169,14 +165,14 @@ def rows_of(samples: list[dict], label: str) -> list[dict]:
 
 def write_results(argv, run: RunDir, config: Config, args, batch: int, ray_start: float | None, load,
                   samples) -> None:
-    """benchmarks/results/train-LABEL.json and its README table from the samples so far."""
+    """benchmarks/results/train-LABEL.json from the samples so far."""
     rows = rows_of(samples, args.label)
     info = read_info(run.root)
     result = {
         "benchmark": "train",
-        "command": "python benchmarks/train.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "data": {"run": str(run.root), "train_images": int(sum(info["counts"]["train"].values())),
-                 "image_size": info["image_size"], "input_size": config.train.input_size},
+        "command": "python -m benchmarks.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "data": {"run": str(run.root), "train_images": info.split_rows("train"),
+                 "image_size": info.image_size, "input_size": config.train.input_size},
         "threads": args.threads, "global_batch": batch, "epochs": args.epochs, "repeats": args.repeats,
         "ray_start_s": None if ray_start is None else round(ray_start, 2),
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": [round(x, 2) for x in load],
@@ -186,14 +182,6 @@ def write_results(argv, run: RunDir, config: Config, args, batch: int, ray_start
         "samples": samples,
     }
     save_result(f"train-{args.label}", result)
-    lines = ["| model | set-up | images/s (median) | best / worst | ratio vs plain loop | peak MB (PSS) |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['setup']} | {r['images_per_s']} | {r['best']} / {r['worst']} | {r['ratio']} | "
-              f"{r['peak_mb']} |" for r in rows]
-    heading = f"## Training throughput, {args.label} data (`benchmarks/train.py`)"
-    write_section(f"train-{args.label}", f"{heading}\n\nTraining throughput ({args.label} data), `{result['command']}` "
-                  f"({args.threads} threads, global batch {batch}, {result['data']['train_images']} images):\n\n"
-                  + "\n".join(lines))
 
 
 if __name__ == "__main__":

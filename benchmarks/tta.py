@@ -5,33 +5,30 @@ ensemble, never the test split) with the four flips at its input size (what ``le
 with the four flips at three input sizes (input - 16, input, input + 16 px, resized from the cached image) averaged.
 Per model: both variants' balanced accuracy and malignant AUC with 95% lesion-bootstrap intervals and the paired
 difference (``lesion.metrics.paired_bootstrap``: the same resampled lesions for both). Results go to
-``benchmarks/results/tta-scales.json`` and the ``tta-scales`` section of ``benchmarks/README.md``.
+``benchmarks/results/tta-scales.json``.
 
-    .venv/bin/python benchmarks/tta.py --run RUN [--step 16] [--bootstrap 1000]
+    python -m benchmarks.tta --run RUN [--step 16] [--bootstrap 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lesion.data.shards import load_split  # noqa: E402
-from lesion.inference import Member, predict_proba  # noqa: E402
-from lesion.metrics import paired_bootstrap  # noqa: E402
-from lesion.rundir import RunDir, package_versions  # noqa: E402
-from shared import cpu_model, fmt, interval, save_result, write_section  # noqa: E402  (benchmarks/shared.py)
+from benchmarks.shared import cpu_model, interval, save_result
+from lesion.data.shards import load_split
+from lesion.inference import Member, predict_proba
+from lesion.metrics import paired_bootstrap
+from lesion.rundir import RunDir, package_versions
 
 
 def scale_probs(member: Member, images: np.ndarray, sizes: list[int]) -> np.ndarray:
     """The mean of the flip-TTA probabilities at each input size in ``sizes``."""
-    return sum(predict_proba(member.net, {**member.info, "input_size": size}, images, tta=True)
+    return sum(predict_proba(member.net, dataclasses.replace(member.checkpoint, input_size=size), images, tta=True)
                for size in sizes) / len(sizes)
 
 
@@ -47,7 +44,7 @@ def main() -> int:
     rows = []
     for name in run.trained_models():
         member = Member.load(name, run.model_dir(name))
-        size, task = int(member.info["input_size"]), member.info["task"]
+        size, task = member.checkpoint.input_size, member.checkpoint.task
         probs = {"flips x 3 sizes": scale_probs(member, val.images, [size - args.step, size, size + args.step]),
                  "flips": scale_probs(member, val.images, [size])}
         compared = paired_bootstrap(val.labels, probs, groups, task, args.bootstrap)
@@ -57,25 +54,11 @@ def main() -> int:
                         for variant in probs for m in ("balanced_accuracy", "malignant_auc")},
                      **{f"difference:{m}": interval(block[m]) for m in ("balanced_accuracy", "malignant_auc")}})
         print(rows[-1], flush=True)
-    result = {"benchmark": "tta-scales", "command": "python benchmarks/tta.py " + shlex.join(sys.argv[1:]),
+    result = {"benchmark": "tta-scales", "command": "python -m benchmarks.tta " + shlex.join(sys.argv[1:]),
               "run": str(run.root), "split": "val", "images": int(len(val.labels)),
               "lesions": int(len(set(groups))), "rows": rows, "cpu": cpu_model(), "versions": package_versions()}
     save_result("tta-scales", result)
-    table = "\n".join(
-        f"| {r['model']} | {r['input_size']} | {fmt(r['flips:balanced_accuracy'])} | "
-        f"{fmt(r['flips x 3 sizes:balanced_accuracy'])} | {fmt(r['difference:balanced_accuracy'])} | "
-        f"{fmt(r['flips:malignant_auc'])} | {fmt(r['flips x 3 sizes:malignant_auc'])} | "
-        f"{fmt(r['difference:malignant_auc'])} |" for r in rows)
-    write_section("tta-scales", f"""## Multi-scale test-time augmentation (`benchmarks/tta.py`)
-
-Flip TTA at the model's input size (as evaluated and served) against flip TTA at three sizes (input -
-{args.step}, input, input + {args.step} px) averaged, on the **validation** split of `{run.root}`
-({result['images']} images, {result['lesions']} lesions); brackets are 95% lesion-bootstrap intervals, the
-difference (three sizes - one) is paired over the same resampled lesions. Command: `{result['command']}`.
-
-| model | input px | bal. acc., flips | bal. acc., 3 sizes | difference | mal. AUC, flips | mal. AUC, 3 sizes | difference |
-|---|---|---|---|---|---|---|---|
-{table}""")
+    print("wrote benchmarks/results/tta-scales.json")
     return 0
 
 

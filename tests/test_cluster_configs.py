@@ -163,8 +163,9 @@ def test_study_configs_load_and_name_their_study():
     assert list(binary.train.models) == ["scratch_cnn", "mobilenetv2", "efficientnet_b0"]
     assert not binary.workflow.tune  # tune.model (custom_cnn) is not in this study
 
-    for name in ("ham10000-laptop.yaml", "ham10000-laptop-unweighted.yaml"):
-        laptop = load_config(CLUSTER / "configs" / name)
+    for path in (ROOT / "benchmarks" / "configs" / "ham10000-laptop.yaml",
+                 CLUSTER / "configs" / "ham10000-laptop-unweighted.yaml"):
+        laptop = load_config(path)
         assert (laptop.data.source, laptop.data.task) == ("ham10000", "multiclass")
         assert laptop.train.gpus_per_worker == 0 and laptop.train.workers * laptop.train.cpus_per_worker < 2
         assert laptop.model_config("efficientnet_lite0").pretrained is True
@@ -177,6 +178,16 @@ def test_study_configs_load_and_name_their_study():
     assert binary_laptop.train.workers * binary_laptop.train.cpus_per_worker < 2
 
 
+def test_cluster_configs_hold_only_what_a_user_runs_and_every_benchmark_config_loads():
+    users = {p.name for p in (CLUSTER / "configs").glob("*.yaml")}
+    assert users == {"demo.yaml", "ham10000-laptop-unweighted.yaml", "ham10000-binary-laptop.yaml",
+                     "ham10000.yaml", "isic-binary.yaml"}  # demo, laptop 7-class and binary, full 7-class and binary
+    experiments = sorted((ROOT / "benchmarks" / "configs").glob("*.yaml"))
+    assert experiments
+    for path in experiments:
+        load_config(path)  # an ablation or candidate config must stay valid as the config classes change
+
+
 # --- runtime_env and image ---------------------------------------------------------------------------------------
 
 
@@ -184,7 +195,7 @@ def test_runtime_env_uploads_the_code_but_not_venv_runs_or_data(tmp_path):
     from ray._private.runtime_env.packaging import create_package
 
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
-    assert {".venv/", "/runs/", ".git/", "test-artifacts/"} <= set(env["excludes"])
+    assert {".venv/", ".venv-mlflow/", "/runs/", ".git/", "test-artifacts/"} <= set(env["excludes"])
     package = tmp_path / "working_dir.zip"
     # What `ray job submit --working-dir .` would upload (without .gitignore's help, so the excludes alone count).
     create_package(str(ROOT), package, include_gitignore=False, excludes=env["excludes"])

@@ -1,0 +1,1 @@
+"""Benchmarks of lesion against the peers a user would otherwise pick; run each as ``python -m benchmarks.NAME``."""
