@@ -1,13 +1,15 @@
 """The workflow configuration: one typed dataclass per stage, loaded from YAML, overridable from the command line.
 
-Defaults live here and nowhere else, and so do the allowed values: every field that takes one of a few names, or a
-number in a range, says so where it is declared (``checked``), and the check runs whenever a file or an override is
-read (``config_from_dict``), so a bad value fails at once with its path (``train.models.resnet50.balance``), the value
-and what was expected, never an epoch into training. A YAML file has one section per stage (``data``, ``train``,
-``tune``, ``evaluate``, ``serve``, ``workflow``); ``train.models`` maps a variant name to a partial ``train``
-section that overrides the training defaults for that variant only. A variant's ``arch`` names its architecture (one of
-``ARCHITECTURES``; default: the variant name), so ``resnet50-balanced: {arch: resnet50, balance: oversample}`` and
-``resnet50-imbalanced: {arch: resnet50, balance: none}`` train the same network two ways.
+Defaults live here and nowhere else; the allowed names come from ``lesion.vocabulary``. Every field that takes one
+of a few names, or a number in a range, says so where it is declared (``checked``), and the check runs whenever a file
+or an override is read (``config_from_dict``), so a bad value fails at once with its path
+(``train.models.resnet50.balance``), the value and what was expected, never an epoch into training. A YAML file has
+one section per stage (``data``, ``train``, ``tune``, ``evaluate``, ``serve``, ``workflow``, ...); ``train.models``
+maps a variant name to a partial ``train`` section that overrides the training defaults for that variant only. A
+variant's ``arch`` names its architecture (one of ``ARCHITECTURES``; default: the variant name), so
+``resnet50-balanced: {arch: resnet50, balance: oversample}`` and ``resnet50-imbalanced: {arch: resnet50, balance:
+none}`` train the same network two ways. ``config_schema`` gives the whole config as a JSON Schema (``lesion config
+schema``), generated from the same dataclasses and checks.
 """
 
 from __future__ import annotations
@@ -28,35 +30,36 @@ import yaml
 
 from lesion.data.splits import check_fractions
 from lesion.rundir import write_atomic
+from lesion.vocabulary import (
+    ARCHITECTURES,
+    AUGMENT_POLICIES,
+    BALANCE_MODES,
+    CAM_METHODS,
+    COLOR_CONSTANCY,
+    ENSEMBLE_WEIGHTS,
+    ENGINES,
+    EVALUATE_SPLITS,
+    MONITORS,
+    OPTIMIZERS,
+    PRIOR_CORRECTIONS,
+    RESIZE_FITS,
+    SCHEDULERS,
+    SEARCH_SPACE_TYPES,
+    SOURCES,
+    TASKS,
+    TUNE_MODES,
+    TUNE_SCHEDULERS,
+)
 
-TASKS = ("multiclass", "binary")
-RESIZE_FITS = ("crop", "pad")  # how preprocessing makes an image square without stretching it
-COLOR_CONSTANCY = ("none", "shades_of_gray")  # colour constancy applied at ingest, evaluation and serving
-SOURCES = ("ham10000", "isic-task3", "isic-binary", "folder", "parquet", "synthetic")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("plateau", "cosine", "none")
-BALANCE_MODES = ("none", "weights", "oversample")
-AUGMENT_POLICIES = ("basic", "dermoscopy")  # lesion.data.augment.POLICIES (kept equal by tests/test_augment.py)
-VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
-TUNE_MODES = ("min", "max")
-TUNE_SCHEDULERS = ("asha", "none")
-SEARCH_SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
-EVALUATE_SPLITS = ("train", "val", "test", "all")  # all: every ingested image (an external test set)
-ENSEMBLE_WEIGHTS = ("fit", "equal")
-PRIOR_CORRECTIONS = ("none", "fit")  # the ensemble's class prior: as in the data, or a balanced one fitted
-CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # keys of train.models
-# The architectures of lesion.models' registry (kept equal to lesion.models.MODEL_NAMES by tests/test_variants.py;
-# listed here so that reading a config does not import torch and timm).
-ARCHITECTURES = ("custom_cnn", "scratch_cnn", "resnet50", "densenet121", "mobilenetv2", "efficientnet_b0",
-                 "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 class ConfigError(ValueError):
     """A configuration file or override names an unknown field, or holds a value of the wrong kind or out of range."""
 
 
-# A check returns None for a good value, else what is wrong with it ("expected one of a, b; got 'c'").
+# A check returns None for a good value, else what is wrong with it ("expected one of a, b; got 'c'"); its ``schema``
+# attribute says the same in JSON Schema keywords (enum, minimum, ..., items) for ``config_schema``.
 Check = Callable[[Any], "str | None"]
 
 
@@ -66,6 +69,7 @@ def one_of(*options: str) -> Check:
     def check(value: Any) -> str | None:
         return None if value in options else f"expected one of {', '.join(options)}; got {value!r}"
 
+    check.schema = {"enum": list(options)}
     return check
 
 
@@ -81,6 +85,9 @@ def interval(low: float, high: float = math.inf, *, low_open: bool = False, high
         below = value < high if high_open else value <= high
         return None if above and below else f"expected {expected}; got {value!r}"
 
+    check.schema = {"exclusiveMinimum" if low_open else "minimum": low}
+    if high != math.inf:
+        check.schema["exclusiveMaximum" if high_open else "maximum"] = high
     return check
 
 
@@ -94,6 +101,7 @@ def each(inner: Check) -> Check:
                 return f"item {i}: {problem}"
         return None
 
+    check.schema = {"items": inner.schema}
     return check
 
 
@@ -162,7 +170,7 @@ class TrainConfig:
     plateau_factor: float = checked(0.2, interval(0, 1, low_open=True, high_open=True))
     plateau_patience: int = checked(3, NON_NEGATIVE)
     patience: int = checked(10, NON_NEGATIVE)  # early stopping on the monitored metric; the best weights are restored
-    monitor: str = checked("val_loss", one_of(*VAL_METRICS))  # picks the best epoch (val_loss minimised, others max.)
+    monitor: str = checked("val_loss", one_of(*MONITORS))  # picks the best epoch (val_loss minimised, others max.)
     label_smoothing: float = checked(0.0, interval(0, 1, high_open=True))
     grad_clip: float = checked(1.0, NON_NEGATIVE)  # max gradient norm; 0 disables
     balance: str = checked("none", one_of(*BALANCE_MODES))  # weights: inverse-frequency loss weights
@@ -203,7 +211,7 @@ class TuneConfig:
     model: str = checked("custom_cnn", one_of(*ARCHITECTURES))  # an architecture, not a variant name
     trials: int = checked(4, POSITIVE)
     epochs: int = checked(4, POSITIVE)
-    metric: str = checked("val_balanced_accuracy", one_of(*VAL_METRICS))
+    metric: str = checked("val_balanced_accuracy", one_of(*MONITORS))
     mode: str = checked("max", one_of(*TUNE_MODES))
     scheduler: str = checked("asha", one_of(*TUNE_SCHEDULERS))
     grace_period: int = checked(1, POSITIVE)  # epochs before ASHA may stop a trial; at most ``epochs``
@@ -271,11 +279,15 @@ class ServeConfig:
     max_replicas: int = checked(2, POSITIVE)  # at least min_replicas
     target_ongoing_requests: float = checked(4.0, interval(0, low_open=True))
     max_batch_size: int = checked(8, POSITIVE)
-    # how long a model replica holds a request for others to batch with (a lone request waits this long). With 0 the
-    # requests that arrive while a batch runs still form the next one; on 2 cores 0 beat 0.02 s at 1, 8 and 32 clients
-    # (1.11x / 1.11x / 1.08x against 0.96x / 1.11x / 0.89x the single-process server, with the replicas' earlier cap
-    # of 16 requests: benchmarks/README.md)
+    # how long a model replica holds a request for others to batch with (a lone request waits this long); 0: the
+    # requests that arrive while a batch runs still form the next one (docs/decisions.md, "Serve batch wait")
     batch_wait_timeout_s: float = checked(0.0, NON_NEGATIVE)
+    # API requests one ingress replica answers at once; past it 503 + Retry-After at once, not a queue. None: no bound.
+    # The default keeps an accepted request's wait near 1 s at the measured service time (docs/decisions.md)
+    max_pending_requests: int | None = checked(16, POSITIVE)
+    # an admitted request not answered within this gets 503 + Retry-After (overload, a restarting replica), so every
+    # request is answered within about this; keep it above the slowest /v1/explain. None: no deadline
+    answer_timeout_s: float | None = checked(4.0, interval(0, low_open=True))
     max_body_bytes: int = checked(10 * 1024 * 1024, POSITIVE)
     max_image_pixels: int = checked(50_000_000, POSITIVE)
     api_key: str | None = None  # when set, requests need the X-API-Key header
@@ -302,6 +314,24 @@ class WorkflowConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """What runs the models' forward passes for predict, evaluation scoring and serving (``lesion.engines``);
+    Grad-CAM always runs on torch."""
+
+    engine: str = checked("torch", one_of(*ENGINES))  # torch (eager) or onnxruntime (CPU; members exported to ONNX)
+    threads: int = checked(2, POSITIVE)  # ONNX Runtime intra-op threads per member session
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (``pipelines.tracking``): off when no URI is set here, by ``--tracking-uri`` or by
+    ``MLFLOW_TRACKING_URI``."""
+
+    uri: str | None = None  # http(s)://server, a store URI, or a plain path (a SQLite file there)
+    experiment: str = "lesion"
+
+
+@dataclass
 class Config:
     """The whole workflow configuration."""
 
@@ -311,6 +341,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain dicts and lists (YAML/JSON-ready)."""
@@ -521,3 +553,100 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def dump_yaml(values: Any, path: str | Path) -> None:
     """Write plain data as YAML (block style, key order kept), atomically."""
     write_atomic(path, yaml.safe_dump(values, sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------- JSON Schema
+
+JSON_SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}
+
+
+def _type_schema(hint) -> dict[str, Any]:
+    """The JSON Schema of a field's type hint (without its allowed values or range)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return {}
+    if hint in _JSON_TYPES:
+        return {"type": _JSON_TYPES[hint]}
+    if origin in (typing.Union, types.UnionType):
+        arms = [_type_schema(arm) for arm in args]
+        if all(set(arm) == {"type"} for arm in arms):
+            return {"type": [arm["type"] for arm in arms]}
+        return {"anyOf": arms}
+    if origin is list:
+        return {"type": "array", "items": _type_schema(args[0])}
+    if origin is dict or hint is dict:
+        return {"type": "object", **({"additionalProperties": _type_schema(args[1])} if args else {})}
+    raise TypeError(f"no JSON Schema for the config type {hint!r}")
+
+
+@functools.cache
+def _field_comments(cls) -> dict[str, str]:
+    """The comment at the end of each field's line in the source of ``cls`` (its description in the schema)."""
+    import inspect
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        found = re.match(r"\s+(\w+): [^#]*#\s*(.+)$", line)
+        if found:
+            comments[found.group(1)] = found.group(2).strip()
+    return comments
+
+
+def _field_schema(cls, f: dataclasses.Field) -> dict[str, Any]:
+    """One field: its type, allowed values or range, default and description."""
+    hint, check = _fields(cls)[f.name]
+    schema = _type_schema(hint)
+    constraint = dict(getattr(check, "schema", {})) if check else {}
+    if "items" in constraint and "items" in schema:
+        constraint["items"] = {**schema["items"], **constraint["items"]}
+    if "enum" in constraint and "null" in (schema.get("type") or ()):
+        constraint["enum"] = [*constraint["enum"], None]  # None is allowed and not checked
+    schema.update(constraint)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
+        schema["default"] = default
+    if f.name in _field_comments(cls):
+        schema["description"] = _field_comments(cls)[f.name]
+    return schema
+
+
+def _section_schema(cls, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config dataclass as a closed object of its fields (nested dataclasses as their own sections)."""
+    properties = {}
+    for f in dataclasses.fields(cls):
+        if f.name in leave_out:
+            continue
+        hint = _fields(cls)[f.name][0]
+        properties[f.name] = _section_schema(hint) if dataclasses.is_dataclass(hint) else _field_schema(cls, f)
+    return {"type": "object", "description": (cls.__doc__ or "").strip(), "properties": properties,
+            "additionalProperties": False}
+
+
+def _search_space_schema() -> dict[str, Any]:
+    """``tune.search_space``: train field -> ``{type, low, high}`` or ``{type: choice, values}``, the bounds and values
+    being valid values of that field."""
+
+    def entry(f: dataclasses.Field) -> dict[str, Any]:
+        value = {k: v for k, v in _field_schema(TrainConfig, f).items() if k not in ("default", "description")}
+        return {"type": "object", "required": ["type"], "additionalProperties": False,
+                "properties": {"type": {"enum": list(SEARCH_SPACE_TYPES)}, "low": value, "high": value,
+                               "values": {"type": "array", "minItems": 1, "items": value}}}
+
+    searchable = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("models", "arch")]
+    return {"properties": {f.name: entry(f) for f in searchable}, "additionalProperties": False}
+
+
+def config_schema() -> dict[str, Any]:
+    """The whole config file as a JSON Schema (draft 2020-12), generated from the config dataclasses: types,
+    allowed values (``lesion.vocabulary``), ranges, defaults and each field's comment as its description.
+    ``train.models`` maps variant names to partial ``train`` sections. Checks across fields (the split summing to 1,
+    ``tune.grace_period`` within ``tune.epochs``) are made when a config is read, not by the schema."""
+    schema = _section_schema(Config)
+    train, tune = schema["properties"]["train"], schema["properties"]["tune"]
+    variant = _section_schema(TrainConfig, leave_out=("models",))
+    variant["description"] = "A variant: overrides of the train section (arch: its architecture)."
+    train["properties"]["models"].update({"propertyNames": {"pattern": f"^{VARIANT_NAME.pattern}$"},
+                                          "additionalProperties": variant})
+    tune["properties"]["search_space"].update(_search_space_schema())
+    return {"$schema": JSON_SCHEMA_DRAFT, "title": "lesion workflow configuration", **schema}

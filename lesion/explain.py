@@ -1,7 +1,7 @@
 """Explanations: class activation maps (CAMs) from pytorch-grad-cam, overlays, and measures of their quality.
 
 - ``explain_batch`` runs one of ``METHODS`` on a batch at the model's Grad-CAM layer (``TARGET_LAYERS``, the
-  registry's ``model_spec(name)["target_layer"]``) and returns maps in [0, 1] at the input size.
+  architecture table's ``model_spec(name)["target_layer"]``) and returns maps in [0, 1] at the input size.
 - ``ensemble_cam`` is the ensemble's map: the ensemble-weighted mean of its members' maps.
 - ``cam_mask_scores`` says how well maps agree with lesion masks (energy inside the mask, pointing game) next to the
   chance level; ``faithfulness`` says how much the model's confidence depends on the highlighted pixels (grad-cam's
@@ -42,25 +42,27 @@ from pytorch_grad_cam.utils.model_targets import (
 )
 from torch import nn
 
-from lesion.data.augment import model_input
 from lesion.inference import Inference
-from lesion.models import MODEL_NAMES, checkpoint_arch, model_spec, unwrap
+from lesion.models import MODEL_NAMES, model_spec, unwrap
+from lesion.records import CheckpointRecord
+from lesion.vocabulary import CAM_METHODS
 
 log = logging.getLogger(__name__)
 
 # name -> grad-cam class. Gradient-based: gradcam, gradcam++, layercam; gradient-free: scorecam (one forward pass
 # per channel of the target layer: slow), eigencam (first principal component of the activations; class-agnostic).
-METHODS = {
+_CAM_CLASSES = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "layercam": LayerCAM,
     "scorecam": ScoreCAM,
     "eigencam": EigenCAM,
 }
+METHODS = {name: _CAM_CLASSES[name] for name in CAM_METHODS}  # every method of the vocabulary, in its order
 SCORECAM_BATCH = 64  # masked images per forward pass inside Score-CAM
 ENSEMBLE = "ensemble"
 
-# The one table of Grad-CAM layers lives in the model registry (lesion.models); this is a read-only view of it.
+# The one table of Grad-CAM layers lives in the architecture table (lesion.models); this is a read-only view of it.
 TARGET_LAYERS: Mapping[str, Callable[[nn.Module], nn.Module]] = MappingProxyType(
     {name: model_spec(name)["target_layer"] for name in MODEL_NAMES}
 )
@@ -93,29 +95,30 @@ def _probability_targets(classes: Sequence[int], binary: bool) -> list:
     return [_BinaryProbabilityTarget(int(c)) if binary else ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
 
 
-def predicted_classes(model: nn.Module, info: dict, x: torch.Tensor) -> np.ndarray:
+def predicted_classes(model: nn.Module, record: CheckpointRecord, x: torch.Tensor) -> np.ndarray:
     """Predicted class index per image of a normalised batch (binary: 1 when the logit is > 0)."""
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(x.to(device)).float().cpu()
-    if int(info["num_classes"]) == 1:
+    if record.binary:
         return (logits.reshape(-1) > 0).long().numpy()
     return logits.argmax(dim=1).numpy()
 
 
-def _check_targets(targets, n: int, info: dict) -> np.ndarray:
+def _check_targets(targets, n: int, record: CheckpointRecord) -> np.ndarray:
     targets = np.asarray(targets, dtype=np.int64).reshape(-1)
-    classes = 2 if int(info["num_classes"]) == 1 else int(info["num_classes"])
+    classes = 2 if record.binary else record.num_classes
     if len(targets) != n or targets.min(initial=0) < 0 or targets.max(initial=0) >= classes:
         raise ValueError(f"targets must hold one class index in [0, {classes}) per image ({n} images), got {targets}")
     return targets
 
 
-def explain_batch(model: nn.Module, info: dict, x: torch.Tensor, targets: Sequence[int] | None = None,
+def explain_batch(model: nn.Module, record: CheckpointRecord, x: torch.Tensor, targets: Sequence[int] | None = None,
                   method: str = "gradcam", batch_size: int = 32) -> np.ndarray:
     """Class activation maps of a normalised batch ``x`` (N, 3, H, W): float32 (N, H, W) in [0, 1].
 
-    ``info`` is the checkpoint info (its architecture picks the target layer, ``num_classes`` 1 means one binary logit).
+    ``record`` is the model's checkpoint record (its architecture picks the target layer; a binary model has one
+    logit).
     ``targets``: class index per image to explain (binary: 0 benign, 1 malignant); None explains the predicted class.
     Each map is min-max scaled on its own (grad-cam's convention); a map with no positive evidence is all zeros.
     Gradients are enabled here even when called under ``torch.no_grad``/``inference_mode``; the model is put in
@@ -126,14 +129,14 @@ def explain_batch(model: nn.Module, info: dict, x: torch.Tensor, targets: Sequen
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"explain_batch expects a normalised (N, 3, H, W) batch, got shape {tuple(x.shape)}")
     model = unwrap(model).eval()
-    layer = target_layer(model, checkpoint_arch(info))
-    binary = int(info["num_classes"]) == 1
+    layer = target_layer(model, record.arch)
+    binary = record.binary
     maps = []
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone()  # an inference tensor (made under inference_mode) cannot enter autograd
         if targets is None:
-            targets = predicted_classes(model, info, x)
-        targets = _check_targets(targets, len(x), info)
+            targets = predicted_classes(model, record, x)
+        targets = _check_targets(targets, len(x), record)
         cam = METHODS[method](model, target_layers=[layer])
         cam.batch_size = SCORECAM_BATCH
         try:
@@ -288,8 +291,8 @@ class LinearInfill:
         cols.append(np.arange(n))
         entries.append(-weight_inside)
         matrix = csc_matrix((np.concatenate(entries), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
-        # symmetric and diagonally dominant (nonsingular once any pixel is kept): no pivoting needed, and SuperLU's
-        # symmetric mode factorises it about 1.5-1.9x faster than with partial pivoting, to the same solution
+        # symmetric and diagonally dominant (nonsingular once any pixel is kept): no pivoting needed, so SuperLU's
+        # symmetric mode, faster to the same solution (docs/decisions.md, "ROAD infill solver")
         return splu(matrix, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                     options={"SymmetricMode": True}).solve(rhs)
 
@@ -304,7 +307,7 @@ def road(model: nn.Module, x: torch.Tensor, cams: np.ndarray, targets: Sequence,
     return averager(x, cams, targets, model)
 
 
-def faithfulness(model: nn.Module, info: dict, x: torch.Tensor, cams: np.ndarray,
+def faithfulness(model: nn.Module, record: CheckpointRecord, x: torch.Tensor, cams: np.ndarray,
                  targets: Sequence[int] | None = None, percentiles: Sequence[int] = (20, 40, 60, 80),
                  seed: int = 0) -> dict[str, float]:
     """Whether the model's confidence in the explained class depends on the pixels the maps highlight.
@@ -324,9 +327,9 @@ def faithfulness(model: nn.Module, info: dict, x: torch.Tensor, cams: np.ndarray
     device = next(model.parameters()).device
     x = x.detach().to(device)
     if targets is None:
-        targets = predicted_classes(model, info, x)
-    targets = _check_targets(targets, len(x), info)
-    probability_targets = _probability_targets(targets, int(info["num_classes"]) == 1)
+        targets = predicted_classes(model, record, x)
+    targets = _check_targets(targets, len(x), record)
+    probability_targets = _probability_targets(targets, record.binary)
     cams = _resize_maps(cams, tuple(x.shape[-2:]))
     if len(cams) != len(x):
         raise ValueError(f"faithfulness: {len(cams)} maps for {len(x)} images")
@@ -386,6 +389,12 @@ class Explainer:
     def explain_preprocessed(self, img: np.ndarray, model: str = ENSEMBLE, method: str = "gradcam"
                              ) -> tuple[dict, np.ndarray]:
         """``explain`` for an image already through the ingest preprocessing: uint8 RGB (S, S, 3)."""
+        answer, cam = self.explain_map(img, model, method)
+        return answer, overlay(np.asarray(img), cam)
+
+    def explain_map(self, img: np.ndarray, model: str = ENSEMBLE, method: str = "gradcam"
+                    ) -> tuple[dict, np.ndarray]:
+        """``explain_preprocessed`` giving the heat map itself, float32 (S, S) in [0, 1], instead of the overlay."""
         self._check(model, method)
         with self.lock:
             return self._explain(np.array(img), model, method)  # a writable copy (Ray's arrays are read-only)
@@ -409,9 +418,8 @@ class Explainer:
         cams = {}
         for name in names:
             member = core.member(name)
-            x = model_input(img[None], member.info["mean"], member.info["std"], int(member.info["input_size"]),
-                            member.device)
-            cams[name] = explain_batch(member.net, member.info, x, [explained], method)
+            cams[name] = explain_batch(member.net, member.checkpoint, member.input_transform(img[None]), [explained],
+                                       method)
         cam = ensemble_cam(cams, weights, size=img.shape[:2])[0] if model == ENSEMBLE else cams[model][0]
         answer.update({"explained_model": model, "explained_class": core.classes[explained], "method": method})
-        return answer, overlay(img, cam)
+        return answer, _resize_maps(cam[None], img.shape[:2])[0]

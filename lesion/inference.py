@@ -4,8 +4,9 @@ Everything that turns images into answers builds an ``Inference`` with ``Inferen
 it: evaluation's Ray Data actors, each Serve deployment, ``lesion predict``, ``lesion explain`` (through
 ``lesion.explain.Explainer``) and the explanation-quality scores. So they cannot disagree.
 
-- Models: each member is loaded once per process (``Inference.load``) with its provenance (checkpoint sha256,
-  training run id, pretrained origin). ``unloaded()`` is the same core without weights, cheap to send to Ray actors
+- Models: each member is loaded once per process (``Inference.load``) with its checkpoint record
+  (``lesion.records.CheckpointRecord``: input transform and provenance: checkpoint sha256, training run id,
+  pretrained origin). ``unloaded()`` is the same core without weights, cheap to send to Ray actors
   and Serve replicas, which load the members they run.
 - Preprocessing: the data section ingest recorded in the run's manifest (``data_config_of``), so a new image is
   decoded, cropped, cleaned and resized exactly like the training images.
@@ -33,18 +34,17 @@ from torch import nn
 
 from lesion import calibration, ensemble
 from lesion.config import Config, DataConfig, config_from_dict
-from lesion.data.augment import model_input
 from lesion.data.preprocess import preprocess_bytes
 from lesion.data.shards import load_split, read_info
 from lesion.labels import class_names
-from lesion.models import checkpoint_arch, load_trained, logits_to_probs
+from lesion.models import load_trained, logits_to_probs
+from lesion.records import CheckpointRecord
 from lesion.rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
 
 TTA_FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (dims of an N,3,H,W tensor)
-SPEC_VERSION = 3  # bump when the fitting of the spec changes (2: the spec records its inference mode; 3: the
-# malignant threshold is chosen on the calibrated malignant probability, before the class-prior adjustment)
+SPEC_VERSION = 3  # bump when the fitting of the spec changes (its history: docs/decisions.md, "Ensemble spec")
 
 
 def checkpoint_sha256(model_dir: str | Path) -> str:
@@ -63,10 +63,10 @@ def data_config_of(run: RunDir, config: Config) -> DataConfig:
     recorded = run.manifest().get("data", {}).get("config")
     if recorded is not None:
         return config_from_dict({"data": recorded}).data
-    return dataclasses.replace(config.data, image_size=int(read_info(run.root)["image_size"]))
+    return dataclasses.replace(config.data, image_size=read_info(run.root).image_size)
 
 
-def predict_proba(net: nn.Module, info: dict, images: np.ndarray, *, tta: bool, batch_size: int = 64,
+def predict_proba(net: nn.Module, record: CheckpointRecord, images: np.ndarray, *, tta: bool, batch_size: int = 64,
                   device: str = "cpu") -> np.ndarray:
     """Class probabilities (N, C) of preprocessed uint8 images (N, S, S, 3) through the evaluation transform; with
     ``tta`` the mean over the four flips."""
@@ -75,43 +75,47 @@ def predict_proba(net: nn.Module, info: dict, images: np.ndarray, *, tta: bool, 
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = np.array(images[start:start + batch_size])  # a writable copy (shard and Ray views are read-only)
-            x = model_input(chunk, info["mean"], info["std"], int(info["input_size"]), device)
-            probs = sum(logits_to_probs(net(torch.flip(x, f) if f else x).float(), info["task"]) for f in flips)
+            x = record.input_transform(chunk, device)
+            probs = sum(logits_to_probs(net(torch.flip(x, f) if f else x).float(), record.task) for f in flips)
             out.append((probs / len(flips)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(class_names(info["task"]))), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, len(class_names(record.task))), np.float32)
 
 
 @dataclass
 class Member:
-    """One trained model, loaded once (eval mode), with its checkpoint info and provenance."""
+    """One trained model, loaded once (eval mode), with its checkpoint record."""
 
     name: str  # the variant (its folder under RUN/models/)
     net: nn.Module
-    info: dict[str, Any]  # the checkpoint info (lesion.models.load_trained), with checkpoint_sha256
+    checkpoint: CheckpointRecord  # what the model is and takes (lesion.models.load_trained), with checkpoint_sha256
     device: str = "cpu"
 
     @classmethod
     def load(cls, name: str, model_dir: str | Path, device: str = "cpu") -> Member:
-        """Load ``model_dir/best.pt`` onto ``device``, in channels-last memory format (as trained; on 2 CPU cores
-        EfficientNet-Lite0 scores 1.5x the images per second of the default format)."""
-        net, info = load_trained(model_dir, device=device)
-        return cls(name, net.to(memory_format=torch.channels_last), info, device)
+        """Load ``model_dir/best.pt`` onto ``device``, in channels-last memory format (as trained, and faster on the
+        CPU: docs/decisions.md, "Channels-last inference")."""
+        net, checkpoint = load_trained(model_dir, device=device)
+        return cls(name, net.to(memory_format=torch.channels_last), checkpoint, device)
+
+    def input_transform(self, images) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> this model's input on its device."""
+        return self.checkpoint.input_transform(images, self.device)
 
     @property
     def version(self) -> dict[str, Any]:
         """The checkpoint's sha256 and the training run id."""
-        return {"checkpoint_sha256": self.info["checkpoint_sha256"], "run_id": self.info.get("run_id")}
+        return {"checkpoint_sha256": self.checkpoint.checkpoint_sha256, "run_id": self.checkpoint.run_id}
 
     def summary(self) -> dict[str, Any]:
         """What /v1/models says about this model."""
-        info = self.info
-        return {"name": self.name, "arch": checkpoint_arch(info), "task": info["task"], "classes": list(info["classes"]),
-                "input_size": info["input_size"], "pretrained": info.get("pretrained"),
-                "best_epoch": info.get("best_epoch"), **self.version}
+        record = self.checkpoint
+        return {"name": self.name, "arch": record.arch, "task": record.task, "classes": list(record.classes),
+                "input_size": record.input_size, "pretrained": record.pretrained_origin,
+                "best_epoch": record.best_epoch, **self.version}
 
     def probs(self, images: np.ndarray, *, tta: bool, batch_size: int = 64) -> np.ndarray:
         """Raw class probabilities (N, C) of preprocessed uint8 images (N, S, S, 3)."""
-        return predict_proba(self.net, self.info, images, tta=tta, batch_size=batch_size, device=self.device)
+        return predict_proba(self.net, self.checkpoint, images, tta=tta, batch_size=batch_size, device=self.device)
 
 
 def spec_path(run: RunDir, models: list[str], tta: bool) -> Path:
@@ -125,7 +129,7 @@ def spec_fingerprint(run: RunDir, config: Config, models: list[str], tta: bool) 
     """What a spec depends on: the members' checkpoints, the data, the fitting options and the inference mode."""
     shas = {name: checkpoint_sha256(run.model_dir(name)) for name in models}
     ev, sv = config.evaluate, config.serve
-    return fingerprint(SPEC_VERSION, shas, read_info(run.root).get("fingerprint"), ev.ensemble_weights, tta,
+    return fingerprint(SPEC_VERSION, shas, read_info(run.root).fingerprint, ev.ensemble_weights, tta,
                        sv.target_sensitivity, sv.ood_quantile, ev.prior_correction)
 
 
@@ -135,7 +139,7 @@ def fit_spec(run: RunDir, config: Config, members: dict[str, Member], tta: bool)
     batch = config.evaluate.batch_size
     probs = {name: m.probs(val.images, tta=tta, batch_size=batch) for name, m in members.items()}
     sv = config.serve
-    task = next(iter(members.values())).info["task"]
+    task = next(iter(members.values())).checkpoint.task
     spec = ensemble.fit(probs, val.labels, task=task, weighting=config.evaluate.ensemble_weights,
                         target_sensitivity=sv.target_sensitivity, ood_quantile=sv.ood_quantile,
                         uncertain_margin=sv.uncertain_margin, tta=tta,
@@ -170,6 +174,8 @@ class Inference:
     spec_file: str = ""  # where the spec was read from or written to
     batch_size: int = 64
     members: dict[str, Member] = field(default_factory=dict)  # the loaded ones (see ``load``)
+    # what loads a member (lesion.engines): None is eager torch (``Member.load``); the answers are the core's either way
+    loader: Any = None
 
     @classmethod
     def from_run(cls, run: RunDir, config: Config, models: list[str] | None = None, *, tta: bool | None = None,
@@ -188,7 +194,7 @@ class Inference:
             if spec is not None:
                 log.info("%s is out of date (checkpoints, data or options changed): refitting on validation", path)
             members = {name: Member.load(name, model_dirs[name], device) for name in names}
-            tasks = {name: m.info["task"] for name, m in members.items()}
+            tasks = {name: m.checkpoint.task for name, m in members.items()}
             if len(set(tasks.values())) != 1:
                 raise ValueError(f"models of {run.root} were trained for different tasks: {tasks}")
             spec = fit_spec(run, config, members, tta)
@@ -217,12 +223,21 @@ class Inference:
             if name not in self.model_dirs:
                 raise KeyError(f"model {name!r} is not an ensemble member; members: {', '.join(self.names)}")
             if name not in self.members:
-                self.members[name] = Member.load(name, self.model_dirs[name], device)
+                self.members[name] = (self.loader or Member.load)(name, self.model_dirs[name], device)
         return self
 
     def unloaded(self) -> Inference:
         """This core without loaded weights (to send to other processes, which ``load`` what they run)."""
         return dataclasses.replace(self, members={})
+
+    @property
+    def engine(self) -> str:
+        """What runs the members' forward passes: ``torch`` or ``onnxruntime`` (``lesion.engines``)."""
+        return getattr(self.loader, "engine", "torch")
+
+    def on_torch(self) -> Inference:
+        """This core on eager torch, members unloaded (Grad-CAM needs gradients, whatever engine predicts)."""
+        return self if self.loader is None else dataclasses.replace(self, members={}, loader=None)
 
     def member(self, name: str) -> Member:
         """A loaded member."""

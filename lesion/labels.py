@@ -35,3 +35,9 @@ def malignant_indices(task: str) -> list[int]:
     """Label indices that count as malignant in ``task``."""
     names = class_names(task)
     return [1] if task == "binary" else [i for i, dx in enumerate(names) if dx in MALIGNANT_DX]
+
+
+def output_units(task: str, num_classes: int) -> int:
+    """A model's outputs for ``task`` with ``num_classes`` classes: one logit for binary (malignant vs benign),
+    one per class otherwise."""
+    return 1 if task == "binary" else num_classes

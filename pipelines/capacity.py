@@ -24,9 +24,8 @@ from lesion.config import Config, TrainConfig
 
 log = logging.getLogger(__name__)
 
-# A Ray Data read/map task asks for one CPU by default: training must leave one free for it. Even a read given a
-# fraction (pipelines.datasets) runs read_parquet's ListFiles step as a one-CPU task: packing three demo trainings
-# into 2 CPUs with a quarter CPU kept for reads waited forever on "3 x {'CPU': 1.0}" (tried, reverted).
+# A Ray Data read/map task asks for one CPU (read_parquet's file listing too): training leaves one whole CPU free for
+# it. Why not a fraction: docs/decisions.md, "A whole CPU for Ray Data reads".
 DATA_TASK_CPU = 1.0
 RESOURCES = (("CPU", "cpu"), ("GPU", "gpu"), ("memory", "memory"))
 

@@ -14,6 +14,7 @@ import sys
 
 from lesion.config import ConfigError
 from lesion.rundir import RunLockedError
+from pipelines import tracking
 from pipelines.capacity import CapacityError
 
 # command -> (module in pipelines/, one-line help)
@@ -29,7 +30,10 @@ COMMANDS = {
     "serve": ("serve", "serve the trained ensemble with Ray Serve (HTTP API + web page)"),
     "run": ("workflow", "run the whole workflow: ingest, tune, train, evaluate (and serve)"),
     "status": ("status", "show the stage table of a `lesion run` in progress or done (`lesion status --run RUN`)"),
-    "cluster": ("workflow", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
+    "cluster": ("local_cluster", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
+    "register": ("register", "register a run's ensemble as an MLflow model version, or move an alias"),
+    "export": ("export", "export a run's ensemble as a bundle: ONNX / torch.export members, parity-checked"),
+    "verify": ("export", "check an export bundle's checksums and re-run its samples"),
     "config": ("config_cmd", "show a run's effective config and where each value came from, or change it "
                              "(`lesion config show|set`)"),
 }
@@ -48,6 +52,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             module = importlib.import_module(f"pipelines.{module_name}")
             module.add_arguments(name, sub_parser)
+            if name in tracking.TRACKED_COMMANDS:
+                tracking.add_tracking_argument(sub_parser)
             if name in SAVES_CONFIG:
                 sub_parser.add_argument("--save-config", action="store_true",
                                         help="record this command's effective config (file + flags) as RUN/config.yaml")
@@ -68,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"pipelines.{COMMANDS[args.command][0]}")
     try:
-        return module.run_command(args.command, args) or 0
+        with tracking.command_run(args.command, args):
+            return module.run_command(args.command, args) or 0
     except (ConfigError, CapacityError, FileNotFoundError, ValueError, RunLockedError) as exc:
         print(f"lesion {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -18,17 +18,10 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = "config.yaml"  # the configuration a run was made with, beside manifest.json
 
-# Ray Serve's throughput-optimised mode for a Ray this process starts on one machine: the ingress replica serves HTTP
-# itself on a port of its own (from 30000; Serve's proxy on serve.port forwards to it), deployments talk over gRPC,
-# user code and the router share the replica's event loop.
-# Measured on 2 cores (benchmarks/README.md, serving): a lone /v1/predict request answered 50-56 ms sooner, and 8
-# clients got 9-11 requests/s instead of 6-7 (two runs against one of the proxy mode). Set the variable to 0
-# to keep the proxy; on a cluster started with `ray start`, set it there (every node's processes read it). The
-# ingress replica's extra draining wait, there for an external load balancer to deregister it, is off: without it
-# serve.shutdown() outlived its 30 s timeout and left the controller up (in-flight requests still drain).
-# Two per-run costs that buy nothing on one machine: Ray Train's preemption watcher (an actor per training that polls
-# for nodes being drained) and Ray Data's 32 Parquet footer-reader actors per read (our splits are a few files).
-# Without them the demo's processes used 579 CPU-s instead of 637 on 2 cores (README.md, results: the demo row).
+# For a Ray this process starts on one machine: Serve's throughput-optimised mode (the ingress replica serves HTTP on
+# a port of its own; set the variable to 0 to keep the proxy, and on a `ray start` cluster set it on every node), no
+# ingress draining wait, no Train preemption watcher, one Parquet footer reader. Why: docs/decisions.md, "Local Ray
+# environment".
 LOCAL_RAY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
                  "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
@@ -148,3 +141,50 @@ class StageTimes:
     def __str__(self) -> str:
         parts = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
         return f"{parts} (total {sum(self.seconds.values()):.1f} s)"
+
+
+def add_model_source_arguments(parser) -> None:
+    """``--model-uri`` and ``--engine``: where a command's trained models come from and what runs them."""
+    from lesion.vocabulary import ENGINES
+
+    parser.add_argument("--model-uri", metavar="URI",
+                        help="trained models: a run directory, an export bundle (lesion export) or models:/NAME@ALIAS "
+                             "(instead of --run)")
+    parser.add_argument("--engine", choices=ENGINES,
+                        help="what runs the models' forward passes (default: inference.engine, torch); Grad-CAM "
+                             "always runs on torch")
+
+
+def model_uri_of(args) -> str:
+    """The models a command uses: ``--model-uri``, else ``--run``."""
+    uri, run = getattr(args, "model_uri", None), getattr(args, "run", None)
+    if uri and run and Path(uri).resolve() != Path(run).resolve():
+        raise ValueError("give --run RUN_DIR or --model-uri URI, not both")
+    if not (uri or run):
+        raise ValueError("give --run RUN_DIR or --model-uri URI (a run directory, an export bundle or "
+                         "models:/NAME@ALIAS)")
+    return str(uri or run)
+
+
+def models_config(args, overrides: dict[str, Any] | None = None) -> Config:
+    """The config of a command that uses trained models: a run's (``resolve_config``, ``--save-config`` honoured),
+    else for a bundle or registered model ``--config`` or the defaults; then the flags, ``--engine`` among them."""
+    from lesion.resolve import is_bundle
+
+    uri = model_uri_of(args)
+    flags = {**(overrides or {}), "inference.engine": getattr(args, "engine", None)}
+    if uri.startswith("models:/") or is_bundle(uri):
+        if getattr(args, "save_config", False):
+            raise ValueError("--save-config records a run's config: it needs --run, not a bundle")
+        config_path = getattr(args, "config", None)
+        return apply_overrides(load_config(config_path) if config_path else Config(), flags)
+    return resolve_config(RunDir(uri), getattr(args, "config", None), flags,
+                          save=getattr(args, "save_config", False))
+
+
+def core_from_args(args, config: Config, **kwargs):
+    """The inference core of a command's ``--model-uri`` / ``--run`` with ``config`` (its engine included);
+    ``kwargs`` go to ``lesion.resolve.load_inference`` (models, tta, device, load)."""
+    from lesion.resolve import load_inference
+
+    return load_inference(model_uri_of(args), config, **kwargs)

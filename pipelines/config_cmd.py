@@ -1,5 +1,6 @@
-"""``lesion config show`` and ``lesion config set``: inspect a run's effective configuration, and change the
-configuration a run records (``RUN/config.yaml``) explicitly.
+"""``lesion config show``, ``lesion config set`` and ``lesion config schema``: inspect a run's effective
+configuration, change the configuration a run records (``RUN/config.yaml``) explicitly, and print the JSON Schema of
+a config file (``lesion.config.config_schema``) for editors that validate YAML.
 
 ``show`` resolves the config the way every command does (``pipelines.common.resolve_config``: ``--config`` file, else
 the run's recorded config, else the defaults, then ``--set`` flags) and prints each field with where its value came
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lesion.config import Config, apply_overrides, flatten, load_config
+from lesion.config import Config, apply_overrides, config_schema, flatten, load_config
 from lesion.rundir import RunDir
 from pipelines.common import RUN_CONFIG, parse_sets, record_run_config, resolve_config_sources
 
@@ -20,7 +21,7 @@ VALUE_WIDTH = 24  # values longer than this push their source column to the righ
 
 
 def add_arguments(name: str, parser) -> None:
-    """The ``show`` and ``set`` actions of ``lesion config``."""
+    """The ``show``, ``set`` and ``schema`` actions of ``lesion config``."""
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = actions.add_parser("show", help="print every effective field and where its value came from",
                               description="print every effective field and where its value came from "
@@ -34,6 +35,9 @@ def add_arguments(name: str, parser) -> None:
                                             "without --config uses it; values are read as YAML and checked")
     change.add_argument("--run", required=True, help="run directory")
     change.add_argument("assignments", nargs="+", metavar="KEY=VALUE", help="e.g. train.epochs=3 data.root=/data/x")
+    actions.add_parser("schema", help="print the JSON Schema of a config file",
+                       description="print the JSON Schema (draft 2020-12) of a config file: every section and field "
+                                   "with its type, allowed values, range and default, for editors that validate YAML")
 
 
 def format_value(value: Any) -> str:
@@ -74,7 +78,10 @@ def set_fields(run: RunDir, assignments: list[str]) -> list[str]:
 
 
 def run_command(name: str, args) -> int:
-    """Run ``lesion config show`` or ``lesion config set``."""
+    """Run ``lesion config show``, ``set`` or ``schema``."""
+    if args.action == "schema":
+        print(json.dumps(config_schema(), indent=2))
+        return 0
     run = RunDir(args.run)
     run.pull()
     if args.action == "show":

@@ -13,13 +13,12 @@ Output (``RUN/eval/``, or ``RUN/eval/external/<name>/`` for another data set):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +30,25 @@ import pyarrow.parquet as pq
 from lesion import ensemble, explain, metrics, report
 from lesion.calibration import apply_temperature
 from lesion.config import Config, apply_overrides
-from lesion.data.augment import model_input
+from lesion.explain_quality import explanation_quality
 from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, split_files
 from lesion.inference import Inference, checkpoint_sha256, data_config_of
 from lesion.labels import class_names
-from lesion.models import checkpoint_arch, set_cpu_threads
+from lesion.models import read_model_record, set_cpu_threads
+from lesion.records import DataRecord
+from lesion.resolve import load_inference
 from lesion.rundir import RunDir, atomic_path, fingerprint, package_versions, write_atomic
+from lesion.vocabulary import ENGINES
 from pipelines import capacity
 from pipelines.common import StageTimes, init_ray, resolve_config
+from pipelines.stages import Stage
 
 log = logging.getLogger(__name__)
 
 META = ["image_id", "lesion_id", "label", "dx", "dx_type", "age", "sex", "localization"]
 PREPROCESSING = ("image_size", "crop_border", "remove_hair", "resize", "color_constancy", "min_image_side",
                  "max_image_pixels")  # what an external set is ingested with: the run's own (data_config_of)
-EVALUATE_VERSION = 5  # bump when evaluate's output changes for the same inputs (2: variant comparison; 3, 4: ROAD
-# noise; 5: the ensemble's malignant probability before the class-prior adjustment)
-ROAD_CHUNK = 8  # images per ROAD task (explanation quality)
+EVALUATE_VERSION = 5  # bump when evaluate's output changes for the same inputs (docs/decisions.md, "Stage versions")
 
 
 class Predictor:
@@ -150,71 +151,6 @@ def isic_table(image_ids, probs: np.ndarray, task: str) -> pd.DataFrame:
     return table
 
 
-def explanation_quality(core: Inference, images: np.ndarray, masks: np.ndarray | None, methods: list[str]
-                        ) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """CAM-vs-mask scores and faithfulness per member and method, and the ensemble's mask scores, with the core's
-    members loaded.
-
-    Members explain their own predicted class; the ensemble's map is the weighted mean of the members' maps of the
-    ensemble's predicted class (the core's answer). Returns (section for metrics.json, {method: {model or
-    "ensemble": cams}}).
-    """
-    section: dict[str, Any] = {"n_images": int(len(images)), "has_masks": masks is not None, "methods": methods,
-                               "targets": "predicted class", "models": {}}
-    cams: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
-    members = {name: core.member(name) for name in core.names}
-    inputs = {name: model_input(images, m.info["mean"], m.info["std"], int(m.info["input_size"]), m.device)
-              for name, m in members.items()}
-    ens_targets = core.combine(core.probabilities(images)).argmax(axis=1)
-    predicted = {name: explain.predicted_classes(m.net, m.info, inputs[name]) for name, m in members.items()}
-    for name, m in members.items():  # CAM hooks are not thread-safe: the maps one after another
-        for method in methods:
-            cams[method][name] = explain.explain_batch(m.net, m.info, inputs[name], predicted[name], method)
-    for (name, method), scores in faithfulness_by_map(members, inputs, cams).items():
-        maps = cams[method][name]
-        entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
-        section["models"].setdefault(name, {})[method] = {**entry, **scores, "n_images": int(len(images))}
-    section["models"]["ensemble"] = {}
-    for method in methods:
-        member_maps = {}
-        for name, m in members.items():  # a member's own map where it predicts the ensemble's class; new ones elsewhere
-            member_maps[name] = cams[method][name].copy()
-            differ = np.flatnonzero(predicted[name] != ens_targets)
-            if len(differ):
-                member_maps[name][differ] = explain.explain_batch(m.net, m.info, inputs[name][differ],
-                                                                  ens_targets[differ], method)
-        maps = explain.ensemble_cam(member_maps, core.spec.weights, size=images.shape[1:3])
-        entry = dict(explain.cam_mask_scores(maps, masks)) if masks is not None else {}
-        entry["n_images"] = int(len(images))
-        section["models"]["ensemble"][method] = entry
-        cams[method]["ensemble"] = maps
-    return section, cams
-
-
-def faithfulness_by_map(members: dict, inputs: dict, cams: dict[str, dict[str, np.ndarray]]
-                        ) -> dict[tuple[str, str], dict[str, float]]:
-    """ROAD and confidence change of every (member, CAM method), over its images in chunks of ``ROAD_CHUNK`` spread
-    over the cores (ROAD's sparse solves release the GIL): equal tasks keep every core busy to the end. Each chunk's
-    imputation noise is seeded by its position, so the scores do not depend on the number of cores."""
-    tasks = [(name, method, start) for name in members for method in cams
-             for start in range(0, len(inputs[name]), ROAD_CHUNK)]
-
-    def score(task):
-        name, method, start = task
-        chunk = slice(start, start + ROAD_CHUNK)
-        return explain.faithfulness(members[name].net, members[name].info, inputs[name][chunk],
-                                    cams[method][name][chunk], seed=start)
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = list(pool.map(score, tasks))
-    chunked: dict[tuple[str, str], list[dict]] = {}
-    for (name, method, _), scores in zip(tasks, results):
-        chunked.setdefault((name, method), []).append(scores)
-    return {key: {k: float(np.average([c[k] for c in chunks], weights=[c["n"] for c in chunks]))
-                  for k in ("road", "road_morf", "road_lerf", "confidence_change")} | {"n": sum(c["n"] for c in chunks)}
-            for key, chunks in chunked.items()}
-
-
 def _histories(run: RunDir, models: list[str]) -> dict[str, pd.DataFrame]:
     out = {}
     for name in models:
@@ -240,8 +176,8 @@ def evaluation_fingerprint(config: Config, run: RunDir, split: str, data_run: Ru
     data_run = data_run or run
     shas = {name: checkpoint_sha256(run.model_dir(name)) for name in run.trained_models()}
     sv = config.serve
-    return fingerprint(EVALUATE_VERSION, shas, read_info(run.root).get("fingerprint"),
-                       read_info(data_run.root).get("fingerprint"), split, config.to_dict()["evaluate"],
+    return fingerprint(EVALUATE_VERSION, shas, read_info(run.root).fingerprint,
+                       read_info(data_run.root).fingerprint, split, config.to_dict()["evaluate"],
                        sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin)
 
 
@@ -250,13 +186,13 @@ def model_results(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarr
     """metrics.json's entry of every member: metrics, calibration by its temperature, provenance, weight."""
     spec, results = core.spec, {}
     for name in core.names:
-        model_info = json.loads((run.model_dir(name) / "model.json").read_text())
+        record = read_model_record(run.model_dir(name))
         calibrated = apply_temperature(probs[name], spec.temperatures[name])
         results[name] = {
             **metrics.classification_report(labels, probs[name], spec.task, **report_kwargs),
             "calibration": _calibration(labels, probs[name], calibrated, spec.temperatures[name]),
-            "pretrained": model_info.get("pretrained"),
-            "run_id": model_info.get("run_id"),
+            "pretrained": record.pretrained_origin,
+            "run_id": record.run_id,
             "checkpoint_sha256": spec.model_versions.get(name, {}).get("checkpoint_sha256"),
             "ensemble_weight": spec.weights[name],
         }
@@ -267,8 +203,7 @@ def variants_by_arch(run: RunDir, names: list[str]) -> dict[str, list[str]]:
     """The evaluated models grouped by architecture (``model.json``'s ``arch``; older runs: its name)."""
     groups: dict[str, list[str]] = {}
     for name in names:
-        info = json.loads((run.model_dir(name) / "model.json").read_text())
-        groups.setdefault(checkpoint_arch(info), []).append(name)
+        groups.setdefault(read_model_record(run.model_dir(name)).arch, []).append(name)
     return groups
 
 
@@ -281,9 +216,9 @@ def comparison(run: RunDir, task: str, labels: np.ndarray, probs: dict[str, np.n
     for arch, variants in variants_by_arch(run, list(probs)).items():
         if len(variants) < 2:
             continue
-        infos = {v: json.loads((run.model_dir(v) / "model.json").read_text()) for v in variants}
+        records = {v: read_model_record(run.model_dir(v)) for v in variants}
         out[arch] = {
-            "variants": {v: {"balance": infos[v].get("balance"), "pretrained": infos[v].get("pretrained")}
+            "variants": {v: {"balance": records[v].balance, "pretrained": records[v].pretrained_origin}
                          for v in variants},
             **metrics.paired_bootstrap(labels, {v: probs[v] for v in variants}, groups, task,
                                        config.evaluate.bootstrap, seed=config.data.seed),
@@ -340,7 +275,7 @@ def _cam_figures(core: Inference, files: list[str], meta: pd.DataFrame, image_si
         return {}, {}
     rows = np.unique(np.linspace(0, len(meta) - 1, min(ev.cam_score_images, len(meta))).astype(int))
     images, masks = read_rows(files, rows, image_size)
-    section, cams = explanation_quality(core.load(), images, masks, list(ev.cam_methods))
+    section, cams = explanation_quality(core.on_torch().load(), images, masks, list(ev.cam_methods))
     shown = np.unique(np.linspace(0, len(images) - 1, min(ev.cam_images, len(images))).astype(int))
     method = ev.cam_methods[0]
     overlays = {name: np.stack([explain.overlay(images[i], cams[method][name][i]) for i in shown])
@@ -356,25 +291,57 @@ def _cam_figures(core: Inference, files: list[str], meta: pd.DataFrame, image_si
     return section, figures
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Evaluate(Stage):
+    """Scoring the run's models and ensemble (``evaluate``) on ``split`` (default: ``evaluate.split``) of
+    ``data_run`` (default: the run's own data): ``RUN/eval/``, or ``RUN/eval/external/<name>/``."""
+
+    split: str | None = None
+    data_run: RunDir | None = None
+    kind = "evaluate"
+
+    def _split(self, config: Config) -> str:
+        return self.split or config.evaluate.split
+
+    def artefact(self, run: RunDir) -> str:
+        out = output_dir(run, self.data_run)
+        return "eval" if out == run.eval else f"eval/external/{out.name}"
+
+    def artefacts(self, run: RunDir) -> list[Path]:
+        return [output_dir(run, self.data_run) / "metrics.json"]
+
+    def fingerprint(self, config: Config, run: RunDir) -> str:
+        return evaluation_fingerprint(config, run, self._split(config), self.data_run)
+
+    def run(self, config: Config, run: RunDir) -> dict:
+        return evaluate(config, run, self._split(config), self.data_run, force=True)
+
+    def summary(self, result: dict) -> str:
+        ensemble_scores = result["models"]["ensemble"]
+        return (f"{result['split']}: ensemble bal.acc {ensemble_scores['balanced_accuracy']:.3f}, "
+                f"acc {ensemble_scores['accuracy']:.3f}")
+
+
 def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir | None = None, *,
              force: bool = False) -> dict:
     """Score every trained model of ``run`` and the ensemble on ``split`` of ``data_run`` (default: the run's own
     data; ``all`` = every split, for an external set). Writes the evaluation folder and returns metrics.json's
     content. With ``force=False`` an evaluation already made with the same fingerprint is returned unchanged."""
     data_run = data_run or run
+    stage = Evaluate(split=split, data_run=data_run)
     out = output_dir(run, data_run)
     external = out != run.eval
-    artefact = "eval" if not external else f"eval/external/{out.name}"
-    fp = evaluation_fingerprint(config, run, split, data_run)
-    if not force and run.is_current(artefact, fp) and (out / "metrics.json").is_file():
+    artefact = stage.artefact(run)
+    fp = stage.fingerprint(config, run)
+    if not force and stage.made_from(run, fp):
         log.info("%s is current (fingerprint %s): not re-evaluating", out, fp)
         return json.loads((out / "metrics.json").read_text())
     times = StageTimes()
     with times("ensemble spec"):
-        core = Inference.from_run(run, config, load=False)
+        core = load_inference(run.root, config, load=False)  # on inference.engine; Grad-CAM scores on torch
     info = read_info(data_run.root)
-    if info["task"] != core.spec.task:
-        raise ValueError(f"{data_run.root} holds a {info['task']} data set but the models of {run.root} are "
+    if info.task != core.spec.task:
+        raise ValueError(f"{data_run.root} holds a {info.task} data set but the models of {run.root} are "
                          f"{core.spec.task}")
     if split == "val" and not external:
         log.warning("evaluating on the validation split, which the ensemble was fitted on: its scores are optimistic")
@@ -382,7 +349,7 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     meta = read_meta(files)
     labels = meta["label"].to_numpy(np.int64)
     with times("scoring"):
-        probs, answers = score(core, files, meta, int(info["image_size"]), config)
+        probs, answers = score(core, files, meta, info.image_size, config)
     final = core.combine(probs)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -401,7 +368,7 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
                            malignant_of(answers), core.classes, core.spec.task, results)
     compared = {arch: list(section["variants"]) for arch, section in result["comparison"].items()}
     with times("explanations"):
-        result["explanations"], cam_figures = _cam_figures(core, files, meta, int(info["image_size"]), final, out,
+        result["explanations"], cam_figures = _cam_figures(core, files, meta, info.image_size, final, out,
                                                            config, compared)
     figures.update(cam_figures)
 
@@ -416,8 +383,8 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     return metrics.json_safe(result)
 
 
-def _result_document(core: Inference, split: str, external: bool, data_run: RunDir, info: dict, meta: pd.DataFrame,
-                     groups: np.ndarray, results: dict) -> dict[str, Any]:
+def _result_document(core: Inference, split: str, external: bool, data_run: RunDir, info: DataRecord,
+                     meta: pd.DataFrame, groups: np.ndarray, results: dict) -> dict[str, Any]:
     """metrics.json without the explanations."""
     spec = core.spec
     return {
@@ -427,9 +394,9 @@ def _result_document(core: Inference, split: str, external: bool, data_run: RunD
         "tta": spec.tta,
         "external": external,
         "data": {
-            "run": str(data_run.root), "source": info.get("source"), "fingerprint": info.get("fingerprint"),
-            "image_size": info.get("image_size"), "n_images": int(len(meta)),
-            "n_lesions": int(len(set(groups))), "counts": info.get("counts"),
+            "run": str(data_run.root), "source": info.source, "fingerprint": info.fingerprint,
+            "image_size": info.image_size, "n_images": int(len(meta)),
+            "n_lesions": int(len(set(groups))), "counts": info.to_dict()["counts"],
         },
         "ensemble_spec": {"file": core.spec_file, "fitted_on": spec.fitted_on, "tta": spec.tta,
                           "validation": spec.validation},
@@ -516,13 +483,15 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                                          "(ham10000, isic-task3, isic-binary, folder, parquet)")
     parser.add_argument("--root", help="folder or file of --source")
     parser.add_argument("--force", action="store_true", help="re-evaluate even if nothing changed")
+    parser.add_argument("--engine", choices=ENGINES, help="what scores the models (default: inference.engine, torch)")
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     if args.data and args.source:
         raise ValueError("give either --data (an ingested run) or --source/--root, not both")
-    config = resolve_config(run, args.config, {"evaluate.tta": args.tta}, save=args.save_config)
+    config = resolve_config(run, args.config, {"evaluate.tta": args.tta, "inference.engine": args.engine},
+                            save=args.save_config)
     data_run = None
     if args.data:
         data_run = RunDir(args.data)

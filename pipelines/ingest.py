@@ -7,14 +7,13 @@ crop the border, remove hair and resize; the driver streams the results into Par
 that fails to decode becomes a rejected row (file, reason) in ``rejected.csv``; nothing is dropped silently.
 
 A fingerprint of the data config, the source files (names, sizes, modification times) and ``INGEST_VERSION`` is kept
-in the manifest: a second ingest with the same inputs is skipped.
+in the manifest: a second ingest with the same inputs is skipped (``Ingest.is_current``, the rule of every stage).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -31,9 +30,11 @@ from lesion.data import preprocess as prep
 from lesion.data import shards, sources, splits
 from lesion.data.shards import SHARD_SCHEMA, SPLITS
 from lesion.labels import class_names
-from lesion.rundir import RunDir, changed_settings, atomic_path, fingerprint, write_atomic
+from lesion.records import DataRecord, preprocessing_of
+from lesion.rundir import RunDir, changed_settings, atomic_path, fingerprint
 from pipelines import capacity
 from pipelines.common import RUN_CONFIG, init_ray, record_run_config, resolve_config
+from pipelines.stages import Stage
 
 if TYPE_CHECKING:
     import ray
@@ -69,6 +70,31 @@ def data_fingerprint(data_config: DataConfig) -> str:
     return fingerprint("ingest", INGEST_VERSION, values, sources.input_files(data_config))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Ingest(Stage):
+    """Ingesting ``config.data`` into ``RUN/data/`` (``ingest``)."""
+
+    kind = "ingest"
+    exclusive = True  # Ray Data spreads its tasks over every CPU
+    current_status = "current"  # found current by listing its source files again, not skipped unseen
+
+    def artefact(self, run: RunDir) -> str:
+        return "data"
+
+    def artefacts(self, run: RunDir) -> list[Path]:
+        return [run.data / "info.json"]
+
+    def fingerprint(self, config: Config, run: RunDir) -> str:
+        return data_fingerprint(config.data)
+
+    def run(self, config: Config, run: RunDir) -> dict[str, Any]:
+        return ingest(config, run, force=True)
+
+    def summary(self, result: dict[str, Any]) -> str:
+        per_split = ", ".join(f"{split} {sum(counts.values())}" for split, counts in result["counts"].items())
+        return f"{result['num_images']} images ({per_split}), {result['image_size']} px, {result['source']}"
+
+
 def ingest(config: Config, run: RunDir, force: bool = False, num_cpus: int | None = None) -> dict[str, Any]:
     """Ingest ``config.data`` into ``run.data``; skipped when the fingerprint is unchanged (unless ``force``).
 
@@ -78,10 +104,11 @@ def ingest(config: Config, run: RunDir, force: bool = False, num_cpus: int | Non
     data_config = config.data
     splits.check_fractions(data_config.split)
     class_names(data_config.task)
-    fp = data_fingerprint(data_config)
-    if not force and run.is_current("data", fp) and (run.data / "info.json").is_file():
+    stage = Ingest()
+    fp = stage.fingerprint(config, run)
+    if not force and stage.made_from(run, fp):
         log.info("data: unchanged (fingerprint %s), skipping ingest of %s; use --force to redo it", fp, run.data)
-        return {**shards.read_info(run.root), "skipped": True}
+        return {**shards.read_info(run.root).to_dict(), "skipped": True}
 
     started = time.perf_counter()
     records, rejected = sources.read_source(data_config)
@@ -114,16 +141,16 @@ def ingest(config: Config, run: RunDir, force: bool = False, num_cpus: int | Non
     with atomic_path(partial / "split.csv") as tmp:
         table.to_csv(tmp, index=False)
     info = _info(data_config, fp, table, written["has_masks"], len(rejected), seconds)
-    write_atomic(partial / "info.json", json.dumps(info, indent=2))
+    shards.write_info(partial, info)
     _figures(records, table, written["train_sample"], data_config, partial)
     _replace(partial, run.data)
-    run.record("data", config=dataclasses.asdict(data_config), fingerprint=fp, num_images=info["num_images"],
+    run.record("data", config=dataclasses.asdict(data_config), fingerprint=fp, num_images=info.num_images,
                rejected=len(rejected))
     run.push("data")
     total = time.perf_counter() - started
     log.info("ingest: %d images kept, %d rejected, in %.1f s (preprocessing %.1f images/s) -> %s",
-             info["num_images"], len(rejected), total, info["images_per_second"], run.data)
-    return {**info, "skipped": False, "seconds_total": total}
+             info.num_images, len(rejected), total, info.images_per_second, run.data)
+    return {**info.to_dict(), "skipped": False, "seconds_total": total}
 
 
 def _fail(partial: Path, rejected: list[tuple[str, str]], data_config: DataConfig) -> None:
@@ -158,8 +185,8 @@ def map_blocks(dataset: "ray.data.Dataset", fn: Any, **fn_kwargs: Any) -> "ray.d
     """``fn(block, **fn_kwargs)`` over every block of ``dataset`` (Arrow in, one task of one CPU per block), results
     in input order (same inputs -> same shard contents), as many tasks at once as the cluster has CPUs.
 
-    Ray Data's per-operator resource reservation is turned off for this dataset: on 2 CPUs it held half-second tasks
-    to one at a time at first and one per 0.35 s after (4.7 s for 3 s of work; 3.2 s without; benchmarks/README.md).
+    Ray Data's per-operator resource reservation is turned off for this dataset, since it holds short tasks back
+    (docs/decisions.md, "Ingest without Ray Data's resource reservation").
     """
     dataset = dataset.map_batches(fn, batch_size=None, batch_format="pyarrow", fn_kwargs=fn_kwargs, num_cpus=1)
     dataset.context.execution_options.preserve_order = True
@@ -278,29 +305,18 @@ def _load_mask(row: dict, shape: tuple[int, int]) -> tuple[np.ndarray | None, st
 
 
 def _info(data_config: DataConfig, fp: str, table: pd.DataFrame, has_masks: bool, rejected: int,
-          seconds: float) -> dict[str, Any]:
-    classes = list(class_names(data_config.task))
+          seconds: float) -> DataRecord:
+    classes = class_names(data_config.task)
     counts = {name: {c: int(((table["split"] == name) & (table["label"] == i)).sum()) for i, c in enumerate(classes)}
               for name in SPLITS}
-    return {
-        "task": data_config.task,
-        "classes": classes,
-        "image_size": data_config.image_size,
-        "source": data_config.source,
-        "root": None if data_config.root is None else str(Path(data_config.root).expanduser().resolve()),
-        "fingerprint": fp,
-        "counts": counts,
-        "has_masks": bool(has_masks),
-        "num_images": int(len(table)),
-        "num_lesions": int(table["lesion_id"].nunique()),
-        "rejected": rejected,
-        "split_fractions": list(data_config.split),
-        "seed": data_config.seed,
-        "crop_border": data_config.crop_border,
-        "remove_hair": data_config.remove_hair,
-        "seconds": round(seconds, 2),
-        "images_per_second": round(len(table) / seconds, 1) if seconds > 0 else None,
-    }
+    return DataRecord(
+        task=data_config.task, classes=tuple(classes), image_size=data_config.image_size, counts=counts,
+        source=data_config.source, fingerprint=fp,
+        root=None if data_config.root is None else str(Path(data_config.root).expanduser().resolve()),
+        preprocessing=preprocessing_of(data_config), has_masks=bool(has_masks), num_images=int(len(table)),
+        num_lesions=int(table["lesion_id"].nunique()), rejected=rejected, split_fractions=tuple(data_config.split),
+        seed=data_config.seed, seconds=round(seconds, 2),
+        images_per_second=round(len(table) / seconds, 1) if seconds > 0 else None)
 
 
 def _figures(records: list[dict], table: pd.DataFrame, train_sample: list[np.ndarray], data_config: DataConfig,
@@ -324,10 +340,10 @@ def _figures(records: list[dict], table: pd.DataFrame, train_sample: list[np.nda
         save_augment_figure(np.stack(train_sample), folder / "augment_examples.png")
 
 
-def format_counts(info: dict[str, Any]) -> str:
+def format_counts(info: DataRecord) -> str:
     """Counts per class (rows) and split (columns), with totals, as a text table."""
-    classes = info["classes"]
-    counts = info["counts"]
+    classes = info.classes
+    counts = info.counts
     width = max(len(c) for c in [*classes, "total"])
     lines = [f"{'class':<{width}}" + "".join(f"{s:>8}" for s in (*SPLITS, "total"))]
     for name in classes:
@@ -390,7 +406,7 @@ def run_command(name: str, args) -> int:
     summary = ingest(config, run, force=args.force, num_cpus=args.num_cpus)
     state = "unchanged, skipped (use --force to redo)" if summary["skipped"] else f"written in {summary['seconds']} s"
     print(f"data: {run.data} ({state})")
-    print(format_counts(summary))
+    print(format_counts(shards.read_info(run.root)))
     print(f"rejected: {summary['rejected']} (see `lesion data summary --run {args.run}`)")
     return 0
 
@@ -398,9 +414,10 @@ def run_command(name: str, args) -> int:
 def print_summary(run: RunDir) -> None:
     """Print what ``run`` holds: source, task, sizes, counts per class and split, and every rejected file."""
     info = shards.read_info(run.root)
-    for key in ("source", "root", "task", "image_size", "num_images", "num_lesions", "has_masks", "split_fractions",
-                "seed", "crop_border", "remove_hair", "fingerprint"):
-        print(f"{key:>15}: {info.get(key)}")
+    shown = {key: getattr(info, key) for key in ("source", "root", "task", "image_size", "num_images", "num_lesions",
+                                                  "has_masks", "split_fractions", "seed")}
+    for key, value in {**shown, **info.preprocessing, "fingerprint": info.fingerprint}.items():
+        print(f"{key:>15}: {value}")
     print()
     print(format_counts(info))
     rejected_path = run.data / "rejected.csv"

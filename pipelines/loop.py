@@ -6,14 +6,14 @@ one-worker Ray Tune trials use ``TuneSession`` (split arrays from the object sto
 its metrics and rank 0 a checkpoint (model, optimizer, scheduler, early stopping with the best weights, history);
 a restarted worker group resumes from the last checkpoint.
 
-The loop's input is plain data (``loop_config``): the resolved training config, facts about the data and output
-places. Its optional ``step_hook`` is a picklable callable ``hook(epoch=, step=, rank=, world_size=)`` called on
-every worker after each optimiser step: instrumentation from the caller's side (the tests inject faults with it).
+The loop's input is a ``lesion.records.LoopSpec`` (``loop_spec``): the resolved training config, facts about the
+data and output places. Its optional ``step_hook`` is a picklable callable ``hook(epoch=, step=, rank=,
+world_size=)`` called on every worker after each optimiser step: instrumentation from the caller's side (the tests
+inject faults with it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 import time
@@ -29,8 +29,8 @@ import torch
 
 from lesion.config import TrainConfig
 from lesion.models import create_model, model_spec, set_cpu_threads, unwrap
+from lesion.records import DataRecord, LoopSpec
 from lesion.training import (
-    BALANCE_MODES,
     EarlyStopping,
     LoopSettings,
     add_scalars,
@@ -89,12 +89,32 @@ def progress_line(name: str, row: dict[str, Any], epochs: int, seconds_per_epoch
             f"{row['images_per_second']:.0f} img/s  eta {format_duration(left * seconds_per_epoch)}")
 
 
-def keeps_data(loop: dict[str, Any], world_size: int) -> bool:
+def keeps_data(loop: LoopSpec, world_size: int) -> bool:
     """Whether a Train worker keeps its share of the train and val splits in memory after the first epoch
     (``train.cache_mb``): replaying small splits spares Ray Data's start-up of a streaming read every epoch, which
     costs seconds where an epoch of small images is seconds of compute."""
-    rows = loop["train_rows"] // world_size + loop["val_rows"]
-    return rows * loop["image_size"] ** 2 * 3 <= loop["cfg"]["cache_mb"] * 2**20
+    rows = loop.train_rows // world_size + loop.val_rows
+    return rows * loop.image_size ** 2 * 3 <= loop.train.cache_mb * 2**20
+
+
+def worker_device(assigned: torch.device) -> tuple[torch.device, bool]:
+    """The device a worker computes on, and whether it fell back to the CPU: Ray gave it a GPU that torch cannot see
+    (a logical one, as ``ray.init(num_gpus=1)`` on a CPU machine declares), so it computes on the CPU, as on a GPU
+    (bf16 autocast, ``LoopSettings.amp_on_cpu``), rather than failing on a CUDA call."""
+    if assigned.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu"), True
+    return assigned, False
+
+
+def process_group_backend(gpus_per_worker: float) -> str:
+    """The workers' ``torch.distributed`` backend: NCCL for GPU workers, gloo for CPU ones, and gloo too where the
+    driver's node declares GPUs that torch cannot see (logical GPUs on a CPU machine: NCCL refuses to start without a
+    real one, and the workers fall back to the CPU, ``worker_device``)."""
+    if gpus_per_worker <= 0:
+        return "gloo"
+    here = ray.get_runtime_context().get_node_id()
+    gpus_here = next((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["NodeID"] == here), 0.0)
+    return "gloo" if gpus_here and not torch.cuda.is_available() else "nccl"
 
 
 def derive_seed(*parts: int) -> int:
@@ -108,22 +128,22 @@ def derive_seed(*parts: int) -> int:
 class TrainSession:
     """The loop's view of a Ray Train worker: dataset shards, device, DDP, checkpoints, ``ray.train.report``."""
 
-    def __init__(self, loop: dict[str, Any]):
+    def __init__(self, loop: LoopSpec):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device, self.gpu_fallback = worker_device(ray.train.torch.get_device())
         self.loop = loop
-        set_cpu_threads(loop["cfg"].get("threads_per_worker"), self.device)
+        set_cpu_threads(loop.train.threads_per_worker, self.device)
         self.kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # split -> this worker's images and labels
         self.keeps = keeps_data(loop, self.world_size)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(model, move_to_device=self.device)
 
     def _batches(self, name: str, batch_size: int, **kwargs):
         return ray.train.get_dataset_shard(name).iter_torch_batches(
-            batch_size=batch_size, collate_fn=ImageBatchCollate(self.loop["image_size"]), device=self.device,
+            batch_size=batch_size, collate_fn=ImageBatchCollate(self.loop.image_size), device=self.device,
             pin_memory=self.device.type == "cuda", prefetch_batches=PREFETCH_BATCHES, **kwargs)
 
     def _keep(self, name: str, batches):
@@ -139,18 +159,18 @@ class TrainSession:
         self.kept[name] = (np.concatenate(images), np.concatenate(labels))
 
     def train_batches(self, epoch: int):
-        batch_size = self.loop["cfg"]["batch_size"]
-        seed = derive_seed(self.loop["cfg"]["seed"], epoch, self.rank)
+        batch_size = self.loop.train.batch_size
+        seed = derive_seed(self.loop.train.seed, epoch, self.rank)
         if "train" in self.kept:  # the same rows as the first epoch, in a new order
             images, labels = self.kept["train"]
             return array_batches(images, labels, batch_size, seed=seed, drop_last=len(labels) % batch_size == 1)
-        rows = self.loop["train_rows"] // self.world_size  # the equal split of every epoch
+        rows = self.loop.train_rows // self.world_size  # the equal split of every epoch
         return self._keep("train", self._batches(
             "train", batch_size, drop_last=rows % batch_size == 1,  # no batch of 1 for BatchNorm
             local_shuffle_buffer_size=max(SHUFFLE_BUFFER_MIN, 4 * batch_size), local_shuffle_seed=seed))
 
     def val_batches(self):
-        batch_size = 2 * self.loop["cfg"]["batch_size"]
+        batch_size = 2 * self.loop.train.batch_size
         if "val" in self.kept:
             return array_batches(*self.kept["val"], batch_size)
         return self._keep("val", self._batches("val", batch_size))
@@ -169,22 +189,23 @@ class TuneSession:
     rank = 0
     world_size = 1
 
-    def __init__(self, loop: dict[str, Any], data: dict[str, np.ndarray]):
+    def __init__(self, loop: LoopSpec, data: dict[str, np.ndarray]):
         self.loop = loop
         self.data = data
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.gpu_fallback = self.device.type == "cpu" and bool(ray.get_gpu_ids())  # see worker_device
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
 
     def train_batches(self, epoch: int):
-        batch_size = self.loop["cfg"]["batch_size"]
+        batch_size = self.loop.train.batch_size
         labels = self.data["train_labels"]
         return array_batches(self.data["train_images"], labels, batch_size, drop_last=len(labels) % batch_size == 1,
-                             seed=derive_seed(self.loop["cfg"]["seed"], epoch, 0))
+                             seed=derive_seed(self.loop.train.seed, epoch, 0))
 
     def val_batches(self):
-        return array_batches(self.data["val_images"], self.data["val_labels"], 2 * self.loop["cfg"]["batch_size"])
+        return array_batches(self.data["val_images"], self.data["val_labels"], 2 * self.loop.train.batch_size)
 
     def checkpoint(self):
         from ray import tune
@@ -200,40 +221,22 @@ class TuneSession:
 # --------------------------------------------------------------------------------------------- the loop
 
 
-def loop_config(cfg: TrainConfig, name: str, info: dict[str, Any], *, tb_dir: Path | None = None,
-                step_hook: StepHook | None = None, progress: bool = True) -> dict[str, Any]:
-    """Everything a worker needs: the resolved training config, data facts, output places, an optional step hook,
-    and whether rank 0 logs one progress line per epoch (``progress``)."""
-    if cfg.balance not in BALANCE_MODES:
-        raise ValueError(f"train.balance: expected one of {', '.join(BALANCE_MODES)}, got {cfg.balance!r}")
-    classes = list(info["classes"])
-    counts = info["counts"]
-    return {
-        "name": name,  # the variant
-        "arch": cfg.arch or name,  # its architecture
-        "cfg": {**dataclasses.asdict(cfg), "models": {}},
-        "task": info["task"],
-        "classes": classes,
-        "image_size": int(info["image_size"]),
-        "input_size": int(cfg.input_size or info["image_size"]),
-        "train_counts": [int(counts["train"].get(c, 0)) for c in classes],
-        "train_rows": int(sum(counts["train"].values())),
-        "val_rows": int(sum(counts["val"].values())),
-        "tb_dir": str(tb_dir) if tb_dir else None,
-        "step_hook": step_hook,
-        "progress": progress,
-        "verbose": verbose(),
-    }
+def loop_spec(cfg: TrainConfig, name: str, data: DataRecord, *, tb_dir: Path | None = None,
+              step_hook: StepHook | None = None, progress: bool = True) -> LoopSpec:
+    """Everything a worker needs: the resolved training config of variant ``name``, facts about ``data``, output
+    places, an optional step hook, and whether rank 0 logs one progress line per epoch (``progress``)."""
+    return LoopSpec.build(cfg, name, data, tb_dir=str(tb_dir) if tb_dir else None, step_hook=step_hook,
+                          progress=progress, verbose=verbose())
 
 
-def build_model(loop: dict[str, Any]) -> torch.nn.Module:
-    """The network of ``loop``'s architecture (pretrained weights as configured), with the config's architecture
-    options."""
-    cfg = loop["cfg"]
-    pretrained = cfg["weights"] or cfg["pretrained"]
-    outputs = 1 if loop["task"] == "binary" else len(loop["classes"])
-    options = {key: cfg[key] for key in model_spec(loop["arch"])["arch_kwargs"]}
-    return create_model(loop["arch"], outputs, pretrained=pretrained, input_size=loop["input_size"], **options)
+def build_model(loop: LoopSpec, *, pretrained: bool | str | None = None) -> torch.nn.Module:
+    """The network of ``loop``'s architecture with the config's architecture options, starting from the configured
+    weights (``pretrained`` None) or from ``pretrained``."""
+    cfg = loop.train
+    if pretrained is None:
+        pretrained = cfg.weights or cfg.pretrained
+    options = {key: getattr(cfg, key) for key in model_spec(loop.arch)["arch_kwargs"]}
+    return create_model(loop.arch, loop.outputs, pretrained=pretrained, input_size=loop.input_size, **options)
 
 
 def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -247,18 +250,19 @@ class TrainingRun:
     history, restored from the session's checkpoint when there is one. The optimizer and scheduler are rebuilt
     when the transfer-learning phase changes."""
 
-    def __init__(self, loop: dict[str, Any], session):
+    def __init__(self, loop: LoopSpec, session):
         self.loop, self.session = loop, session
-        self.cfg = cfg = TrainConfig(**loop["cfg"])
+        self.cfg = cfg = loop.train
         seed_everything(cfg.seed)
         if session.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        spec = model_spec(loop["arch"])
-        self.settings = LoopSettings(task=loop["task"], num_classes=len(loop["classes"]), mean=spec["mean"],
-                                     std=spec["std"], input_size=loop["input_size"], device=session.device,
-                                     amp=cfg.amp, channels_last=cfg.channels_last)
-        self.loss_fn = build_loss(loop["task"], cfg, loop["train_counts"])
-        self.rates = sampling_rates(loop["train_counts"]) if cfg.balance == "oversample" else None
+        spec = model_spec(loop.arch)
+        self.settings = LoopSettings(task=loop.task, num_classes=len(loop.classes), mean=spec["mean"],
+                                     std=spec["std"], input_size=loop.input_size, device=session.device,
+                                     amp=cfg.amp, channels_last=cfg.channels_last,
+                                     amp_on_cpu=getattr(session, "gpu_fallback", False))
+        self.loss_fn = build_loss(loop.task, cfg, loop.train_counts)
+        self.rates = sampling_rates(loop.train_counts) if cfg.balance == "oversample" else None
         self.stopper = EarlyStopping(cfg.monitor, cfg.patience)
         self.history: list[dict[str, Any]] = []
         self.attempt = 0
@@ -299,12 +303,12 @@ class TrainingRun:
         self.stopper.load_state_dict(state["early_stopping"])
         self.history = list(state["history"])
         self.attempt = state["attempt"] + 1
-        log.info("resuming %s at epoch %d (attempt %d)", self.loop["name"], self.start, self.attempt)
+        log.info("resuming %s at epoch %d (attempt %d)", self.loop.name, self.start, self.attempt)
 
     def run(self) -> None:
         """Train from ``start`` to the configured epochs (or early stopping), reporting every epoch."""
         cfg, session = self.cfg, self.session
-        writer = tensorboard_writer(self.loop["tb_dir"]) if session.rank == 0 and self.loop.get("tb_dir") else None
+        writer = tensorboard_writer(self.loop.tb_dir) if session.rank == 0 and self.loop.tb_dir else None
         try:
             for epoch in range(self.start, cfg.epochs):
                 phase = phase_of(epoch, unwrap(self.net), cfg)
@@ -312,9 +316,9 @@ class TrainingRun:
                     self.enter_phase(phase, unwrap(self.net))
                 row = self.epoch(epoch)
                 self.history.append(row)
-                if session.rank == 0 and self.loop.get("progress"):
+                if session.rank == 0 and self.loop.progress:
                     timed = [r["epoch_seconds"] for r in self.history if r["attempt"] == self.attempt]
-                    log.info("%s", progress_line(self.loop["name"], row, cfg.epochs, sum(timed) / len(timed)))
+                    log.info("%s", progress_line(self.loop.name, row, cfg.epochs, sum(timed) / len(timed)))
                 if writer is not None:
                     add_scalars(writer, row)
                 self.report(row)
@@ -334,7 +338,7 @@ class TrainingRun:
         batches = session.train_batches(epoch)
         if self.rates is not None:
             batches = balanced_batches(batches, self.rates, generator)
-        hook = self.loop.get("step_hook")
+        hook = self.loop.step_hook
 
         def on_step(step: int) -> None:
             if self.ema is not None:
@@ -355,7 +359,7 @@ class TrainingRun:
         return {"epoch": epoch, "phase": self.phase, "attempt": self.attempt, "lr": lr, **train, **val, "best": best,
                 "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - started, "time": time.time(),
                 "images_per_second": train["images"] / train_seconds if train_seconds > 0 else 0.0,
-                **{f"seen_{c}": int(n) for c, n in zip(self.loop["classes"], seen)}}
+                **{f"seen_{c}": int(n) for c, n in zip(self.loop.classes, seen)}}
 
     def report(self, row: dict[str, Any]) -> None:
         """Report the epoch's metrics, with rank 0's checkpoint of the whole training state."""
@@ -375,15 +379,17 @@ class TrainingRun:
             self.session.report(metrics, folder if self.session.rank == 0 else None)
 
 
-def run_training(loop: dict[str, Any], session) -> None:
+def run_training(loop: LoopSpec, session) -> None:
     """Train for the configured epochs (resuming from the session's checkpoint), reporting every epoch."""
     TrainingRun(loop, session).run()
 
 
-def train_func(loop: dict[str, Any]) -> None:
-    """Ray Train's per-worker function. Ray Train's own per-report lines are shown only with ``-v``; rank 0's
-    progress line (root logger, INFO on Train workers) says the same in one line."""
-    if not loop.get("verbose"):
+def train_func(config: dict[str, LoopSpec]) -> None:
+    """Ray Train's per-worker function, given ``{"loop": LoopSpec}`` (Ray Train takes a dict). Ray Train's own
+    per-report lines are shown only with ``-v``; rank 0's progress line (root logger, INFO on Train workers) says the
+    same in one line."""
+    loop = config["loop"]
+    if not loop.verbose:
         from ray.train.v2._internal.execution import context as train_context
 
         # Ray 2.60 logs "Reporting training result ..." on a logger named after that module's file path
@@ -391,7 +397,7 @@ def train_func(loop: dict[str, Any]) -> None:
     run_training(loop, TrainSession(loop))
 
 
-def build_trainer(cfg: TrainConfig, loop: dict[str, Any], datasets: dict[str, ray.data.Dataset], storage: str,
+def build_trainer(cfg: TrainConfig, loop: LoopSpec, datasets: dict[str, ray.data.Dataset], storage: str,
                   run_name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer running the loop over ``datasets`` (``pipelines.datasets.training_datasets``) with the
     config's workers, resources and failure policy; checkpoints go to ``storage/run_name``."""
@@ -400,9 +406,10 @@ def build_trainer(cfg: TrainConfig, loop: dict[str, Any], datasets: dict[str, ra
         resources["GPU"] = cfg.gpus_per_worker
     return ray.train.torch.TorchTrainer(
         train_func,
-        train_loop_config=loop,
+        train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                                resources_per_worker=resources),
+        torch_config=ray.train.torch.TorchConfig(backend=process_group_backend(cfg.gpus_per_worker)),
         datasets=datasets,
         dataset_config=data_config(),
         run_config=ray.train.RunConfig(

@@ -19,26 +19,28 @@ from typing import Any
 from lesion.config import Config, TrainConfig, apply_overrides, dump_yaml
 from lesion.data.shards import read_info
 from lesion.models import model_spec, save_checkpoint
-from lesion.rundir import RunDir, changed_settings, fingerprint, remove_tree
-from lesion.training import BALANCE_MODES, plot_learning_curve, write_history
+from lesion.records import CheckpointRecord, DataRecord, LoopSpec
+from lesion.rundir import RunDir, changed_settings, fingerprint, package_versions, remove_tree
+from lesion.training import plot_learning_curve, write_history
+from lesion.vocabulary import BALANCE_MODES
 from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
 from pipelines.datasets import training_datasets
-from pipelines.loop import StepHook, build_model, build_trainer, loop_config, quiet_ray_progress, read_state
+from pipelines.loop import StepHook, build_model, build_trainer, loop_spec, quiet_ray_progress, read_state
 from pipelines.tuned import best_overrides
 
 log = logging.getLogger(__name__)
 
-TRAIN_VERSION = 1  # bump when a change makes training write different models (re-trains every run's models)
+TRAIN_VERSION = 2  # bump when a change makes training write different models (re-trains every run's models)
 RAY_RUN_NAME = "train"  # RUN/models/<name>/ray/<RAY_RUN_NAME>/ holds Ray Train's checkpoints
 
 
-def train_fingerprint(cfg: TrainConfig, info: dict[str, Any]) -> str:
+def train_fingerprint(cfg: TrainConfig, data: DataRecord) -> str:
     """What a trained model depends on: ``TRAIN_VERSION``, its resolved training config (``changed_settings``) and
-    the data's fingerprint (``info``: the run's ``data/info.json``)."""
+    the data's fingerprint (``data``: the run's ``data/info.json``)."""
     settings = changed_settings(cfg)
     settings.pop("models", None)
-    return fingerprint("train", TRAIN_VERSION, settings, info.get("fingerprint"))
+    return fingerprint("train", TRAIN_VERSION, settings, data.fingerprint)
 
 
 def ray_storage(run: RunDir, name: str) -> str:
@@ -57,7 +59,7 @@ def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False,
     Returns a summary (best epoch, validation metrics at it, weights origin, paths, timings).
     """
     cfg = config.model_config(name)  # an unknown name or arch fails here, not on the workers
-    info = read_info(run.root)
+    data = read_info(run.root)
     model_dir = run.model_dir(name)
     storage = ray_storage(run, name)
     init_ray()
@@ -66,7 +68,7 @@ def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False,
     if not resume:
         remove_tree(f"{storage}/{RAY_RUN_NAME}")
     # TensorBoard: live from rank 0 when the run is local; written from the history after the run otherwise
-    loop = loop_config(cfg, name, info, tb_dir=None if run.is_remote else model_dir / "tb", step_hook=step_hook)
+    loop = loop_spec(cfg, name, data, tb_dir=None if run.is_remote else model_dir / "tb", step_hook=step_hook)
     model_dir.mkdir(parents=True, exist_ok=True)
     quiet_ray_progress()
     log.info("training %s: %d epochs, %d worker(s), balance=%s", name, cfg.epochs, cfg.workers, cfg.balance)
@@ -76,47 +78,51 @@ def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False,
     seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} reported no checkpoint (see the Ray logs under {storage})")
-    return write_artefacts(run, name, cfg, loop, info, read_state(result.checkpoint), seconds)
+    return write_artefacts(run, loop, data, read_state(result.checkpoint), seconds)
 
 
-def write_artefacts(run: RunDir, name: str, cfg: TrainConfig, loop: dict[str, Any], info: dict[str, Any],
-                    state: dict[str, Any], seconds: float) -> dict[str, Any]:
+def checkpoint_record(loop: LoopSpec, data: DataRecord, state: dict[str, Any], run_id: str,
+                      fp: str) -> CheckpointRecord:
+    """The record of the best epoch's model of a finished training (``state``: its last checkpoint)."""
+    cfg, spec = loop.train, model_spec(loop.arch)
+    stopping, history = state["early_stopping"], state["history"]
+    best_row = next(row for row in history if row["epoch"] == stopping["best_epoch"])
+    return CheckpointRecord(
+        name=loop.name, arch=loop.arch, task=loop.task, classes=loop.classes, num_classes=loop.outputs,
+        input_size=loop.input_size, image_size=loop.image_size, mean=tuple(spec["mean"]), std=tuple(spec["std"]),
+        arch_kwargs={key: getattr(cfg, key) for key in spec["arch_kwargs"]}, preprocessing=dict(data.preprocessing),
+        pretrained_origin=state["pretrained_origin"], versions=package_versions(), run_id=run_id, fingerprint=fp,
+        data_fingerprint=data.fingerprint, best_epoch=stopping["best_epoch"], monitor=cfg.monitor,
+        epochs_trained=len(history), balance=cfg.balance, seed=cfg.seed,
+        metrics={k: best_row[k] for k in best_row if k.startswith("val_")})
+
+
+def write_artefacts(run: RunDir, loop: LoopSpec, data: DataRecord, state: dict[str, Any],
+                    seconds: float) -> dict[str, Any]:
     """best.pt (best epoch's weights) + model.json, config.yaml, history.csv/json, learning_curve.png, manifest."""
+    name, cfg = loop.name, loop.train
     model_dir = run.model_dir(name)
     history = state["history"]
-    stopping = state["early_stopping"]
-    best_epoch = stopping["best_epoch"]
-    best_row = next(row for row in history if row["epoch"] == best_epoch)
-    model = build_model({**loop, "cfg": {**loop["cfg"], "pretrained": False, "weights": None}})
-    model.load_state_dict(stopping["best_state"])
-    spec = model_spec(loop["arch"])
-    cfg_dict = {**dataclasses.asdict(cfg), "models": {}}
-    fp = train_fingerprint(cfg, info)
+    model = build_model(loop, pretrained=False)
+    model.load_state_dict(state["early_stopping"]["best_state"])
+    cfg_dict = dataclasses.asdict(cfg)
+    fp = train_fingerprint(cfg, data)
     run_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}-{fp[:8]}"
-    val_metrics = {k: best_row[k] for k in best_row if k.startswith("val_")}
-    checkpoint_info = {
-        "name": name, "arch": loop["arch"], "task": loop["task"], "classes": loop["classes"],
-        "num_classes": 1 if loop["task"] == "binary" else len(loop["classes"]), "input_size": loop["input_size"], "image_size": loop["image_size"],
-        "mean": list(spec["mean"]), "std": list(spec["std"]),
-        "arch_kwargs": {key: loop["cfg"][key] for key in spec["arch_kwargs"]},
-        "pretrained": state["pretrained_origin"], "run_id": run_id, "fingerprint": fp,
-        "best_epoch": best_epoch, "monitor": cfg.monitor, "epochs_trained": len(history), "balance": cfg.balance,
-        "seed": cfg.seed, "data_fingerprint": info.get("fingerprint"), "metrics": val_metrics,
-    }
-    save_checkpoint(model_dir / "best.pt", model, checkpoint_info)
+    record = checkpoint_record(loop, data, state, run_id, fp)
+    save_checkpoint(model_dir / "best.pt", model, record)
     dump_yaml(cfg_dict, model_dir / "config.yaml")  # the effective training config (file, tuned values, flags)
     write_history(history, model_dir, tensorboard=run.is_remote)
-    plot_learning_curve(history, model_dir / "learning_curve.png", title=f"{name} ({checkpoint_info['pretrained']})")
+    plot_learning_curve(history, model_dir / "learning_curve.png", title=f"{name} ({record.pretrained_origin})")
     images = sum(row["images"] for row in history)
     train_seconds = sum(row["train_seconds"] for row in history)
     summary = {
-        "name": name, "arch": loop["arch"], "best_epoch": best_epoch, "epochs": len(history),
-        "pretrained": checkpoint_info["pretrained"], "run_id": run_id, **val_metrics, "seconds": seconds,
+        "name": name, "arch": loop.arch, "best_epoch": record.best_epoch, "epochs": len(history),
+        "pretrained": record.pretrained_origin, "run_id": run_id, **record.metrics, "seconds": seconds,
         "images_per_second": images / train_seconds if train_seconds else 0.0,
         "attempts": max(row["attempt"] for row in history) + 1, "model_dir": str(model_dir),
     }
-    run.record(f"models/{name}", config=cfg_dict, fingerprint=fp, run_id=run_id, best_epoch=best_epoch,
-               metrics=val_metrics, pretrained=checkpoint_info["pretrained"])
+    run.record(f"models/{name}", config=cfg_dict, fingerprint=fp, run_id=run_id, best_epoch=record.best_epoch,
+               metrics=dict(record.metrics), pretrained=record.pretrained_origin)
     return summary
 
 

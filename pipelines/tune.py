@@ -31,26 +31,27 @@ from ray import tune
 
 from lesion.config import Config, ConfigError, TrainConfig, apply_overrides
 from lesion.data.shards import load_split, read_info
+from lesion.records import DataRecord
 from lesion.rundir import RunDir, changed_settings, atomic_path, fingerprint, remove_tree, write_atomic
+from lesion.vocabulary import SEARCH_SPACE_TYPES, TUNE_MODES, TUNE_SCHEDULERS
 from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
 from pipelines.datasets import training_datasets
-from pipelines.loop import TuneSession, build_trainer, loop_config, quiet_ray_progress, read_state, run_training, verbose
+from pipelines.loop import TuneSession, build_trainer, loop_spec, quiet_ray_progress, read_state, run_training, verbose
 from pipelines.tuned import BEST_FILE
 
 log = logging.getLogger(__name__)
 
 TUNE_VERSION = 1  # bump when a change makes the search write different results (re-tunes every run)
 EXPERIMENT = "search"  # RUN/tune/ray/<EXPERIMENT>/: Tune's experiment state
-SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
 
 
-def tune_fingerprint(config: Config, info: dict[str, Any]) -> str:
+def tune_fingerprint(config: Config, data: DataRecord) -> str:
     """What a search depends on: ``TUNE_VERSION``, the tune section, the untuned training config of the tuned model
-    and the data's fingerprint (``info``: the run's ``data/info.json``)."""
+    and the data's fingerprint (``data``: the run's ``data/info.json``)."""
     untuned = changed_settings(config.model_config(config.tune.model))
     untuned.pop("models", None)
-    return fingerprint("tune", TUNE_VERSION, changed_settings(config.tune), untuned, info.get("fingerprint"))
+    return fingerprint("tune", TUNE_VERSION, changed_settings(config.tune), untuned, data.fingerprint)
 
 
 # --------------------------------------------------------------------------------------------- search space
@@ -72,8 +73,9 @@ def param_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
         where = f"tune.search_space.{key}"
         if key not in fields:
             raise ConfigError(f"{where}: not a train field; known: {', '.join(sorted(fields))}")
-        if not isinstance(entry, dict) or entry.get("type") not in SPACE_TYPES:
-            raise ConfigError(f"{where}: expected a mapping with type one of {', '.join(SPACE_TYPES)}, got {entry!r}")
+        if not isinstance(entry, dict) or entry.get("type") not in SEARCH_SPACE_TYPES:
+            raise ConfigError(f"{where}: expected a mapping with type one of {', '.join(SEARCH_SPACE_TYPES)}, "
+                              f"got {entry!r}")
         kind = entry["type"]
         try:
             if kind == "choice":
@@ -114,16 +116,16 @@ def trial_config(config: Config, name: str, params: dict[str, Any], epochs: int)
 # --------------------------------------------------------------------------------------------- trials
 
 
-def trial_single(params: dict[str, Any], *, config: Config, name: str, info: dict[str, Any],
+def trial_single(params: dict[str, Any], *, config: Config, name: str, data_record: DataRecord,
                  data: dict[str, np.ndarray]) -> None:
     """One trial on one worker: the training loop of ``lesion train`` on the split arrays."""
     spec = config.tune.search_space
     cfg = trial_config(config, name, decode_params(params, spec), config.tune.epochs)
-    loop = loop_config(cfg, name, info, progress=False)  # Tune's trial table reports progress
+    loop = loop_spec(cfg, name, data_record, progress=False)  # Tune's trial table reports progress
     run_training(loop, TuneSession(loop, data))
 
 
-def trial_distributed(params: dict[str, Any], *, config: Config, name: str, info: dict[str, Any],
+def trial_distributed(params: dict[str, Any], *, config: Config, name: str, data_record: DataRecord,
                       run_root: str) -> None:
     """One trial as a multi-worker TorchTrainer on the shards; its reports reach Tune through TuneReportCallback."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -138,21 +140,22 @@ def trial_distributed(params: dict[str, Any], *, config: Config, name: str, info
     # Inside a trial Ray Data gets no CPU budget for streaming reads beside the train workers (the reads would
     # wait forever), so the trial reads the training split once, before its workers start.
     datasets = training_datasets(run, cfg, materialize_train=True)
-    trainer = build_trainer(cfg, loop_config(cfg, name, info, progress=False), datasets, storage, context.get_trial_id(),
-                            callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, loop_spec(cfg, name, data_record, progress=False), datasets, storage,
+                            context.get_trial_id(), callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
-def _trainable(config: Config, run: RunDir, name: str, info: dict[str, Any]):
+def _trainable(config: Config, run: RunDir, name: str, data_record: DataRecord):
     """The trial function with its resources (and, for one-worker trials, the split arrays)."""
     tcfg = config.tune
     if tcfg.workers_per_trial > 1:
-        fn = tune.with_parameters(trial_distributed, config=config, name=name, info=info, run_root=run.uri)
+        fn = tune.with_parameters(trial_distributed, config=config, name=name, data_record=data_record,
+                                  run_root=run.uri)
         return tune.with_resources(fn, {"cpu": 0.1})
     train, val = load_split(run.root, "train"), load_split(run.root, "val")
     data = {"train_images": train.images, "train_labels": train.labels, "val_images": val.images,
             "val_labels": val.labels}
-    fn = tune.with_parameters(trial_single, config=config, name=name, info=info, data=data)
+    fn = tune.with_parameters(trial_single, config=config, name=name, data_record=data_record, data=data)
     return tune.with_resources(fn, {"cpu": tcfg.cpus_per_trial, "gpu": tcfg.gpus_per_trial})
 
 
@@ -172,11 +175,11 @@ def tune_model(config: Config, run: RunDir, *, resume: bool = False, callbacks: 
     tcfg = config.tune
     name = tcfg.model
     space = param_space(tcfg.search_space)
-    if tcfg.scheduler not in ("asha", "none"):
-        raise ConfigError(f"tune.scheduler: expected asha or none, got {tcfg.scheduler!r}")
-    if tcfg.mode not in ("min", "max"):
-        raise ConfigError(f"tune.mode: expected min or max, got {tcfg.mode!r}")
-    info = read_info(run.root)
+    if tcfg.scheduler not in TUNE_SCHEDULERS:
+        raise ConfigError(f"tune.scheduler: expected one of {', '.join(TUNE_SCHEDULERS)}, got {tcfg.scheduler!r}")
+    if tcfg.mode not in TUNE_MODES:
+        raise ConfigError(f"tune.mode: expected one of {', '.join(TUNE_MODES)}, got {tcfg.mode!r}")
+    data_record = read_info(run.root)
     init_ray()
     cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
     concurrency = capacity.tune_concurrency(config, cluster)
@@ -184,7 +187,7 @@ def tune_model(config: Config, run: RunDir, *, resume: bool = False, callbacks: 
     quiet_ray_progress()
     storage = f"{run.uri}/tune/ray" if run.is_remote else str(run.tune / "ray")
     experiment = f"{storage}/{EXPERIMENT}"
-    trainable = _trainable(config, run, name, info)
+    trainable = _trainable(config, run, name, data_record)
     started = time.perf_counter()
     if resume:
         if not tune.Tuner.can_restore(experiment):

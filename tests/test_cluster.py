@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from faults import REGISTERED_FILE
-from pipelines.workflow import node_processes, start_local_cluster, stop_local_cluster
+from pipelines.local_cluster import node_processes, start_local_cluster, stop_local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 LESION = str(Path(sys.executable).with_name("lesion"))  # the venv's console script (nodes share this machine)

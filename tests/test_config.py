@@ -150,14 +150,48 @@ def test_list_items_widen_and_defaults_are_valid():
     assert config_from_dict(Config().to_dict()) == Config()  # every default passes its own check
 
 
-def test_choice_lists_agree_with_the_code_that_uses_them():
-    """The stages import their choices from lesion.config or hold the same values (until they import them)."""
-    from lesion import explain, training
+def test_the_config_has_one_section_per_stage():
+    assert [f.name for f in dataclasses.fields(Config)] == ["data", "train", "tune", "evaluate", "serve", "workflow",
+                                                            "tracking", "inference"]
 
-    assert set(explain.METHODS) == set(config_module.CAM_METHODS)
-    assert training.OPTIMIZERS == config_module.OPTIMIZERS and training.SCHEDULERS == config_module.SCHEDULERS
-    assert training.BALANCE_MODES == config_module.BALANCE_MODES and training.VAL_METRICS == config_module.VAL_METRICS
-    assert [f.name for f in dataclasses.fields(Config)] == ["data", "train", "tune", "evaluate", "serve", "workflow"]
+
+@pytest.fixture(scope="module")
+def schema_validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = config_module.config_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "cluster" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_schema_accepts_every_shipped_config(schema_validator, path):
+    import yaml
+
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in schema_validator.iter_errors(yaml.safe_load(path.read_text()) or {})]
+    assert not errors
+
+
+def test_the_schema_accepts_the_defaults_and_rejects_what_reading_rejects(schema_validator):
+    assert schema_validator.is_valid(Config().to_dict())
+    for values, *_ in CHOICE_FIELDS:  # every wrong enum value, in a section, a variant or a search space
+        assert not schema_validator.is_valid(values), values
+    for wrong in ({"train": {"epochs": 0}}, {"train": {"learning_rate": 1}}, {"train": {"models": {"a/b": {}}}},
+                  {"train": {"models": {"x": {"arch": "vgg16"}}}}, {"serve": {"port": 70000}},
+                  {"tune": {"search_space": {"learning_rate": {"type": "uniform", "low": 0, "high": 1}}}}):
+        assert not schema_validator.is_valid(wrong), wrong
+    assert schema_validator.is_valid({"train": {"models": {"r50-balanced": {"arch": "resnet50", "input_size": None}}}})
+
+
+def test_config_schema_command_prints_the_schema(capsys):
+    import json
+
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    balance = schema["properties"]["train"]["properties"]["balance"]
+    assert balance["enum"] == ["none", "weights", "oversample"] and balance["default"] == "none"
+    variant = schema["properties"]["train"]["properties"]["models"]["additionalProperties"]
+    assert "arch" in variant["properties"] and "models" not in variant["properties"]
 
 
 @pytest.fixture

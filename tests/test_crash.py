@@ -25,8 +25,9 @@ from PIL import Image
 from test_workflow import bucket, s3_server  # noqa: F401  (moto's S3 stand-in, as fixtures)
 
 from lesion import rundir
+from lesion.rundir import locks
 from lesion.rundir import TEMP_MARK, RunDir, RunLockedError, atomic_path, write_atomic
-from pipelines.workflow import node_processes
+from pipelines.local_cluster import node_processes
 
 REPO = Path(__file__).resolve().parents[1]
 LESION = Path(sys.executable).with_name("lesion")
@@ -137,8 +138,8 @@ def test_a_lock_of_another_host_is_not_taken_over(tmp_path):
 def test_a_remote_run_is_locked_by_an_object_with_a_heartbeat(bucket, monkeypatch, tmp_path, caplog):  # noqa: F811
     name, client = bucket
     monkeypatch.setenv("LESION_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(rundir, "SETTLE_S", 0.05)
-    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(locks, "SETTLE_S", 0.05)  # where the lock reads them
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.2)
     uri = f"s3://{name}/run"
     run = RunDir(uri)
 

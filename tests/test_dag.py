@@ -52,7 +52,7 @@ def test_a_cap_on_parallel_trainings_is_kept():
 
 
 def test_a_two_cpu_laptop_runs_one_stage_at_a_time():
-    laptop = load_config(ROOT / "cluster" / "configs" / "ham10000-laptop.yaml")  # two members at 0.5 CPU per worker
+    laptop = load_config(ROOT / "benchmarks" / "configs" / "ham10000-laptop.yaml")  # two members at 0.5 CPU per worker
     nodes = build_graph(laptop, LAPTOP)
     check_graph(nodes, LAPTOP)
     assert _names(plan_waves(nodes, LAPTOP)) == [["ingest"], ["train efficientnet_lite0"],

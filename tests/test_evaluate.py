@@ -68,7 +68,7 @@ def test_evaluate_writes_every_artefact(evaluated):
 def test_ensemble_is_fitted_on_validation_only(evaluated):
     run, result, fit_splits, fit_sizes, _ = evaluated
     assert fit_splits == ["val"]
-    n_val = sum(read_info(run.root)["counts"]["val"].values())
+    n_val = read_info(run.root).split_rows("val")
     assert fit_sizes and set(fit_sizes) == {n_val}  # every temperature was fitted on the validation images
     assert result["ensemble_spec"]["fitted_on"] == "val"
     assert result["ensemble_spec"]["validation"]["n"] == n_val
@@ -154,7 +154,7 @@ def test_evaluate_external_data_via_cli(evaluated, ingested_run, tmp_path, capsy
     out = run.eval / "external" / ingested_run.root.name
     external = json.loads((out / "metrics.json").read_text())
     assert external["split"] == "all" and external["external"] is True
-    assert external["data"]["n_images"] == read_info(ingested_run.root)["num_images"]
+    assert external["data"]["n_images"] == read_info(ingested_run.root).num_images
     assert (out / "report.html").is_file() and (out / "predictions" / "ensemble.csv").is_file()
     # the run's own evaluation is untouched and the ensemble spec was not refitted on the external data
     assert json.loads((run.eval / "metrics.json").read_text()) == result
@@ -182,11 +182,7 @@ def test_an_external_set_is_ingested_with_the_runs_own_preprocessing(ingested_ru
 def test_study_benchmark_reads_every_model_and_explanation(evaluated):
     """benchmarks/study.py's tables come from metrics.json: every model, the ensemble and each CAM method, with
     intervals that bracket their estimates."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import study
+    from benchmarks import study
 
     run, result, _, _, _ = evaluated
     rows = study.model_rows(result)
@@ -202,8 +198,7 @@ def test_study_benchmark_reads_every_model_and_explanation(evaluated):
 
 def test_ensemble_maps_reuse_member_maps_only_where_the_classes_agree(evaluated):
     from lesion import explain
-    from lesion.data.augment import model_input
-    from pipelines.evaluate import explanation_quality
+    from lesion.explain_quality import explanation_quality
 
     run = evaluated[0]
     core = inference.Inference.from_run(run, tiny_config())
@@ -213,9 +208,9 @@ def test_ensemble_maps_reuse_member_maps_only_where_the_classes_agree(evaluated)
     fresh = {}
     for name in core.names:  # every member explaining the ensemble's class, computed anew
         member = core.member(name)
-        x = model_input(images, member.info["mean"], member.info["std"], int(member.info["input_size"]), member.device)
-        fresh[name] = explain.explain_batch(member.net, member.info, x, targets, "gradcam")
-        own = explain.predicted_classes(member.net, member.info, x)
+        x = member.input_transform(images)
+        fresh[name] = explain.explain_batch(member.net, member.checkpoint, x, targets, "gradcam")
+        own = explain.predicted_classes(member.net, member.checkpoint, x)
         agree = own == targets
         np.testing.assert_allclose(cams["gradcam"][name][agree], fresh[name][agree], atol=1e-6)
     expected = explain.ensemble_cam(fresh, core.spec.weights, size=images.shape[1:3])

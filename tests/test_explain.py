@@ -16,10 +16,19 @@ from lesion import explain, inference
 from lesion.data.augment import model_input
 from lesion.data.shards import read_info
 from lesion.models import MODEL_NAMES, create_model, model_spec
+from lesion.records import CheckpointRecord
 from lesion.rundir import RunDir
 
 SIZE = 64
 MEAN = STD = (0.5, 0.5, 0.5)
+
+
+def checkpoint(arch: str, outputs: int) -> CheckpointRecord:
+    """The record of an ``arch`` model with ``outputs`` logits (1: binary) at SIZE."""
+    task = "binary" if outputs == 1 else "multiclass"
+    classes = ("benign", "malignant") if outputs == 1 else tuple(f"class{k}" for k in range(outputs))
+    return CheckpointRecord(name=arch, arch=arch, task=task, classes=classes, num_classes=outputs, input_size=SIZE,
+                            mean=MEAN, std=STD)
 SMALL_CNN = {"conv_widths": [8, 16, 32, 64], "fc_widths": [32, 16], "dropout": [0.1]}
 
 
@@ -55,7 +64,7 @@ def located():
     torch.manual_seed(0)
     images, _, _, labels = striped_disks(480, seed=1)
     model = create_model("custom_cnn", 3, input_size=SIZE, **SMALL_CNN)
-    info = {"name": "custom_cnn", "num_classes": 3, "task": "multiclass"}
+    info = checkpoint("custom_cnn", 3)
     x, y = model_input(images, MEAN, STD, SIZE), torch.as_tensor(labels)
     optimizer = torch.optim.Adam(model.parameters(), 3e-3)
     for _epoch in range(6):
@@ -102,16 +111,16 @@ def test_faithfulness_removing_the_highlighted_pixels_hurts_most(located):
 def test_faithfulness_in_chunks_over_the_cores_does_not_depend_on_their_number(located, monkeypatch):
     from types import SimpleNamespace
 
-    from pipelines import evaluate
+    from lesion import explain_quality
 
     model, info, x, _, _, _ = located
     x = x[:20]  # three chunks of ROAD_CHUNK 8: 8, 8, 4
     cams = {"gradcam": {"m": explain.explain_batch(model, info, x)}}
-    members = {"m": SimpleNamespace(net=model, info=info)}
+    members = {"m": SimpleNamespace(net=model, checkpoint=info)}
     scores = []
     for cores in (1, 3):
-        monkeypatch.setattr(evaluate.os, "cpu_count", lambda cores=cores: cores)
-        scores.append(evaluate.faithfulness_by_map(members, {"m": x}, cams))
+        monkeypatch.setattr(explain_quality.os, "cpu_count", lambda cores=cores: cores)
+        scores.append(explain_quality.faithfulness_by_map(members, {"m": x}, cams))
     assert scores[0] == scores[1] and scores[0][("m", "gradcam")]["n"] == 20
     whole = explain.faithfulness(model, info, x, cams["gradcam"]["m"])
     chunked = scores[0][("m", "gradcam")]
@@ -124,7 +133,7 @@ def test_every_method_gives_maps_in_unit_range_for_binary_and_multiclass(located
     model, info, x, *_ = located
     torch.manual_seed(1)
     binary = create_model("custom_cnn", 1, input_size=SIZE, **SMALL_CNN).eval()
-    binary_info = {"name": "custom_cnn", "num_classes": 1, "task": "binary"}
+    binary_info = checkpoint("custom_cnn", 1)
     for net, net_info in ((model, info), (binary, binary_info)):
         with torch.inference_mode():  # explain_batch turns gradients back on itself, even for inference tensors
             cams = explain.explain_batch(net, net_info, x[:3].clone(), method=method, batch_size=2)
@@ -150,7 +159,7 @@ def test_default_target_is_the_predicted_class(located):
 def test_binary_targets_explain_opposite_evidence():
     torch.manual_seed(3)
     model = create_model("custom_cnn", 1, input_size=SIZE, **SMALL_CNN).eval()
-    info = {"name": "custom_cnn", "num_classes": 1, "task": "binary"}
+    info = checkpoint("custom_cnn", 1)
     x = torch.randn(2, 3, SIZE, SIZE)
     malignant = explain.explain_batch(model, info, x, [1, 1])
     benign = explain.explain_batch(model, info, x, [0, 0])
@@ -165,7 +174,7 @@ def test_every_model_has_a_target_layer_with_a_spatial_map(name):
     model = create_model(name, 7, input_size=SIZE, **kwargs).eval()
     layer = explain.target_layer(model, name)
     assert any(layer is module for module in model.backbone.modules())
-    cams = explain.explain_batch(model, {"name": name, "num_classes": 7}, torch.randn(1, 3, SIZE, SIZE),
+    cams = explain.explain_batch(model, checkpoint(name, 7), torch.randn(1, 3, SIZE, SIZE),
                                  method="gradcam++")
     assert cams.shape == (1, SIZE, SIZE)
     assert cams.std() > 0.01, f"{name}: constant Grad-CAM++ map at {SIZE} px"
@@ -232,7 +241,7 @@ def test_cli_writes_overlay_and_prints_prediction(trained_run, tmp_path, capsys)
     from pipelines.cli import main
 
     run = RunDir(shutil.copytree(trained_run.root, tmp_path / "run"))
-    size = read_info(run.root)["image_size"]
+    size = read_info(run.root).image_size
     image = tmp_path / "lesion.png"
     image.write_bytes(_png_bytes(96, seed=5))
     out = tmp_path / "overlay.png"
@@ -262,7 +271,7 @@ def test_explainer_uses_the_runs_ensemble_spec_and_refits_a_stale_one(trained_ru
     spec = ensemble_lib.EnsembleSpec(
         models=members, weights={members[0]: 0.8, members[1]: 0.2}, temperature=1.0,
         temperatures={name: 1.0 for name in members}, malignant_threshold=0.5, ood_threshold=1.0,
-        uncertain_margin=0.0, task="multiclass", classes=list(read_info(run.root)["classes"]),
+        uncertain_margin=0.0, task="multiclass", classes=list(read_info(run.root).classes),
         target_sensitivity=0.95, ood_quantile=0.99,
         fingerprint=inference.spec_fingerprint(run, config, members, tta=False),
         model_versions={name: {"checkpoint_sha256": inference.checkpoint_sha256(run.model_dir(name))}
@@ -277,7 +286,7 @@ def test_explainer_uses_the_runs_ensemble_spec_and_refits_a_stale_one(trained_ru
     np.testing.assert_allclose(list(answer["probabilities"].values()), expected, atol=1e-5)
     assert answer["predicted_class"] == max(answer["probabilities"], key=answer["probabilities"].get)
     assert answer["explained_class"] == answer["predicted_class"]
-    size = read_info(run.root)["image_size"]
+    size = read_info(run.root).image_size
     assert picture.shape == (size, size, 3) and picture.dtype == np.uint8
 
     spec.fingerprint = "stale"  # a stale spec is refitted, as predict and serve refit it (no equal-weight fallback)

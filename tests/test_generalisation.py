@@ -135,7 +135,7 @@ def test_evaluate_scores_a_folder_of_other_cameras(trained_run, folder, tmp_path
     external = run.eval / "external" / root.name
     metrics = json.loads((external / "metrics.json").read_text())
     assert metrics["external"] is True and metrics["data"]["n_images"] == 4 * len(IMAGES)
-    assert read_info(external)["image_size"] == 32  # the run's cached size, whatever the photo's size
+    assert read_info(external).image_size == 32  # the run's cached size, whatever the photo's size
     with open(external / "data" / "rejected.csv", newline="") as handle:
         rejected = list(csv.DictReader(handle))
     assert len(rejected) == 2

@@ -37,14 +37,14 @@ def write_jpeg(path: Path, seed: int, size=(48, 40)) -> bytes:
 def test_synthetic_ingest_writes_the_shard_format(ingested_run):
     data = ingested_run.data
     info = read_info(ingested_run.root)
-    assert info["num_images"] == 280 and info["rejected"] == 0 and info["has_masks"]
-    assert info["classes"] == ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"] and info["image_size"] == 32
-    assert sum(sum(c.values()) for c in info["counts"].values()) == 280
+    assert info.num_images == 280 and info.rejected == 0 and info.has_masks
+    assert list(info.classes) == ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"] and info.image_size == 32
+    assert sum(sum(c.values()) for c in info.counts.values()) == 280
     for split in SPLITS:
         assert pq.read_schema(split_files(ingested_run.root, split)[0]).names == SHARD_SCHEMA.names
         arrays = load_split(ingested_run.root, split)
         assert arrays.images.shape[1:] == (32, 32, 3) and arrays.masks is not None
-        assert np.bincount(arrays.labels, minlength=7).tolist() == list(info["counts"][split].values())
+        assert np.bincount(arrays.labels, minlength=7).tolist() == list(info.counts[split].values())
         assert arrays.images.std() > 10  # real pixels, not an empty buffer
         assert 0.02 < arrays.masks.mean() < 0.9
     table = pd.read_csv(data / "split.csv")
@@ -55,7 +55,7 @@ def test_synthetic_ingest_writes_the_shard_format(ingested_run):
     assert (data / "augment_examples.png").stat().st_size > 1000
     assert pd.read_csv(data / "rejected.csv").empty
     manifest = ingested_run.manifest()["data"]
-    assert manifest["fingerprint"] == info["fingerprint"] and manifest["num_images"] == 280
+    assert manifest["fingerprint"] == info.fingerprint and manifest["num_images"] == 280
 
 
 @pytest.mark.timeout(300)
@@ -97,7 +97,7 @@ def test_bad_inputs_are_reported_not_dropped(ray_local, messy_folder, tmp_path, 
     assert "truncated" in reasons["truncated.jpg"] or "corrupt" in reasons["truncated.jpg"]
     assert "not a decodable image" in reasons["text.png"]
     assert "not an image file" in reasons["readme.txt"]
-    assert read_info(run.root)["classes"] == ["benign", "malignant"]
+    assert list(read_info(run.root).classes) == ["benign", "malignant"]
     print_summary(run)
     out = capsys.readouterr().out
     assert "rejected: 4" in out and all(name in out for name in reasons)
@@ -177,7 +177,7 @@ def test_cli_ingest_and_summary(tmp_path):
                             timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((run / "data" / "info.json").read_text())
-    assert format_counts(info) in result.stdout and info["num_images"] == 40
+    assert format_counts(read_info(run)) in result.stdout and info["num_images"] == 40
     summary = subprocess.run([str(lesion), "data", "summary", "--run", str(run)], capture_output=True, text=True,
                              env=env, timeout=120)
     assert summary.returncode == 0, summary.stderr[-3000:]
@@ -217,5 +217,5 @@ def test_ingest_records_the_run_config_only_when_it_creates_the_run(ray_local, t
     assert load_config(run / "config.yaml").data.synthetic_count == 40
     assert main(["ingest", "--run", str(run), "--count", "48", "--image-size", "32"]) == 0
     assert (run / "config.yaml").read_text() == recorded  # a later ingest's flags are its own
-    assert read_info(run)["num_images"] == 48  # ... recorded with the data it wrote
+    assert read_info(run).num_images == 48  # ... recorded with the data it wrote
     assert RunDir(run).manifest()["data"]["config"]["synthetic_count"] == 48

@@ -1,4 +1,4 @@
-"""Model registry: parameter counts of the seed CNNs, forward shapes, pretrained loading, transfer freezing,
+"""The architecture table: parameter counts of the seed CNNs, forward shapes, pretrained loading, transfer freezing,
 checkpoints, probabilities."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import timm
 import torch
 from torch import nn
 
+from lesion.data.augment import model_input
+from lesion.labels import DX_CLASSES
 from lesion.models import (
     MODEL_NAMES,
     PACKAGED_WEIGHTS,
@@ -30,6 +32,7 @@ from lesion.models import (
     save_checkpoint,
     unfreeze_last_fraction,
 )
+from lesion.records import CheckpointRecord
 
 
 def _first_fc(model: nn.Module) -> nn.Linear:
@@ -258,18 +261,23 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name, arch_kwar
     model.train()
     model(torch.randn(4, 3, 32, 32))  # move the BatchNorm statistics away from their initial values
     model.eval()
-    info = {"name": name, "task": "multiclass", "num_classes": 7, "input_size": 32, "arch_kwargs": arch_kwargs,
-            "mean": np.array([0.5, 0.5, 0.5]), "best_epoch": np.int64(3), "pretrained": model.pretrained_origin}
-    save_checkpoint(tmp_path / name / "best.pt", model, info)
+    record = CheckpointRecord(name=name, arch=name, task="multiclass", classes=DX_CLASSES, num_classes=7,
+                              input_size=32, mean=np.array([0.5, 0.5, 0.5]), std=(0.5, 0.5, 0.5),
+                              arch_kwargs=arch_kwargs, best_epoch=np.int64(3),
+                              pretrained_origin=model.pretrained_origin)
+    save_checkpoint(tmp_path / name / "best.pt", model, record)
 
     loaded, loaded_info = load_trained(tmp_path / name)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert not loaded.training
-    assert loaded_info["best_epoch"] == 3 and loaded_info["mean"] == [0.5, 0.5, 0.5]
+    assert loaded_info.best_epoch == 3 and loaded_info.mean == (0.5, 0.5, 0.5)
     digest = hashlib.sha256((tmp_path / name / "best.pt").read_bytes()).hexdigest()
-    assert loaded_info["checkpoint_sha256"] == digest
+    assert loaded_info.checkpoint_sha256 == digest
+    assert loaded_info.to_dict() == {**record.to_dict(), "checkpoint_sha256": digest}  # the record round-trips
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    assert torch.equal(loaded_info.input_transform(images), model_input(images, [0.5] * 3, [0.5] * 3, 32))
     assert json.loads((tmp_path / name / "model.json").read_text())["arch_kwargs"] == arch_kwargs
 
 

@@ -46,8 +46,7 @@ def test_two_workers_train_and_write_the_best_model(run):
     result = train_model(config(balance="weights"), run, NAME)
     folder = run.model_dir(NAME)
     history = history_of(run)
-    info = read_info(run.root)
-    train_rows = sum(info["counts"]["train"].values())
+    train_rows = read_info(run.root).split_rows("train")
 
     assert [row["epoch"] for row in history] == [0, 1, 2]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -59,8 +58,8 @@ def test_two_workers_train_and_write_the_best_model(run):
     assert run.manifest()[f"models/{NAME}"]["run_id"] == result["run_id"]
 
     model, checkpoint = load_trained(folder)
-    assert checkpoint["best_epoch"] == result["best_epoch"] and checkpoint["pretrained"] == "scratch"
-    assert checkpoint["num_classes"] == 7 and checkpoint["input_size"] == 32
+    assert checkpoint.best_epoch == result["best_epoch"] and checkpoint.pretrained_origin == "scratch"
+    assert checkpoint.num_classes == 7 and checkpoint.input_size == 32
     # best.pt holds the best epoch's weights, and validation under DDP scored every image exactly once
     assert_best_pt_scores_as_recorded(run, history, result["best_epoch"])
 
@@ -70,7 +69,7 @@ def assert_best_pt_scores_as_recorded(run: RunDir, history: list[dict], best_epo
     model, checkpoint = load_trained(run.model_dir(NAME))
     best = next(row for row in history if row["epoch"] == best_epoch)
     val = load_split(run.root, "val")
-    settings = LoopSettings("multiclass", 7, checkpoint["mean"], checkpoint["std"], 32, torch.device("cpu"))
+    settings = LoopSettings("multiclass", 7, checkpoint.mean, checkpoint.std, 32, torch.device("cpu"))
     logits, labels = predict_logits(model, array_batches(val.images, val.labels, 50), settings)
     again = validation_metrics(logits, labels, "multiclass", 7)
     for key in ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_roc_auc"):
@@ -96,8 +95,8 @@ def test_with_train_ema_the_averaged_weights_are_validated_kept_and_saved(run):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_oversampling_balances_classes_and_two_worker_runs_agree(run):
-    classes = read_info(run.root)["classes"]
-    counts = read_info(run.root)["counts"]["train"]
+    classes = read_info(run.root).classes
+    counts = read_info(run.root).counts["train"]
     data_shares = np.array([counts[c] for c in classes]) / sum(counts.values())
     assert data_shares.max() > 0.25  # nv dominates the synthetic split
 
@@ -162,12 +161,14 @@ def test_arrow_image_columns_are_viewed_without_copies():
 
 def fake_session(cache_mb: int, rows: int = 40, val_rows: int = 12):
     """A Train session over in-memory 'shards' of 1-pixel images numbered 0..rows-1, counting its Ray Data reads."""
+    from types import SimpleNamespace
+
     from pipelines.loop import TrainSession, keeps_data
 
     session = object.__new__(TrainSession)
     session.rank, session.world_size = 0, 2
-    session.loop = {"cfg": {"batch_size": 8, "seed": 0, "cache_mb": cache_mb}, "train_rows": 2 * rows,
-                    "val_rows": val_rows, "image_size": 1}
+    session.loop = SimpleNamespace(train=SimpleNamespace(batch_size=8, seed=0, cache_mb=cache_mb), train_rows=2 * rows,
+                                   val_rows=val_rows, image_size=1)
     session.kept, session.keeps = {}, keeps_data(session.loop, 2)
     session.reads = []
     data = {"train": np.arange(rows), "val": np.arange(100, 100 + val_rows)}

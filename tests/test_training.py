@@ -149,6 +149,28 @@ def test_validation_metrics_handle_absent_classes():
     assert binary["val_roc_auc"] == pytest.approx(1.0) and binary["val_accuracy"] == pytest.approx(2 / 3)
 
 
+def test_validation_metrics_are_the_test_metrics():
+    """Early stopping picks epochs by the numbers evaluation reports: lesion.metrics' definitions, including a class
+    predicted but absent from the labels (an F1 of 0 in the macro mean)."""
+    from lesion import metrics
+
+    labels = np.array([0, 0, 1, 1, 1, 3])
+    logits = np.random.default_rng(0).normal(size=(6, 7))
+    logits[4, 2] = 9.0  # class 2 predicted, absent from the labels
+    probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1).numpy()
+    m = validation_metrics(logits, labels, "multiclass", 7)
+    assert m["val_accuracy"] == metrics.accuracy(labels, probs)
+    assert m["val_balanced_accuracy"] == metrics.balanced_accuracy(labels, probs)
+    assert m["val_macro_f1"] == metrics.precision_recall_f1(labels, probs)["macro"]["f1"]
+    assert m["val_roc_auc"] == metrics.roc_auc(labels, probs)["macro"]
+    logits = np.array([[-3.0], [2.0], [1.0], [0.5]])
+    binary = validation_metrics(logits, np.array([0, 1, 0, 1]), "binary", 2)
+    p = torch.sigmoid(torch.as_tensor(logits[:, 0])).numpy()
+    assert binary["val_roc_auc"] == metrics.binary_auc(np.array([0, 1, 0, 1]) == 1, p)
+    with pytest.raises(ValueError, match="7 classes got logits of shape"):
+        validation_metrics(logits, np.array([0, 1, 0, 1]), "multiclass", 7)
+
+
 @pytest.mark.timeout(60)
 def test_evaluate_epoch_scores_every_image_once(images):
     model = tiny_model()

@@ -11,10 +11,12 @@ import torch
 
 from conftest import tiny_config
 from lesion import metrics
-from lesion.config import ARCHITECTURES, ConfigError, config_from_dict, dump_yaml
+from lesion.config import ConfigError, config_from_dict, dump_yaml
 from lesion.explain import Explainer
 from lesion.inference import Inference
-from lesion.models import MODEL_NAMES, create_model, load_trained, save_checkpoint
+from lesion.labels import DX_CLASSES
+from lesion.models import create_model, load_trained, save_checkpoint
+from lesion.records import CheckpointRecord
 from lesion.rundir import RunDir
 from pipelines.tuned import apply_best
 
@@ -34,10 +36,6 @@ def variant_config(**train):
 
 
 # --- configuration ---------------------------------------------------------------------------------------------
-
-
-def test_architectures_are_the_model_registry():
-    assert ARCHITECTURES == MODEL_NAMES
 
 
 def test_variant_arch_resolves_and_is_checked():
@@ -79,14 +77,18 @@ def test_tuned_settings_go_to_every_variant_of_the_arch_which_keeps_its_own_bala
 def test_checkpoint_records_variant_and_arch_and_old_ones_load(tmp_path):
     net = create_model("scratch_cnn", 7, input_size=32)
     info = {"name": "scratch-balanced", "arch": "scratch_cnn", "task": "multiclass", "num_classes": 7,
-            "input_size": 32}
-    save_checkpoint(tmp_path / "new" / "best.pt", net, info)
+            "input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    save_checkpoint(tmp_path / "new" / "best.pt", net, CheckpointRecord.from_dict(info))
     model, loaded = load_trained(tmp_path / "new")
-    assert (loaded["name"], loaded["arch"]) == ("scratch-balanced", "scratch_cnn")
+    assert (loaded.name, loaded.arch) == ("scratch-balanced", "scratch_cnn")
     assert json.loads((tmp_path / "new" / "model.json").read_text())["arch"] == "scratch_cnn"
-    old = {k: v for k, v in info.items() if k != "arch"} | {"name": "scratch_cnn"}  # before variants: no arch
-    save_checkpoint(tmp_path / "old" / "best.pt", net, old)
-    model, _ = load_trained(tmp_path / "old")
+    # before variants and records: no arch, no normalisation, no classes, "pretrained" for the weights origin
+    old = {"name": "scratch_cnn", "task": "multiclass", "num_classes": 7, "input_size": 32, "pretrained": "scratch"}
+    (tmp_path / "old").mkdir()
+    torch.save({"state_dict": net.state_dict(), "info": old}, tmp_path / "old" / "best.pt")
+    model, record = load_trained(tmp_path / "old")
+    assert (record.arch, record.mean, record.std) == ("scratch_cnn", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert record.classes == DX_CLASSES and record.pretrained_origin == "scratch"
     x = torch.zeros(1, 3, 32, 32)
     assert torch.equal(model(x), load_trained(tmp_path / "new")[0](x))
 
@@ -182,19 +184,20 @@ def test_a_training_setting_added_later_at_its_default_leaves_trained_models_cur
     """Upgrading lesion must not retrain every model because a release added a setting: settings at their default
     stay out of the fingerprint; a changed setting, a version bump or other data change it."""
     import dataclasses
+    from types import SimpleNamespace
 
     import pipelines.train
     from lesion.config import TrainConfig
     from pipelines.train import train_fingerprint
 
-    info = {"fingerprint": "data-1"}
+    info = SimpleNamespace(fingerprint="data-1")
     Later = dataclasses.make_dataclass("Later", [("new_option", float, dataclasses.field(default=0.0))],
                                        bases=(TrainConfig,))
     base = train_fingerprint(TrainConfig(epochs=5), info)
     assert train_fingerprint(Later(epochs=5), info) == base
     assert train_fingerprint(Later(epochs=5, new_option=0.5), info) != base
     assert train_fingerprint(TrainConfig(epochs=6), info) != base
-    assert train_fingerprint(TrainConfig(epochs=5), {"fingerprint": "data-2"}) != base
+    assert train_fingerprint(TrainConfig(epochs=5), SimpleNamespace(fingerprint="data-2")) != base
     original = pipelines.train.TRAIN_VERSION
     try:
         pipelines.train.TRAIN_VERSION = original + 1

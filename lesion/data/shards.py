@@ -1,7 +1,8 @@
 """The ingested data format under ``RUN_DIR/data/``, read and written without Ray.
 
 Layout:
-- ``info.json``: task, class names, image size, source, fingerprint, counts per split and class, has_masks.
+- ``info.json``: the data's description (``lesion.records.DataRecord``: task, class names, image size, counts per
+  split and class, preprocessing, source, fingerprint, has_masks), written by ``write_info``, read by ``read_info``.
 - ``split.csv``: one row per kept image: image_id, lesion_id, label, dx, split and the metadata columns.
 - ``<split>/part-NNNNN.parquet`` for split in train/val/test, with the columns of ``SHARD_SCHEMA``:
   ``image`` holds the raw uint8 pixels (H x W x 3, row-major, H = W = image_size), ``mask`` raw uint8 0/1 pixels
@@ -20,9 +21,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lesion.rundir import atomic_path
+from lesion.records import DataRecord
+from lesion.rundir import atomic_path, write_atomic
 
 SPLITS = ("train", "val", "test")
+INFO_FILE = "info.json"
 META_COLUMNS = ("dx", "dx_type", "age", "sex", "localization")
 SHARD_SCHEMA = pa.schema(
     [
@@ -57,12 +60,19 @@ def data_dir(run_root: str | Path) -> Path:
     return Path(run_root) / "data"
 
 
-def read_info(run_root: str | Path) -> dict:
-    """``info.json`` of an ingested run, with a clear error when the run has not been ingested."""
-    path = data_dir(run_root) / "info.json"
+def read_info(run_root: str | Path) -> DataRecord:
+    """The data record (``info.json``) of an ingested run, with a clear error when the run has not been ingested."""
+    path = data_dir(run_root) / INFO_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `lesion ingest --run {run_root}` first")
-    return json.loads(path.read_text())
+    return DataRecord.from_dict(json.loads(path.read_text()))
+
+
+def write_info(folder: str | Path, record: DataRecord) -> Path:
+    """Write the data record as ``folder/info.json`` (atomically)."""
+    path = Path(folder) / INFO_FILE
+    write_atomic(path, json.dumps(record.to_dict(), indent=2))
+    return path
 
 
 def split_files(run_root: str | Path, split: str) -> list[str]:
@@ -110,12 +120,11 @@ def decode_masks(column, image_size: int) -> np.ndarray | None:
 
 def load_split(run_root: str | Path, split: str) -> SplitArrays:
     """Read one split of an ingested run into memory (for evaluation and tests; training streams with Ray Data)."""
-    info = read_info(run_root)
+    size = read_info(run_root).image_size
     files = split_files(run_root, split)
     if not files:
         raise FileNotFoundError(f"no shards for split {split!r} under {data_dir(run_root)}")
     table = pa.concat_tables([pq.read_table(f, schema=SHARD_SCHEMA) for f in files])
-    size = info["image_size"]
     columns = table.to_pydict()
     meta = pd.DataFrame({k: columns[k] for k in ("image_id", "lesion_id", *META_COLUMNS)})
     return SplitArrays(
