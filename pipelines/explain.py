@@ -15,15 +15,14 @@ from pathlib import Path
 from PIL import Image
 
 from lesion.explain import ENSEMBLE, METHODS, Explainer
-from lesion.inference import Inference
 from lesion.rundir import RunDir, atomic_path
-from pipelines.common import resolve_config
+from pipelines.common import add_model_source_arguments, core_from_args, model_uri_of, models_config
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run directory with trained models")
+    parser.add_argument("--run", help="run directory with trained models (or --model-uri)")
     parser.add_argument("--config", help="config file (default: RUN/config.yaml)")
     parser.add_argument("--image", required=True, help="image file (JPEG, PNG, ...) to explain")
     parser.add_argument("--model", default=ENSEMBLE, help=f"a trained model of the run, or {ENSEMBLE!r} (default)")
@@ -31,6 +30,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="overlay PNG to write (default: RUN/eval/explain/<image>-<model>-<method>.png)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON instead of a table")
+    add_model_source_arguments(parser)
 
 
 def print_answer(image: Path, model: str, answer: dict, weights: dict[str, float]) -> None:
@@ -46,21 +46,21 @@ def print_answer(image: Path, model: str, answer: dict, weights: dict[str, float
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
-    run = RunDir(args.run)
-    trained = run.trained_models()
-    if not trained:
-        raise FileNotFoundError(f"no trained models under {run.models}: run `lesion train --run {run.root}` first")
-    if args.model != ENSEMBLE and args.model not in trained:
-        raise ValueError(f"model {args.model!r} is not trained in {run.root}; trained models: {', '.join(trained)} "
-                         f"(or {ENSEMBLE!r})")
     image = Path(args.image)
     if not image.is_file():
         raise FileNotFoundError(f"image file not found: {image}")
-    config = resolve_config(run, args.config, save=args.save_config)
-    core = Inference.from_run(run, config, device=args.device)
+    config = models_config(args)
+    if config.inference.engine != "torch":
+        log.info("Grad-CAM needs gradients: explaining on torch (inference.engine %s is for predictions)",
+                 config.inference.engine)
+    core = core_from_args(args, config, engine="torch", device=args.device)
+    if args.model != ENSEMBLE and args.model not in core.names:
+        raise ValueError(f"model {args.model!r} is not trained in {model_uri_of(args)}; members: "
+                         f"{', '.join(core.names)} (or {ENSEMBLE!r})")
     answer, picture = Explainer(core).explain(image, args.model, args.method)
 
-    out = Path(args.out) if args.out else run.eval / "explain" / f"{image.stem}-{args.model}-{args.method}.png"
+    folder = RunDir(args.run).eval / "explain" if args.run else Path("explain")
+    out = Path(args.out) if args.out else folder / f"{image.stem}-{args.model}-{args.method}.png"
     with atomic_path(out) as tmp:
         Image.fromarray(picture).save(tmp, format="PNG")
     if args.json:

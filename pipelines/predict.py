@@ -24,14 +24,15 @@ import numpy as np
 import pandas as pd
 
 from lesion.config import Config
+from lesion.data.dicom import DicomUids, dicom_uids
 from lesion.data.preprocess import ImageError
-from lesion.inference import Inference
+from lesion.resolve import load_inference
 from lesion.rundir import RunDir, atomic_path
-from pipelines.common import resolve_config
+from pipelines.common import add_model_source_arguments, model_uri_of, models_config, resolve_config
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
 CHUNK = 64  # images decoded and predicted at a time
 
 
@@ -47,37 +48,46 @@ def collect_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def answer_row(path: Path, answer: dict) -> dict[str, Any]:
-    """One CSV row of an answer: decision, ``ensemble:<class>`` (calibrated) and ``<model>:<class>`` (raw)."""
+def answer_row(path: Path, answer: dict, uids: DicomUids | None = None) -> dict[str, Any]:
+    """One CSV row of an answer: decision, ``ensemble:<class>`` (calibrated) and ``<model>:<class>`` (raw); a DICOM
+    file's SOPInstanceUID and StudyInstanceUID (no patient data)."""
     row = {"file": str(path), "status": "ok", "error": "", "predicted_class": answer["predicted_class"],
            "malignant_probability": round(answer["malignant_probability"], 6), "decision": answer["decision"],
            "decision_reason": answer["decision_reason"]}
     row.update({f"ensemble:{c}": round(p, 6) for c, p in answer["probabilities"].items()})
     for name, probs in answer["models"].items():
         row.update({f"{name}:{c}": round(p, 6) for c, p in probs.items()})
+    if uids is not None:
+        row.update(uids.as_dict())
     return row
 
 
-def predict_files(run: RunDir, inputs: list[str], config: Config | None = None, device: str = "cpu") -> pd.DataFrame:
+def predict_files(models: RunDir | str | Path, inputs: list[str], config: Config | None = None,
+                  device: str = "cpu") -> pd.DataFrame:
     """One row per file: file, status, error, predicted_class, malignant_probability, decision, decision_reason,
-    ``ensemble:<class>`` (calibrated) and ``<model>:<class>`` (raw) probabilities. ``config`` defaults to the run's
-    resolved config."""
+    ``ensemble:<class>`` (calibrated) and ``<model>:<class>`` (raw) probabilities. ``models``: a run directory or
+    any URI ``lesion.resolve.load_inference`` takes; ``config`` (its ``inference.engine`` included) defaults to the
+    run's resolved config."""
     files = collect_files(inputs)
     if not files:
         raise FileNotFoundError(f"no image files found in {', '.join(inputs)}")
-    core = Inference.from_run(run, config or resolve_config(run), device=device)
+    uri = models.root if isinstance(models, RunDir) else models
+    core = load_inference(uri, config or (resolve_config(models) if isinstance(models, RunDir) else None),
+                          device=device)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), CHUNK):
         good, images = [], []
         for path in files[start:start + CHUNK]:
             try:
-                images.append(core.preprocess(path.read_bytes()))
-                good.append(path)
+                data = path.read_bytes()
+                images.append(core.preprocess(data))
+                good.append((path, dicom_uids(data)))
             except (ImageError, OSError) as exc:
                 rows.append({"file": str(path), "status": "error", "error": str(exc)})
                 log.warning("%s: %s", path, exc)
         if good:
-            rows += [answer_row(path, answer) for path, answer in zip(good, core.predict(np.stack(images)))]
+            answers = core.predict(np.stack(images))
+            rows += [answer_row(path, answer, uids) for (path, uids), answer in zip(good, answers)]
     order = {str(p): i for i, p in enumerate(files)}
     table = pd.DataFrame(rows)
     return table.sort_values("file", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
@@ -133,17 +143,18 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="served API, e.g. http://127.0.0.1:8000 (instead of --run)")
     parser.add_argument("--api-key", help="X-API-Key header for a served API that requires one")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_model_source_arguments(parser)
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
-    if bool(args.url) == bool(args.run):
-        raise ValueError("give either --run RUN_DIR (offline) or --url http://HOST:PORT (served API)")
+    if bool(args.url) == bool(args.run or args.model_uri):
+        raise ValueError("give either --run RUN_DIR or --model-uri URI (offline) or --url http://HOST:PORT "
+                         "(served API)")
     if args.url:
         rows = predict_url(args.url, args.inputs, args.api_key)
         print(json.dumps(rows, indent=2) if args.json else format_table(rows))
         return int(any(r.get("error") for r in rows))
-    run = RunDir(args.run)
-    table = predict_files(run, args.inputs, resolve_config(run, args.config, save=args.save_config))
+    table = predict_files(model_uri_of(args), args.inputs, models_config(args))
     if args.out:
         with atomic_path(args.out) as tmp:
             table.to_csv(tmp, index=False)
