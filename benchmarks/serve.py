@@ -8,9 +8,9 @@ without batching. A bounded load generator on loopback sends the real 600x450 HA
 concurrent clients, a fixed number of requests each, to /v1/predict and to /v1/explain (ensemble Grad-CAM), and
 measures latency percentiles and throughput.
 
-    python benchmarks/serve.py --run RUN_DIR [--requests 8] [--clients 1 8 32]
+    python -m benchmarks.serve --run RUN_DIR [--requests 8] [--clients 1 8 32]
 
-Writes ``benchmarks/results/serve_<device>.json`` and the serve table of ``benchmarks/README.md``. The client
+Writes ``benchmarks/results/serve_<device>.json`` (the docs' results page renders it). The client
 threads share the machine with the servers, as on any single-box deployment.
 """
 
@@ -35,12 +35,11 @@ import requests
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lesion.config import dump_yaml  # noqa: E402
-from lesion.inference import Inference  # noqa: E402
+from lesion.resolve import load_inference  # noqa: E402
 from lesion.rundir import RunDir, package_versions  # noqa: E402
-from shared import README, PeakMemory, cpu_model, process_tree, write_section  # noqa: E402  (benchmarks/shared.py)
+from benchmarks.shared import PeakMemory, cpu_model, process_tree  # noqa: E402
 from pipelines.api import ApiSettings, LocalBackend, build_api  # noqa: E402
 from pipelines.common import resolve_config, use_local_ray_env  # noqa: E402
 
@@ -57,7 +56,8 @@ def serve_baseline(run: str, config_path: str, port: int, threads: int | None) -
         torch.set_num_threads(threads)
 
     config = resolve_config(RunDir(run), config_path)
-    core = Inference.from_run(RunDir(run), config, config.serve.models, tta=config.serve.tta)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU the Serve replicas get, where there is one
+    core = load_inference(run, config, models=config.serve.models, tta=config.serve.tta, device=device)
     app = build_api(LocalBackend(core), ApiSettings.of(core, config.serve))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
@@ -72,7 +72,7 @@ def wait_ready(url: str, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
-            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+            if requests.get(url + "/readyz", timeout=5).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
@@ -130,7 +130,7 @@ def measure(server: str, url: str, images: list[bytes], levels: list[int], per_c
 def baseline_server(run: Path, config_path: Path, threads: int | None):
     """The baseline uvicorn server in a subprocess; yields its URL once it answers."""
     port = free_port()
-    command = [sys.executable, __file__, "--baseline-server", "--run", str(run), "--config", str(config_path),
+    command = [sys.executable, "-m", "benchmarks.serve", "--baseline-server", "--run", str(run), "--config", str(config_path),
                "--port", str(port)] + (["--baseline-threads", str(threads)] if threads else [])
     process = subprocess.Popen(command, cwd=ROOT)
     try:
@@ -191,51 +191,6 @@ def summarise(samples: list[dict]) -> list[dict]:
     return rows
 
 
-def _serve_mode(result: dict) -> str:
-    optimised = result.get("serve_environment", {}).get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
-    return ("throughput-optimised mode: requests to the serve port cross Serve's proxy to the ingress replica's own "
-            "HTTP port, gRPC between deployments" if optimised else "default mode: proxy")
-
-
-def write_readme(result: dict) -> None:
-    """Replace the serve section of benchmarks/README.md (between the markers), keeping everything else."""
-    rows = [
-        f"| {r['server']} | {r['endpoint']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | "
-        f"{r['p95_ms']} | {r['p99_ms']} | {r['throughput_rps']} ({r['best_rps']} / {r['worst_rps']}) | "
-        f"{r['ratio']} | {r['p50_overhead_ms']} | {r['peak_mb']} |"
-        for r in sorted(result["results"], key=lambda r: (r["endpoint"], r["clients"], r["server"]))
-    ]
-    run = result["run"]
-    write_section("serve", "\n".join([
-        "## Serving latency and throughput (`benchmarks/serve.py`)",
-        "",
-        f"Ray Serve ({_serve_mode(result)}; ingress combining the ensemble, one replica per model with dynamic "
-        f"batching, max batch {result['serve_config']['max_batch_size']}, "
-        f"wait {result['serve_config']['batch_wait_timeout_s']} s; "
-        f"{result['serve_config']['cpus_per_replica']} CPU and "
-        f"{result['serve_config']['threads_per_replica'] or 'Ray-chosen'} torch threads per replica, one replica each) "
-        "beside one uvicorn process "
-        f"running the same FastAPI app on PyTorch in threads ({result['baseline_threads']} torch threads, no "
-        "batching). Both decode and preprocess the upload "
-        f"exactly as ingest does (to {run['image_size']} px) and run the same models ({', '.join(run['models'])}) "
-        "and calibrated ensemble; /v1/explain returns the ensemble Grad-CAM overlay. Requests: the 21 real 600x450 "
-        f"HAM10000 JPEGs in turn, {result['requests_per_client']} per client, clients on the same machine. Both "
-        f"servers stay up and are measured in turn, {result['repeats']} times: medians (best / worst "
-        "throughput), `ratio` = Ray Serve's median requests/s over the baseline's, overhead = p50 difference; peak "
-        "memory (PSS) over each measurement: the baseline's process, Ray Serve's whole local cluster (GCS, raylet, "
-        "proxy, controller, replicas), which is what a one-box deployment holds; the load generator is in neither.",
-        f"Machine: {result['device']['cpu']}, {result['device']['cores']} cores, no GPU; load average "
-        f"{result['load_average']['before']} before and {result['load_average']['after']} after (the machine is "
-        f"shared, so absolute numbers carry noise). Ray Serve start-up: {result['ray_serve_startup_s']} s.",
-        f"Command: `{result['command']}`.",
-        "",
-        "| server | endpoint | clients | requests | errors | p50 ms | p95 ms | p99 ms | requests/s (best / worst) "
-        "| ratio | p50 overhead ms | peak MB (PSS) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-    ]))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a run directory with trained models")
@@ -248,6 +203,8 @@ def main() -> int:
                         help="the baseline's torch threads (default torch's: one per core)")
     parser.add_argument("--batch-wait-s", type=float,
                         help="Ray Serve: serve.batch_wait_timeout_s (default: the run's config, else this code's)")
+    parser.add_argument("--engine", help="inference.engine of both servers, torch or onnxruntime (default: the run's "
+                        "config)")
     parser.add_argument("--out", default="serve_cpu", help="result name: benchmarks/results/OUT.json")
     parser.add_argument("--repeats", type=int, default=2, help="both servers measured in turn this many times")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
@@ -264,6 +221,8 @@ def main() -> int:
     config.serve.min_replicas = config.serve.max_replicas = 1
     config.serve.cpus_per_replica = args.cpus_per_replica
     config.serve.threads_per_replica = args.threads_per_replica
+    if args.engine:
+        config.inference.engine = args.engine
     if args.batch_wait_s is not None:
         config.serve.batch_wait_timeout_s = args.batch_wait_s
     config.serve.host = "127.0.0.1"
@@ -296,9 +255,10 @@ def main() -> int:
     result = {
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
         "versions": package_versions(),
-        "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.serve " + " ".join(sys.argv[1:]),
         "run": {"models": setup_models, "image_size": image_size},
         "serve_config": dataclasses.asdict(config.serve),
+        "engine": config.inference.engine,
         "baseline_threads": args.baseline_threads or torch.get_num_threads(),
         "serve_environment": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         "requests_per_client": args.requests,
@@ -311,9 +271,7 @@ def main() -> int:
     out = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.out == "serve_cpu":
-        write_readme(result)
-    print(f"wrote {out}" + (f" and the serve section of {README}" if args.out == "serve_cpu" else ""))
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,9 +1,11 @@
 """The HTTP API of the served models, importable and testable without Ray.
 
-``build_api(backend, settings)`` is the FastAPI app: /v1/predict, /v1/explain, /v1/models, /healthz, the web page at
-/ and the offline Swagger UI at /docs. It validates and reads the request (content types, body and pixel limits, the
-API key), decodes and preprocesses the image as ingest does, and asks a backend, an object with coroutines
-``predict(image)``, ``explain(image, model, method)`` and ``describe()``:
+``build_api(backend, settings)`` is the FastAPI app: /v1/predict, /v1/explain, /v1/models, /healthz (liveness),
+/readyz (readiness), the web page at / and the offline Swagger UI at /docs. It validates and reads the request
+(content types, body and pixel limits, the API key), admits it or sheds it (``Admission``: a bounded number at once,
+none while draining; an admitted one unanswered within ``serve.answer_timeout_s`` gets 503 too), decodes and
+preprocesses the image as ingest does, and asks a backend, an object with coroutines ``predict(image)``,
+``explain(image, model, method)``, ``describe()`` and ``not_ready()``:
 
 - ``LocalBackend`` runs a run's inference core (``lesion.inference.Inference``) in this process: the single-process
   baseline of ``benchmarks/serve.py`` and the Ray-free tests;
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hmac
 import io
@@ -39,6 +42,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 import lesion
 from lesion.config import DataConfig, ServeConfig
+from lesion.data.dicom import DicomError, dicom_uids
 from lesion.data.preprocess import ImageError, preprocess_bytes
 from lesion.explain import ENSEMBLE, METHODS, Explainer
 from lesion.inference import Inference
@@ -48,11 +52,43 @@ WEB_DIR = Path(lesion.__file__).resolve().parent / "web"
 
 
 class ApiError(Exception):
-    """A request the API refuses: HTTP status, a short machine-readable code and a message naming the problem."""
+    """A request the API refuses: HTTP status, a short machine-readable code and a message naming the problem; a 503
+    tells the client when to retry (``retry_after_s``, default 1 s)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int = 1):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+
+
+class Admission:
+    """The requests this server process is answering (/v1/predict and /v1/explain, from the read body to the answer):
+    at most ``limit`` at once (None: no bound), none while draining. A request past the bound is refused at once with
+    503 and Retry-After instead of waiting in a queue."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.in_flight, self.draining = limit, 0, False
+
+    def refusal(self) -> ApiError | None:
+        """The 503 a new request gets now (draining, or the bound reached), or None: it would be admitted."""
+        if self.draining:
+            return ApiError(503, "draining", "the server is stopping and takes no new requests; retry shortly "
+                                             "(another instance may answer)")
+        if self.limit is not None and self.in_flight >= self.limit:
+            return ApiError(503, "overloaded", f"the server is answering {self.in_flight} requests, its limit "
+                                               "(serve.max_pending_requests); retry after Retry-After seconds")
+        return None
+
+    @contextlib.contextmanager
+    def admit(self):
+        """Hold one place for the request inside the block; ``ApiError`` 503 when draining or full."""
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
 
 @dataclasses.dataclass
@@ -66,6 +102,8 @@ class ApiSettings:
     api_key: str | None
     cors_origins: list[str]
     methods: list[str]
+    max_pending_requests: int | None = None  # requests answered at once; past it 503 (None: no bound)
+    answer_timeout_s: float | None = None  # an admitted request unanswered after this gets 503 (None: no deadline)
 
     @classmethod
     def of(cls, core: Inference, serve_config: ServeConfig) -> ApiSettings:
@@ -78,6 +116,8 @@ class ApiSettings:
             api_key=serve_config.api_key,
             cors_origins=list(serve_config.cors_origins),
             methods=list(METHODS),
+            max_pending_requests=serve_config.max_pending_requests,
+            answer_timeout_s=serve_config.answer_timeout_s,
         )
 
 
@@ -124,6 +164,9 @@ class LocalBackend:
     async def describe(self) -> dict:
         return self.core.describe()
 
+    async def not_ready(self) -> list[str]:
+        return []  # every member is loaded in the constructor
+
 
 # --- schemas ------------------------------------------------------------------------------------------------------
 
@@ -131,6 +174,11 @@ class LocalBackend:
 class ModelVersion(BaseModel):
     checkpoint_sha256: str
     run_id: str | None
+
+
+class DicomIds(BaseModel):
+    SOPInstanceUID: str | None
+    StudyInstanceUID: str | None
 
 
 class Prediction(BaseModel):
@@ -150,6 +198,7 @@ class Prediction(BaseModel):
     models: dict[str, dict[str, float]]  # each model's probabilities
     model_versions: dict[str, ModelVersion]
     image_size: list[int]  # width, height of the preprocessed image the models saw
+    dicom: DicomIds | None = None  # a DICOM image's UIDs, for an archive to match the answer (no patient data)
     latency_ms: float  # time in the server, from request to answer
 
 
@@ -176,7 +225,7 @@ ERRORS = {
         404: "unknown model",
         413: "body larger than the limit",
         415: "unsupported Content-Type",
-        503: "a model replica was lost or is starting: retry",
+        503: "overloaded, stopping, or a model replica was lost or is starting: retry after Retry-After seconds",
     }.items()
 }
 
@@ -207,6 +256,7 @@ def _request_body(explain_fields: bool) -> dict:
                     }
                 },
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/dicom": {"schema": {"type": "string", "format": "binary"}},
             },
         }
     }
@@ -236,16 +286,16 @@ async def _once(body: bytes):
 async def read_image(request: Request, limit: int) -> tuple[bytes, dict[str, str]]:
     """The encoded image and the text fields of a multipart, JSON or raw ``image/*`` request (held in memory only)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind not in ("multipart/form-data", "application/json") and not kind.startswith("image/"):
+    if kind not in ("multipart/form-data", "application/json", "application/dicom") and not kind.startswith("image/"):
         raise ApiError(
             415,
             "unsupported_media_type",
             f"Content-Type {kind or '(none)'} is not accepted: send multipart/form-data with a 'file' field, "
-            "application/json with 'image_base64', or the image itself as image/*",
+            "application/json with 'image_base64', or the image itself as image/* or application/dicom",
         )
     body = await read_body(request, limit)
     fields = dict(request.query_params)
-    if kind.startswith("image/"):
+    if kind.startswith("image/") or kind == "application/dicom":
         return body, fields
     if kind == "application/json":
         try:
@@ -307,25 +357,62 @@ def _explain_fields(fields: dict[str, str], settings: ApiSettings) -> tuple[str,
     return model, method
 
 
-async def answer(request: Request, endpoint: str, backend, settings: ApiSettings, observe: Observe | None) -> dict:
-    """One /v1/predict or /v1/explain request: checks, reading, preprocessing, the backend's answer, the metrics."""
+async def _answer_image(data: bytes, fields: dict[str, str], endpoint: str, backend, settings: ApiSettings) -> dict:
+    """The backend's answer for an uploaded image: preprocessing, the prediction and, for explain, the overlay."""
+    if endpoint == "explain":
+        model, method = _explain_fields(fields, settings)
+    try:
+        image = await asyncio.to_thread(preprocess_bytes, data, settings.data_config)
+        uids = dicom_uids(data)
+    except (ImageError, DicomError) as exc:
+        raise ApiError(400, "bad_image", str(exc)) from exc
+    if endpoint == "explain":
+        result, explanation = await asyncio.gather(backend.predict(image), backend.explain(image, model, method))
+        result.update(explanation)
+    else:
+        result = await backend.predict(image)
+    result["image_size"] = [int(image.shape[1]), int(image.shape[0])]
+    if uids is not None:
+        result["dicom"] = uids.as_dict()
+    return result
+
+
+async def discard_body(request: Request, limit: int) -> None:
+    """Read and drop the request body (up to ``limit`` bytes), so that a refused client's upload completes."""
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return
+
+
+async def in_time(answering, seconds: float | None):
+    """The result of the awaitable ``answering``, or ``ApiError`` 503 (and the work cancelled) after ``seconds``."""
+    if seconds is None:
+        return await answering
+    try:
+        return await asyncio.wait_for(answering, seconds)
+    except asyncio.TimeoutError as exc:
+        raise ApiError(503, "timeout", f"no answer within {seconds:g} s (serve.answer_timeout_s): the server is "
+                                       "overloaded or a model replica is restarting; retry after Retry-After "
+                                       "seconds") from exc
+
+
+async def answer(request: Request, endpoint: str, backend, settings: ApiSettings, observe: Observe | None,
+                 admission: Admission) -> dict:
+    """One /v1/predict or /v1/explain request: checks, admission (a refusal reads the body without parsing it),
+    reading, the backend's answer within the deadline, the metrics."""
     start = time.perf_counter()
     outcome, result = "error", None
     try:
         check_key(request, settings)
-        data, fields = await read_image(request, settings.max_body_bytes)
-        if endpoint == "explain":
-            model, method = _explain_fields(fields, settings)
-        try:
-            image = await asyncio.to_thread(preprocess_bytes, data, settings.data_config)
-        except ImageError as exc:
-            raise ApiError(400, "bad_image", str(exc)) from exc
-        if endpoint == "explain":
-            result, explanation = await asyncio.gather(backend.predict(image), backend.explain(image, model, method))
-            result.update(explanation)
-        else:
-            result = await backend.predict(image)
-        result["image_size"] = [int(image.shape[1]), int(image.shape[0])]
+        refused = admission.refusal()
+        if refused is not None:
+            await discard_body(request, settings.max_body_bytes)
+            raise refused
+        with admission.admit():
+            data, fields = await read_image(request, settings.max_body_bytes)
+            result = await in_time(_answer_image(data, fields, endpoint, backend, settings), settings.answer_timeout_s)
         result["latency_ms"] = (time.perf_counter() - start) * 1000
         outcome = "ok"
         return result
@@ -358,7 +445,7 @@ def _new_app(settings: ApiSettings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.status == 503 else None
         return JSONResponse(status_code=exc.status, content={"error": exc.code, "detail": exc.message}, headers=headers)
 
     return app
@@ -382,23 +469,27 @@ def _add_pages(app: FastAPI) -> None:
         )
 
 
-def build_api(backend, settings: ApiSettings, observe: Observe | None = None) -> FastAPI:
-    """The FastAPI app: /v1/predict, /v1/explain, /v1/models, /healthz, the page at /, offline /docs.
+def build_api(backend, settings: ApiSettings, observe: Observe | None = None,
+              admission: Admission | None = None) -> FastAPI:
+    """The FastAPI app: /v1/predict, /v1/explain, /v1/models, /healthz, /readyz, the page at /, offline /docs.
 
-    ``backend`` has coroutines ``predict(image)``, ``explain(image, model, method)`` and ``describe()``; ``observe``
-    (optional) is called with (endpoint, outcome, latency_ms, result or None) after every API request.
+    ``backend`` has coroutines ``predict(image)``, ``explain(image, model, method)``, ``describe()`` and
+    ``not_ready()`` (the parts not loaded yet); ``observe`` (optional) is called with (endpoint, outcome, latency_ms,
+    result or None) after every API request; ``admission`` (default: bounded by ``settings.max_pending_requests``)
+    admits or sheds the API requests, and drains them when told to.
     """
     app = _new_app(settings)
+    admission = admission or Admission(settings.max_pending_requests)
 
     @app.post("/v1/predict", response_model=Prediction, responses=ERRORS, openapi_extra=_request_body(False))
     async def predict(request: Request) -> dict:
         """Classify one image (multipart field `file`, JSON `image_base64`, or a raw image/* body)."""
-        return await answer(request, "predict", backend, settings, observe)
+        return await answer(request, "predict", backend, settings, observe, admission)
 
     @app.post("/v1/explain", response_model=Explanation, responses=ERRORS, openapi_extra=_request_body(True))
     async def explain_image(request: Request) -> dict:
         """Classify one image and return a CAM overlay for `model` (a name or `ensemble`) with `method`."""
-        return await answer(request, "explain", backend, settings, observe)
+        return await answer(request, "explain", backend, settings, observe, admission)
 
     @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models(request: Request) -> dict:
@@ -419,9 +510,21 @@ def build_api(backend, settings: ApiSettings, observe: Observe | None = None) ->
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        """Liveness: 200 when the ensemble answers (no API key needed)."""
-        described = await backend.describe()
-        return {"status": "ok", "models": [m["name"] for m in described["models"]]}
+        """Liveness: 200 while this server process answers, loaded or not (no API key needed; /readyz says whether
+        it can answer predictions)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: ERRORS[503]})
+    async def readyz() -> dict:
+        """Readiness: 200 when every model and the Grad-CAM explainer are loaded and the server takes requests; 503
+        naming what is missing while it starts, or while it drains before stopping (no API key needed)."""
+        if admission.draining:
+            raise ApiError(503, "draining", "the server is stopping and takes no new requests")
+        missing = await backend.not_ready()
+        if missing:
+            raise ApiError(503, "not_ready", f"not loaded yet: {', '.join(missing)}", retry_after_s=2)
+        return {"status": "ready", "models": settings.models, "in_flight": admission.in_flight,
+                "max_pending_requests": admission.limit}
 
     _add_pages(app)
     return app

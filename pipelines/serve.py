@@ -12,6 +12,12 @@ layer lives in ``pipelines.api`` (no Ray); ``ServeBackend`` connects it to the d
 runs it from the command line; ``app_builder`` is the import path for Serve config files (``serve deploy
 cluster/serve/lesion.yaml``) and for ``serve run pipelines.serve:app_builder run=RUN_DIR``.
 
+Load and lifecycle: /readyz answers 200 once every model and the Grad-CAM replica answer (``ServeBackend.not_ready``);
+the ingress answers at most ``serve.max_pending_requests`` API requests at once and refuses the rest with 503 and
+Retry-After (``pipelines.api.Admission``); ``lesion serve --stop`` (and Ctrl-C) drains: a named ``DrainSignal`` actor
+tells every ingress replica to refuse new requests, the in-flight ones finish within the grace period, then the
+application is deleted.
+
 Image sizes: the models see the image after the ingest preprocessing (border crop, hair removal, resize to the run's
 ``data.image_size``); the Grad-CAM overlay is returned at that preprocessed size (``overlay_size``), not at the size
 of the upload.
@@ -22,42 +28,56 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
 import torch
+import ray
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.config import BackpressureConfig
 from ray.serve.schema import LoggingConfig
 
 from lesion.config import Config, ServeConfig, apply_overrides
 from lesion.explain import Explainer
 from lesion.inference import Inference
 from lesion.models import set_cpu_threads
+from lesion.resolve import load_inference
 from lesion.rundir import RunDir
 from pipelines import capacity
-from pipelines.api import ApiError, ApiSettings, build_api, exposure_warning, overlay_reply
-from pipelines.common import ensure_local_path, init_ray, resolve_config
+from pipelines.api import Admission, ApiError, ApiSettings, build_api, exposure_warning, overlay_reply
+from pipelines.common import (
+    add_model_source_arguments,
+    ensure_local_path,
+    init_ray,
+    model_uri_of,
+    models_config,
+    resolve_config,
+)
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "lesion"
 QUIET_LOGS = LoggingConfig(enable_access_log=False)  # request lines are not logged (uploads never are)
-# Every replica takes this many requests at once: the ingress only awaits the others, a model replica's batch queue
-# and the Grad-CAM replica's lock hold what they cannot compute yet. With tighter caps (2 x max_batch_size, 2) Serve's
-# router held the rest back and retried with back-off while the replicas idled: on 2 cores 32 clients kept the cores
-# busy 58-75% (/v1/predict; the model replica computing 57% of it) and 69-75% (/v1/explain); with 64, 84-85% and
-# 83-85%, and 1.1-1.3x the single-process server's requests/s (benchmarks/README.md).
+# Model and Grad-CAM replicas take this many requests at once and hold in their batch queue or lock what they cannot
+# compute yet: tighter caps left Serve's router backing off while the replicas idled (docs/decisions.md)
 REPLICA_MAX_ONGOING_REQUESTS = 64
+DRAIN_SIGNAL = "lesion-drain"  # the named actor `lesion serve --stop` raises (namespace DRAIN_NAMESPACE)
+DRAIN_NAMESPACE = "lesion"
+DRAIN_POLL_S = 0.25  # how often an ingress replica looks for the drain signal
+DRAIN_GRACE_S = 30.0  # default time in-flight requests get to finish when the server stops
 
 
 def serving_core(run: RunDir, config: Config) -> Inference:
-    """The inference core of the served models (``serve.models``, default every trained one), without weights."""
-    return Inference.from_run(run, config, config.serve.models, tta=config.serve.tta, load=False)
+    """The inference core of the served models (``serve.models``, default every trained one; ``run`` may hold an
+    export bundle), on ``inference.engine``, without weights."""
+    return load_inference(run.root, config, models=config.serve.models, tta=config.serve.tta, load=False)
 
 
 # --- Ray Serve deployments -------------------------------------------------------------------------------------
@@ -83,6 +103,9 @@ class ModelDeployment:
     def describe(self) -> dict:
         return self.core.member(self.name).summary()
 
+    def ready(self) -> bool:
+        return True  # a replica answers only once its constructor has loaded the member
+
     @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
     async def predict(self, images: list[np.ndarray]) -> list[dict]:
         probs = await asyncio.to_thread(self.core.member_probs, self.name, np.stack(images))
@@ -95,7 +118,10 @@ class GradCamDeployment:
     """Grad-CAM overlays (every member loaded; gradients are needed, so no inference mode)."""
 
     def __init__(self, core: Inference, threads: int | None = None):
-        self.explainer = Explainer(core.load(device=_device(threads)))
+        self.explainer = Explainer(core.on_torch().load(device=_device(threads)))  # Grad-CAM needs gradients
+
+    def ready(self) -> bool:
+        return True  # a replica answers only once its constructor has loaded every member
 
     async def explain(self, image: np.ndarray, model: str, method: str) -> dict:
         # in a thread, as the model replicas compute: the replica's event loop stays free (health checks, the next
@@ -108,6 +134,7 @@ class ServeBackend:
     ensemble answer from their probabilities; explanations go to the Grad-CAM deployment."""
 
     UNAVAILABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+    READY_TIMEOUT_S = 2.0  # a deployment with no replica answering within this is not ready
 
     def __init__(self, models: dict[str, DeploymentHandle], gradcam_handle: DeploymentHandle, core: Inference):
         self.models, self.gradcam, self.core = models, gradcam_handle, core
@@ -130,6 +157,22 @@ class ServeBackend:
     async def describe(self) -> dict:
         replies = await self._call(asyncio.gather(*(h.describe.remote() for h in self.models.values())))
         return self.core.describe(replies)
+
+    async def not_ready(self) -> list[str]:
+        """The deployments with no replica that answers yet (loading, or lost and restarting)."""
+        async def answers(handle: DeploymentHandle) -> bool:
+            try:
+                return await asyncio.wait_for(self._ready(handle), self.READY_TIMEOUT_S)
+            except (asyncio.TimeoutError, *self.UNAVAILABLE):
+                return False
+
+        parts = {**{f"model {name}": h for name, h in self.models.items()}, "Grad-CAM": self.gradcam}
+        replies = await asyncio.gather(*(answers(h) for h in parts.values()))
+        return [part for part, ok in zip(parts, replies) if not ok]
+
+    @staticmethod
+    async def _ready(handle: DeploymentHandle) -> bool:
+        return await handle.ready.remote()
 
 
 class RayMetrics:
@@ -168,9 +211,45 @@ class LesionApi:
                  settings: ApiSettings):
         self.backend = ServeBackend(models, gradcam_handle, core)
         self.settings = settings
+        self.admission = Admission(settings.max_pending_requests)
+        threading.Thread(target=watch_drain_signal, args=(self.admission, uuid.uuid4().hex), daemon=True).start()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.backend, self.settings, RayMetrics().observe)
+        return build_api(self.backend, self.settings, RayMetrics().observe, self.admission)
+
+
+@ray.remote(num_cpus=0)
+class DrainSignal:
+    """Raised by ``lesion serve --stop``: while it exists every ingress replica refuses new requests and reports how
+    many it is still answering."""
+
+    def __init__(self):
+        self.in_flight: dict[str, int] = {}
+
+    def report(self, replica: str, in_flight: int) -> None:
+        self.in_flight[replica] = in_flight
+
+    def reports(self) -> dict[str, int]:
+        return dict(self.in_flight)
+
+
+def watch_drain_signal(admission: Admission, replica: str) -> None:
+    """An ingress replica's watcher (a thread): once the drain signal exists, refuse new requests and report the
+    in-flight count to it until the replica stops."""
+    while True:
+        try:
+            signal = ray.get_actor(DRAIN_SIGNAL, namespace=DRAIN_NAMESPACE)
+        except ValueError:  # no drain signal: the usual case, or a stop that gave up
+            admission.draining = False
+        else:
+            # reports from the second look on, so a request admitted while the first look raised the flag is counted
+            if admission.draining:
+                try:
+                    ray.get(signal.report.remote(replica, admission.in_flight), timeout=10)
+                except (RayActorError, ray.exceptions.GetTimeoutError):
+                    pass  # the signal went away: the next look says whether to keep draining
+            admission.draining = True
+        time.sleep(DRAIN_POLL_S)
 
 
 def fit_to_cluster(config: Config, models: int) -> Config:
@@ -213,8 +292,13 @@ def build_app(config: Config, run: RunDir):
         max_ongoing_requests=REPLICA_MAX_ONGOING_REQUESTS,
         ray_actor_options=with_gpu,
     ).bind(core, s.threads_per_replica)
+    # the ingress refuses what it cannot answer itself (Admission: JSON 503), so Serve's proxy passes it more than
+    # its bound and queues little: a request Serve refuses still gets 503 with Retry-After, as plain text
+    bound = s.max_pending_requests
     return LesionApi.options(
-        autoscaling_config=autoscaling, max_ongoing_requests=REPLICA_MAX_ONGOING_REQUESTS, ray_actor_options=cpu_only
+        autoscaling_config=autoscaling, max_ongoing_requests=max(2 * (bound or 0), REPLICA_MAX_ONGOING_REQUESTS),
+        max_queued_requests=bound or -1, backpressure_config=BackpressureConfig(retry_after_s=1),
+        graceful_shutdown_timeout_s=DRAIN_GRACE_S, ray_actor_options=cpu_only,
     ).bind(model_handles, gradcam_app, core, ApiSettings.of(core, s))
 
 
@@ -254,7 +338,8 @@ def deploy(config: Config, run: RunDir) -> str:
 
 
 def add_arguments(name: str, parser) -> None:
-    parser.add_argument("--run", help="run directory with trained models (required unless --stop)")
+    parser.add_argument("--run", help="run directory with trained models (or --model-uri; one is required unless "
+                        "--stop)")
     parser.add_argument("--config", help="config YAML (default: RUN/config.yaml)")
     parser.add_argument("--models", help="comma-separated model names (default: serve.models, else every trained one)")
     parser.add_argument("--gpus-per-replica", "--gpu-per-replica", type=float, dest="gpus_per_replica",
@@ -267,13 +352,46 @@ def add_arguments(name: str, parser) -> None:
                       help="serve until Ctrl-C, then stop (default)")
     mode.add_argument("--detach", dest="blocking", action="store_false",
                       help="deploy to a running Ray cluster and return (needs --address or $RAY_ADDRESS)")
-    parser.add_argument("--stop", action="store_true", help="stop the served application on the running cluster")
+    parser.add_argument("--stop", action="store_true", help="stop the served application on the running cluster: "
+                        "new requests get 503 while the in-flight ones finish (within --grace), then it stops")
+    parser.add_argument("--grace", type=float, default=DRAIN_GRACE_S, metavar="SECONDS",
+                        help=f"how long in-flight requests may take to finish when stopping "
+                        f"(default {DRAIN_GRACE_S:g})")
+    add_model_source_arguments(parser)
 
 
-def stop(address: str | None) -> int:
-    """Delete the application (and Serve when nothing else runs) on the cluster at ``address`` (default: auto)."""
-    import ray
+def drain(grace_s: float) -> dict[str, int]:
+    """Stop taking requests and let the in-flight ones finish: raise the drain signal and wait until every ingress
+    replica reports none in flight, or ``grace_s`` passes. Returns the last reports (replica -> in flight)."""
+    signal = DrainSignal.options(name=DRAIN_SIGNAL, namespace=DRAIN_NAMESPACE, lifetime="detached",
+                                 get_if_exists=True).remote()
+    deadline = time.monotonic() + grace_s
+    reports: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        reports = ray.get(signal.reports.remote(), timeout=10)
+        ingress = serve.status().applications[APP_NAME].deployments["LesionApi"]
+        if len(reports) >= ingress.replica_states.get("RUNNING", 0) and not any(reports.values()):
+            break
+        time.sleep(DRAIN_POLL_S)
+    return reports
 
+
+def drain_and_delete(grace_s: float) -> dict[str, int]:
+    """``drain``, then delete the application (its replicas, Serve's route); the drain signal goes with it."""
+    try:
+        reports = drain(grace_s)
+        serve.delete(APP_NAME)
+    finally:
+        try:
+            ray.kill(ray.get_actor(DRAIN_SIGNAL, namespace=DRAIN_NAMESPACE))
+        except ValueError:
+            pass
+    return reports
+
+
+def stop(address: str | None, grace_s: float = DRAIN_GRACE_S) -> int:
+    """Drain and delete the application (and Serve when nothing else runs) on the cluster at ``address`` (default:
+    auto): new requests get 503 while the in-flight ones finish, for at most ``grace_s`` seconds."""
     try:
         init_ray(address or "auto")
     except ConnectionError as exc:
@@ -282,24 +400,24 @@ def stop(address: str | None) -> int:
     if APP_NAME not in serve.status().applications:
         print(f"no '{APP_NAME}' application is running")
         return 0
-    serve.delete(APP_NAME)
+    reports = drain_and_delete(grace_s)
+    left = sum(reports.values())
     if not serve.status().applications:
         serve.shutdown()
     ray.shutdown()
-    print(f"stopped '{APP_NAME}'")
+    print(f"stopped '{APP_NAME}'" + (f" ({left} requests still in flight after {grace_s:g} s were cut off)"
+                                    if left else " (every in-flight request finished)"))
     return 0
 
 
 def run_command(name: str, args) -> int:
     if args.stop:
-        return stop(args.address)
-    if not args.run:
-        raise ValueError("--run RUN_DIR is required (the run whose trained models to serve)")
+        return stop(args.address, args.grace)
     detached = not args.blocking
     if detached and not (args.address or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--detach needs a running Ray cluster (`ray start --head` or `lesion cluster up`): "
                          "pass --address or set RAY_ADDRESS")
-    run = RunDir(ensure_local_path(args.run))
+    run = RunDir(ensure_local_path(model_uri_of(args)))
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     overrides = {
         "serve.models": models,
@@ -307,14 +425,15 @@ def run_command(name: str, args) -> int:
         "serve.host": args.host,
         "serve.port": args.port,
     }
-    config = resolve_config(run, args.config, overrides, save=args.save_config)
+    config = models_config(args, overrides)
     init_ray(args.address)
-    serve_until_interrupted(config, run, detach=detached)
+    serve_until_interrupted(config, run, detach=detached, grace_s=args.grace)
     return 0
 
 
-def serve_until_interrupted(config: Config, run: RunDir, *, detach: bool) -> None:
-    """Deploy ``run``'s models and say where; unless ``detach``, serve until Ctrl-C, then stop serving."""
+def serve_until_interrupted(config: Config, run: RunDir, *, detach: bool, grace_s: float = DRAIN_GRACE_S) -> None:
+    """Deploy ``run``'s models and say where; unless ``detach``, serve until Ctrl-C, then drain (in-flight requests
+    get ``grace_s`` seconds) and stop serving."""
     url = deploy(config, run)
     print(f"serving {APP_NAME} at {url}/  (API docs {url}/docs, OpenAPI {url}/openapi.json)", flush=True)
     if detach:
@@ -325,5 +444,6 @@ def serve_until_interrupted(config: Config, run: RunDir, *, detach: bool) -> Non
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete(APP_NAME)
+        print(f"stopping: in-flight requests get up to {grace_s:g} s", flush=True)
+        drain_and_delete(grace_s)
         serve.shutdown()

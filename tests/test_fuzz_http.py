@@ -8,45 +8,20 @@ from __future__ import annotations
 import base64
 import io
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lesion.config import DataConfig
-from lesion.labels import class_names
-from pipelines.api import ApiSettings, build_api
+from stand_ins import CLASSES, answering_client
 
 LIMIT = 100_000
-CLASSES = list(class_names("multiclass"))
-
-
-class AnsweringBackend:
-    """Answers every image with a fixed, schema-valid prediction."""
-
-    async def predict(self, image: np.ndarray) -> dict:
-        assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
-        probs = {c: 1 / len(CLASSES) for c in CLASSES}
-        return {"predicted_class": CLASSES[0], "probabilities": probs, "malignant_probability": 3 / 7,
-                "malignant_threshold": 0.5, "decision": "uncertain", "decision_reason": "fuzz",
-                "threshold_decision": "benign", "margin": 0.0, "ood_score": 1.0, "ood_threshold": 0.9, "tta": False,
-                "models": {"m": probs}, "model_versions": {"m": {"checkpoint_sha256": "0" * 64, "run_id": None}}}
-
-    async def explain(self, image: np.ndarray, model: str, method: str) -> dict:
-        return {"explained_model": model, "explained_class": CLASSES[0], "method": method, "overlay_png": "",
-                "overlay_size": [32, 32]}
-
-    async def describe(self) -> dict:
-        return {"models": []}
 
 
 @pytest.fixture(scope="module")
 def client() -> TestClient:
-    api_settings = ApiSettings(data_config=DataConfig(image_size=32), models=["m"], task="multiclass",
-                               max_body_bytes=LIMIT, api_key=None, cors_origins=[], methods=["gradcam"])
-    return TestClient(build_api(AnsweringBackend(), api_settings), raise_server_exceptions=False)
+    return answering_client(LIMIT)
 
 
 def encoded(fmt: str, size: tuple[int, int], mode: str) -> bytes:
