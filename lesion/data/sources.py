@@ -34,7 +34,7 @@ from lesion.labels import BINARY_CLASSES, DX_CLASSES, DX_NAMES, class_names, is_
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm")  # .dcm: lesion.data.dicom
 HAM_METADATA = ("HAM10000_metadata.csv", "metadata.csv")  # looked for, in this order, at the root
 HAM_REQUIRED = ("image_id", "lesion_id", "dx")
 ONE_HOT = tuple(dx.upper() for dx in DX_CLASSES)  # ISIC 2018 Task 3 columns MEL, NV, BCC, AKIEC, BKL, DF, VASC
