@@ -15,7 +15,6 @@ batch_size)``). Preprocessing, the evaluation transform, flip TTA, the ensemble 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import tempfile
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lesion.inference import TTA_FLIPS, Member
+from lesion.inference import TTA_FLIPS, Member, checkpoint_sha256
 from lesion.labels import class_names
 from lesion.models import load_trained, logits_to_probs, read_model_record
 from lesion.records import CheckpointRecord
@@ -45,15 +44,6 @@ MAX_BATCH = 4096  # upper bound of the exported dynamic batch axis
 
 class ExportError(RuntimeError):
     """A model that cannot be exported, or whose export disagrees with eager PyTorch; the message names the model."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_program(net: nn.Module, input_size: int, name: str) -> torch.export.ExportedProgram:
@@ -128,7 +118,7 @@ class OnnxMember(Member):
 
 def member_record(model_dir: str | Path) -> CheckpointRecord:
     """A member's checkpoint record without building its network (``model.json``), with the sha256 of ``best.pt``."""
-    return dataclasses.replace(read_model_record(model_dir), checkpoint_sha256=file_sha256(Path(model_dir) / "best.pt"))
+    return dataclasses.replace(read_model_record(model_dir), checkpoint_sha256=checkpoint_sha256(model_dir))
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,8 @@ from lesion.engines import (
     OnnxRuntimeLoader,
     export_onnx,
     export_program,
-    file_sha256,
 )
-from lesion.inference import Inference, predict_proba
+from lesion.inference import Inference, file_sha256, predict_proba
 from lesion.labels import malignant_indices
 from lesion.metrics import balanced_accuracy, binary_auc
 from lesion.models import MODEL_RECORD, load_trained

@@ -47,13 +47,18 @@ TTA_FLIPS = ((), (3,), (2,), (2, 3))  # identity, horizontal, vertical, both (di
 SPEC_VERSION = 3  # bump when the fitting of the spec changes (its history: docs/decisions.md, "Ensemble spec")
 
 
-def checkpoint_sha256(model_dir: str | Path) -> str:
-    """SHA-256 of a model's ``best.pt``."""
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(Path(model_dir) / "best.pt", "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def checkpoint_sha256(model_dir: str | Path) -> str:
+    """SHA-256 of a model's ``best.pt``."""
+    return file_sha256(Path(model_dir) / "best.pt")
 
 
 def data_config_of(run: RunDir, config: Config) -> DataConfig:
