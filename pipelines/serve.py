@@ -12,6 +12,11 @@ layer lives in ``pipelines.api`` (no Ray); ``ServeBackend`` connects it to the d
 runs it from the command line; ``app_builder`` is the import path for Serve config files (``serve deploy
 cluster/serve/lesion.yaml``) and for ``serve run pipelines.serve:app_builder run=RUN_DIR``.
 
+Where the models come from (``ModelSource``): a run directory, an export bundle, or a registered MLflow model
+(``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``): the alias is read once, the version it names is served and
+downloaded by the one resolver (``lesion.resolve``), and /v1/models and every answer name that registered version.
+A replica on a node without the download resolves the same version there.
+
 Load and lifecycle: /readyz answers 200 once every model and the Grad-CAM replica answer (``ServeBackend.not_ready``);
 the ingress answers at most ``serve.max_pending_requests`` API requests at once and refuses the rest with 503 and
 Retry-After (``pipelines.api.Admission``); ``lesion serve --stop`` (and Ctrl-C) drains: a named ``DrainSignal`` actor
@@ -25,12 +30,17 @@ of the upload.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,7 +68,6 @@ from pipelines.common import (
     init_ray,
     model_uri_of,
     models_config,
-    resolve_config,
 )
 
 log = logging.getLogger(__name__)
@@ -74,10 +83,43 @@ DRAIN_POLL_S = 0.25  # how often an ingress replica looks for the drain signal
 DRAIN_GRACE_S = 30.0  # default time in-flight requests get to finish when the server stops
 
 
-def serving_core(run: RunDir, config: Config) -> Inference:
-    """The inference core of the served models (``serve.models``, default every trained one; ``run`` may hold an
-    export bundle), on ``inference.engine``, without weights."""
-    return load_inference(run.root, config, models=config.serve.models, tta=config.serve.tta, load=False)
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where the served models come from: ``uri``, a run directory or export bundle, or for a registered model the
+    URI pinned to its version, with ``registered`` (name, version, alias, the MLflow run id) for the answers."""
+
+    uri: str
+    registered: dict[str, str | None] | None = None
+
+    @classmethod
+    def of(cls, uri: str | Path | RunDir) -> ModelSource:
+        """The source of ``uri``: a ``RunDir``, a local path, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``
+        (the alias read now, in the registry at ``$MLFLOW_TRACKING_URI``)."""
+        if isinstance(uri, ModelSource):
+            return uri
+        if isinstance(uri, RunDir):
+            return cls(str(uri.root))
+        if str(uri).startswith("models:/"):
+            from lesion.mlflow_model import registered_version
+
+            found = registered_version(str(uri))
+            return cls(str(found["uri"]), {k: v for k, v in found.items() if k != "uri"})
+        return cls(str(ensure_local_path(uri)))
+
+
+def serving_core(source: ModelSource | RunDir, config: Config) -> Inference:
+    """The inference core of the served models (``serve.models``, default every trained one) of a run directory,
+    export bundle or registered model, on ``inference.engine``, without weights."""
+    return load_inference(ModelSource.of(source).uri, config, models=config.serve.models, tta=config.serve.tta,
+                          load=False)
+
+
+def on_this_node(core: Inference, refetch: Callable[[], Inference] | None) -> Inference:
+    """``core``, or where its files are missing (a registered model downloaded on another node) ``refetch()``: the
+    same version resolved on this node."""
+    if refetch is None or all(Path(folder).is_dir() for folder in core.model_dirs.values()):
+        return core
+    return refetch()
 
 
 # --- Ray Serve deployments -------------------------------------------------------------------------------------
@@ -95,8 +137,8 @@ class ModelDeployment:
     """One member of the core, loaded once per replica: dynamic batches of preprocessed images -> probabilities."""
 
     def __init__(self, core: Inference, name: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 threads: int | None = None):
-        self.core, self.name = core.load([name], _device(threads)), name
+                 threads: int | None = None, refetch: Callable[[], Inference] | None = None):
+        self.core, self.name = on_this_node(core, refetch).load([name], _device(threads)), name
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -117,8 +159,9 @@ class ModelDeployment:
 class GradCamDeployment:
     """Grad-CAM overlays (every member loaded; gradients are needed, so no inference mode)."""
 
-    def __init__(self, core: Inference, threads: int | None = None):
-        self.explainer = Explainer(core.on_torch().load(device=_device(threads)))  # Grad-CAM needs gradients
+    def __init__(self, core: Inference, threads: int | None = None, refetch: Callable[[], Inference] | None = None):
+        # Grad-CAM needs gradients: eager torch whatever engine predicts
+        self.explainer = Explainer(on_this_node(core, refetch).on_torch().load(device=_device(threads)))
 
     def ready(self) -> bool:
         return True  # a replica answers only once its constructor has loaded every member
@@ -263,10 +306,12 @@ def fit_to_cluster(config: Config, models: int) -> Config:
     return apply_overrides(config, {"serve.cpus_per_replica": share})
 
 
-def build_app(config: Config, run: RunDir):
-    """The Serve application for ``run``'s trained models, with replicas, batching and GPUs from ``config.serve``
-    (fitted to the cluster)."""
-    core = serving_core(run, config)
+def build_app(config: Config, run: ModelSource | RunDir):
+    """The Serve application for the trained models of ``run`` (a ``ModelSource`` or run directory), with replicas,
+    batching and GPUs from ``config.serve`` (fitted to the cluster)."""
+    source = ModelSource.of(run)
+    core = serving_core(source, config)
+    refetch = functools.partial(serving_core, source, config) if source.registered else None
     config = fit_to_cluster(config, len(core.names))
     s = config.serve
     autoscaling = {
@@ -282,7 +327,7 @@ def build_app(config: Config, run: RunDir):
             autoscaling_config=autoscaling,
             max_ongoing_requests=REPLICA_MAX_ONGOING_REQUESTS,
             ray_actor_options=with_gpu,
-        ).bind(core, name, s.max_batch_size, s.batch_wait_timeout_s, s.threads_per_replica)
+        ).bind(core, name, s.max_batch_size, s.batch_wait_timeout_s, s.threads_per_replica, refetch)
         for name in core.names
     }
     gradcam_app = GradCamDeployment.options(
@@ -291,38 +336,41 @@ def build_app(config: Config, run: RunDir):
         autoscaling_config={**autoscaling, "target_ongoing_requests": 1},
         max_ongoing_requests=REPLICA_MAX_ONGOING_REQUESTS,
         ray_actor_options=with_gpu,
-    ).bind(core, s.threads_per_replica)
+    ).bind(core, s.threads_per_replica, refetch)
     # the ingress refuses what it cannot answer itself (Admission: JSON 503), so Serve's proxy passes it more than
-    # its bound and queues little: a request Serve refuses still gets 503 with Retry-After, as plain text
-    bound = s.max_pending_requests
+    # its bound. Serve's own queue bound is only a guard far above it: Serve counts requests still being assigned to
+    # a replica as queued and refuses a burst of simultaneous ones early (router.py says so), as plain text
+    bound = s.max_pending_requests or 0
+    ingress_room = max(2 * bound, REPLICA_MAX_ONGOING_REQUESTS)
     return LesionApi.options(
-        autoscaling_config=autoscaling, max_ongoing_requests=max(2 * (bound or 0), REPLICA_MAX_ONGOING_REQUESTS),
-        max_queued_requests=bound or -1, backpressure_config=BackpressureConfig(retry_after_s=1),
+        autoscaling_config=autoscaling, max_ongoing_requests=ingress_room,
+        max_queued_requests=ingress_room, backpressure_config=BackpressureConfig(retry_after_s=1),
         graceful_shutdown_timeout_s=DRAIN_GRACE_S, ray_actor_options=cpu_only,
-    ).bind(model_handles, gradcam_app, core, ApiSettings.of(core, s))
+    ).bind(model_handles, gradcam_app, core, ApiSettings.of(core, s, source.registered))
 
 
 def app_builder(args: dict[str, Any]):
     """Application builder for Serve config files (``import_path: pipelines.serve:app_builder``).
 
-    ``args``: ``run`` (run directory, required), ``config`` (YAML; default RUN/config.yaml), ``models`` (list or
-    comma-separated names), ``gpus_per_replica``. Replicas, autoscaling and actor options in the config file's
-    ``deployments`` section override the ones derived here.
+    ``args``: ``run`` (run directory) or ``model_uri`` (a run directory, export bundle or ``models:/NAME@ALIAS``:
+    one is required), ``config`` (YAML; default RUN/config.yaml, for a bundle or registered model the defaults),
+    ``models`` (list or comma-separated names), ``gpus_per_replica``. Replicas, autoscaling and actor options in the
+    config file's ``deployments`` section override the ones derived here.
     """
-    known = {"run", "config", "models", "gpus_per_replica"}
+    known = {"run", "model_uri", "config", "models", "gpus_per_replica"}
     unknown = sorted(set(args) - known)
-    if unknown or "run" not in args:
-        raise ValueError(f"app_builder args: 'run' is required; unknown {unknown}; known {sorted(known)}")
-    run = RunDir(ensure_local_path(args["run"]))
+    if unknown or ("run" in args) == ("model_uri" in args):
+        raise ValueError(f"app_builder args: 'run' is required (or 'model_uri' instead); unknown {unknown}; known "
+                         f"{sorted(known)}")
     models = args.get("models")
     if isinstance(models, str):
         models = [m.strip() for m in models.split(",") if m.strip()]
-    config = resolve_config(run, args.get("config"),
-                            {"serve.models": models, "serve.gpus_per_replica": args.get("gpus_per_replica")})
-    return build_app(config, run)
+    flags = argparse.Namespace(run=args.get("run"), model_uri=args.get("model_uri"), config=args.get("config"))
+    config = models_config(flags, {"serve.models": models, "serve.gpus_per_replica": args.get("gpus_per_replica")})
+    return build_app(config, ModelSource.of(model_uri_of(flags)))
 
 
-def deploy(config: Config, run: RunDir) -> str:
+def deploy(config: Config, run: ModelSource | RunDir) -> str:
     """Start Serve (HTTP on ``config.serve.host:port``) and run the application; returns the base URL."""
     warning = exposure_warning(config.serve)
     if warning:
@@ -417,7 +465,7 @@ def run_command(name: str, args) -> int:
     if detached and not (args.address or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--detach needs a running Ray cluster (`ray start --head` or `lesion cluster up`): "
                          "pass --address or set RAY_ADDRESS")
-    run = RunDir(ensure_local_path(model_uri_of(args)))
+    run = ModelSource.of(model_uri_of(args))
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     overrides = {
         "serve.models": models,
@@ -431,10 +479,14 @@ def run_command(name: str, args) -> int:
     return 0
 
 
-def serve_until_interrupted(config: Config, run: RunDir, *, detach: bool, grace_s: float = DRAIN_GRACE_S) -> None:
-    """Deploy ``run``'s models and say where; unless ``detach``, serve until Ctrl-C, then drain (in-flight requests
+def serve_until_interrupted(config: Config, run: ModelSource | RunDir, *, detach: bool,
+                            grace_s: float = DRAIN_GRACE_S) -> None:
+    """Deploy the models of ``run`` (a ``ModelSource`` or run directory) and say where; unless ``detach``, serve until Ctrl-C, then drain (in-flight requests
     get ``grace_s`` seconds) and stop serving."""
     url = deploy(config, run)
+    registered = ModelSource.of(run).registered
+    if registered:
+        print(f"serving registered model {registered['name']} version {registered['version']}", flush=True)
     print(f"serving {APP_NAME} at {url}/  (API docs {url}/docs, OpenAPI {url}/openapi.json)", flush=True)
     if detach:
         print("detached: `lesion serve --stop` stops it")
