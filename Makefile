@@ -33,7 +33,7 @@ test: install  # the suite without the tests marked slow
 	$(PYTEST) -m "not slow"
 
 test-slow: install  # the slow ones: multi-node clusters, kill points, whole workflows, long trainings (CI runs both)
-	$(PYTEST) -m slow
+	$(PYTEST) -m slow --durations=20
 
 docs: install  # the reference pages generated from the code and the results, then the site in site/ (warnings fail)
 	$(BIN)/python docs/gen.py

@@ -336,13 +336,14 @@ def _distribution(entry: dict[str, Any]):
 
 
 def parameter_importances(table: pd.DataFrame, spec: dict[str, Any], metric: str, mode: str) -> dict[str, float]:
-    """Optuna's (fANOVA) parameter importances on a study rebuilt from the scored trials ({} when under 2)."""
+    """Optuna's (fANOVA) parameter importances on a study rebuilt from the scored trials ({} when fewer than 2, or
+    when every trial scored the same: importance is then undefined)."""
     import optuna
 
     score = f"best_{metric}"
     scored = table[table["status"] != "failed"].dropna(subset=[score]) if len(table) else table
     varied = [k for k in spec if k in scored and scored[k].nunique() > 1]
-    if len(scored) < 2 or not varied:
+    if len(scored) < 2 or not varied or scored[score].nunique() < 2:
         return {}
     distributions = {k: _distribution(spec[k]) for k in varied}
     study = optuna.create_study(direction="minimize" if mode == "min" else "maximize",
@@ -366,7 +367,8 @@ def plot_importance(table: pd.DataFrame, spec: dict[str, Any], metric: str, mode
         ax.barh(names, [importances[n] for n in names])
         ax.set_xlabel(f"importance for {metric} (fANOVA)")
     else:
-        ax.text(0.5, 0.5, "needs at least 2 scored trials with varied parameters", ha="center", va="center")
+        ax.text(0.5, 0.5, "needs at least 2 scored trials with varied parameters and scores", ha="center",
+                va="center")
         ax.set_axis_off()
     ax.set_title("parameter importances")
     fig.tight_layout()

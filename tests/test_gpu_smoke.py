@@ -84,9 +84,9 @@ def test_smoke_runs_every_step_on_a_logical_gpu(tmp_path, ham10000, ham10000_ful
     assert result["ingest"]["rows"] >= 240 and result["ingest"]["train_rows"] > 0
     rows = result["rows"]
     train = [r for r in rows if r["step"] == "train"]
-    assert {(r["model"], r["setup"]) for r in train} == {
-        (m, s) for m in ("resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0")
-        for s in ("lesion train --gpu", "plain loop (ceiling)")}
+    every = ("resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0")
+    assert {(r["model"], r["setup"]) for r in train} == {(m, "plain loop (ceiling)") for m in every} | {
+        (m, "lesion train --gpu") for m in ("resnet50", "efficientnet_lite0")}
     for r in train:
         assert r["rate"] > 0 and r["ratio"] > 0
         if r["setup"] == "lesion train --gpu":
@@ -94,7 +94,7 @@ def test_smoke_runs_every_step_on_a_logical_gpu(tmp_path, ham10000, ham10000_ful
         else:
             assert r["autocast"] == "bf16" and r["device"] == "cpu"
     (tuned,) = [r for r in rows if r["step"] == "tune"]
-    assert tuned["trials_finished"] == 8 and "failed" not in tuned["status_counts"]
+    assert tuned["trials_finished"] == 4 and "failed" not in tuned["status_counts"]
     assert tuned["trials_at_once"] == 4 and tuned["ratio"] == 1.0  # 4 trials x 0.25 GPU shared the one GPU
     served = [r for r in rows if r["step"] == "serve"]
     assert sorted(r["clients"] for r in served) == [1, 1, 8, 8, 32, 32]

@@ -110,3 +110,17 @@ def test_tuning_on_gpus_the_cluster_lacks_fails_before_any_trial(run, ray_local,
     assert "tune custom_cnn cannot start on this cluster: GPU: needs 1 (tune trials 2 x 0.5), the cluster has 0" in err
     assert "tune.gpus_per_trial" in err
     assert not run.tune.exists()  # no trial started, nothing written
+
+
+def test_importances_of_trials_that_all_scored_the_same_are_left_out_not_a_crash(tmp_path):
+    # 4 smoke trials at chance all score 1/7: fANOVA has no variance to split ("zero total variance in all trees")
+    from pipelines.tune import parameter_importances, plot_importance
+
+    space = {"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
+             "batch_size": {"type": "choice", "values": [16, 32]}}
+    table = pd.DataFrame({"status": ["done"] * 4, "lr": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": [16, 32, 16, 32],
+                          "best_val_balanced_accuracy": [1 / 7] * 4})
+    assert parameter_importances(table, space, "val_balanced_accuracy", "max") == {}
+    assert plot_importance(table, space, "val_balanced_accuracy", "max", tmp_path / "importance.png").stat().st_size
+    table["best_val_balanced_accuracy"] = [0.2, 0.3, 0.5, 0.4]
+    assert set(parameter_importances(table, space, "val_balanced_accuracy", "max")) == {"lr", "batch_size"}
