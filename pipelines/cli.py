@@ -22,6 +22,8 @@ COMMANDS = {
     "ingest": ("ingest", "read a data set, split it by lesion, preprocess it with Ray Data into RUN_DIR/data/"),
     "data": ("ingest", "inspect ingested data (`lesion data summary`)"),
     "download": ("download", "download HAM10000 from its official source (needs internet)"),
+    "weights": ("weights", "download the ImageNet weights a config needs, for an air-gapped cluster "
+                           "(`lesion weights fetch`)"),
     "train": ("train", "train a model (or --all) with Ray Train"),
     "tune": ("tune", "tune the custom CNN with Ray Tune + Optuna"),
     "evaluate": ("evaluate", "score trained models and the ensemble; write metrics, plots and report.html"),

@@ -236,7 +236,8 @@ def build_model(loop: LoopSpec, *, pretrained: bool | str | None = None) -> torc
     if pretrained is None:
         pretrained = cfg.weights or cfg.pretrained
     options = {key: getattr(cfg, key) for key in model_spec(loop.arch)["arch_kwargs"]}
-    return create_model(loop.arch, loop.outputs, pretrained=pretrained, input_size=loop.input_size, **options)
+    return create_model(loop.arch, loop.outputs, pretrained=pretrained, input_size=loop.input_size,
+                        weights_dir=cfg.weights_dir, **options)
 
 
 def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:

@@ -5,7 +5,8 @@ without copying, pinned and moved to the worker's device in Ray Data's backgroun
 batch tensor ops. The workers run the training loop of ``pipelines.loop`` (shared with ``lesion tune``); a worker
 that dies is replaced and training resumes from the last checkpoint (``FailureConfig``). After the run the best
 epoch's weights become ``RUN/models/<variant>/best.pt`` (``model.json`` records the variant as ``name`` and its
-architecture as ``arch``), recorded in the manifest with ``train_fingerprint``.
+architecture as ``arch``), recorded in the manifest with ``train_fingerprint``. Settings that no retry can mend
+(config, resources, missing pretrained weights) are checked on the driver before any worker starts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from lesion.config import Config, TrainConfig, apply_overrides, dump_yaml
 from lesion.data.shards import read_info
-from lesion.models import model_spec, save_checkpoint
+from lesion.models import WeightsSource, check_weights, model_spec, rebuild_model, save_checkpoint
 from lesion.records import CheckpointRecord, DataRecord, LoopSpec
 from lesion.rundir import RunDir, changed_settings, fingerprint, package_versions, remove_tree
 from lesion.training import plot_learning_curve, write_history
@@ -26,7 +27,7 @@ from lesion.vocabulary import BALANCE_MODES
 from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
 from pipelines.datasets import training_datasets
-from pipelines.loop import StepHook, build_model, build_trainer, loop_spec, quiet_ray_progress, read_state
+from pipelines.loop import StepHook, build_trainer, loop_spec, quiet_ray_progress, read_state
 from pipelines.tuned import best_overrides
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,24 @@ def ray_storage(run: RunDir, name: str) -> str:
     return f"{run.uri}/models/{name}/ray" if run.is_remote else str(run.model_dir(name) / "ray")
 
 
+def required_weights(config: Config, names: list[str]) -> dict[str, WeightsSource | None]:
+    """Where each variant of ``names`` gets its starting weights (None: from scratch), checked on the driver before
+    any worker starts, so that a missing file fails once, at once, instead of in every worker and every retry Ray
+    Train's ``FailureConfig`` allows. Raises WeightsError naming every model that lacks them and the ways to supply
+    them."""
+    models = {}
+    for name in names:
+        cfg = config.model_config(name)
+        models[name] = (cfg.arch, cfg.weights or cfg.pretrained, cfg.weights_dir)
+    return check_weights(models)
+
+
+def worker_config(cfg: TrainConfig, source: WeightsSource | None) -> TrainConfig:
+    """The training config the workers get: a model whose weights the driver found in ``train.weights_dir`` loads
+    that very file (``weights``), so the workers repeat no search."""
+    return dataclasses.replace(cfg, weights=source.location) if source and source.kind == "weights_dir" else cfg
+
+
 def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False,
                 step_hook: StepHook | None = None) -> dict[str, Any]:
     """Train variant ``name`` (a key of ``train.models``, or an architecture) with Ray Train on the run's ingested
@@ -59,6 +78,7 @@ def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False,
     Returns a summary (best epoch, validation metrics at it, weights origin, paths, timings).
     """
     cfg = config.model_config(name)  # an unknown name or arch fails here, not on the workers
+    source = required_weights(config, [name])[name]  # so do missing weights
     data = read_info(run.root)
     model_dir = run.model_dir(name)
     storage = ray_storage(run, name)
@@ -68,17 +88,20 @@ def train_model(config: Config, run: RunDir, name: str, *, resume: bool = False,
     if not resume:
         remove_tree(f"{storage}/{RAY_RUN_NAME}")
     # TensorBoard: live from rank 0 when the run is local; written from the history after the run otherwise
-    loop = loop_spec(cfg, name, data, tb_dir=None if run.is_remote else model_dir / "tb", step_hook=step_hook)
+    loop = loop_spec(worker_config(cfg, source), name, data, tb_dir=None if run.is_remote else model_dir / "tb",
+                     step_hook=step_hook)
     model_dir.mkdir(parents=True, exist_ok=True)
     quiet_ray_progress()
-    log.info("training %s: %d epochs, %d worker(s), balance=%s", name, cfg.epochs, cfg.workers, cfg.balance)
+    log.info("training %s: %d epochs, %d worker(s), balance=%s, starting from %s", name, cfg.epochs, cfg.workers,
+             cfg.balance, source.describe() if source else "scratch")
     started = time.perf_counter()
     with capacity.waiting_notice(f"train {name}"):
         result = build_trainer(cfg, loop, training_datasets(run, cfg), storage, RAY_RUN_NAME).fit()
     seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} reported no checkpoint (see the Ray logs under {storage})")
-    return write_artefacts(run, loop, data, read_state(result.checkpoint), seconds)
+    # the artefacts record the configured settings (fingerprint, config.yaml), not the workers' pinned weights file
+    return write_artefacts(run, dataclasses.replace(loop, train=cfg), data, read_state(result.checkpoint), seconds)
 
 
 def checkpoint_record(loop: LoopSpec, data: DataRecord, state: dict[str, Any], run_id: str,
@@ -103,7 +126,9 @@ def write_artefacts(run: RunDir, loop: LoopSpec, data: DataRecord, state: dict[s
     name, cfg = loop.name, loop.train
     model_dir = run.model_dir(name)
     history = state["history"]
-    model = build_model(loop, pretrained=False)
+    options = {key: getattr(cfg, key) for key in model_spec(loop.arch)["arch_kwargs"]}
+    model = rebuild_model(loop.arch, loop.outputs, origin=state["pretrained_origin"], input_size=loop.input_size,
+                          loading=f"{name}'s best epoch ({state['early_stopping']['best_epoch']})", **options)
     model.load_state_dict(state["early_stopping"]["best_state"])
     cfg_dict = dataclasses.asdict(cfg)
     fp = train_fingerprint(cfg, data)
@@ -130,6 +155,7 @@ def train_all(config: Config, run: RunDir) -> dict[str, dict[str, Any]]:
     """Train every model of ``train.models``, one after the other (each uses the whole worker pool)."""
     if not config.train.models:
         raise ValueError("train.models is empty: name at least one model to train (e.g. custom_cnn: {})")
+    required_weights(config, list(config.train.models))  # all at once, before the first training
     return {name: train_model(config, run, name) for name in config.train.models}
 
 

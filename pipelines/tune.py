@@ -38,6 +38,7 @@ from pipelines import capacity
 from pipelines.common import init_ray, resolve_config
 from pipelines.datasets import training_datasets
 from pipelines.loop import TuneSession, build_trainer, loop_spec, quiet_ray_progress, read_state, run_training, verbose
+from pipelines.train import required_weights
 from pipelines.tuned import BEST_FILE
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,11 @@ def trial_distributed(params: dict[str, Any], *, config: Config, name: str, data
 
     tcfg = config.tune
     cfg = trial_config(config, name, decode_params(params, tcfg.search_space), tcfg.epochs)
+    # max_failures 0: a trial that raises or loses a worker is recorded as failed, as a one-worker trial is (Tune's
+    # own FailureConfig retries no trial), so a deterministic error costs one attempt, not one per allowed retry
     cfg = dataclasses.replace(cfg, workers=tcfg.workers_per_trial, cpus_per_worker=tcfg.cpus_per_trial /
-                              tcfg.workers_per_trial, gpus_per_worker=tcfg.gpus_per_trial / tcfg.workers_per_trial)
+                              tcfg.workers_per_trial, gpus_per_worker=tcfg.gpus_per_trial / tcfg.workers_per_trial,
+                              max_failures=0)
     run = RunDir(run_root)
     context = tune.get_context()
     storage = f"{run.uri}/tune/trials" if run.is_remote else str(run.tune / "trials")
@@ -184,6 +188,7 @@ def tune_model(config: Config, run: RunDir, *, resume: bool = False, callbacks: 
     cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
     concurrency = capacity.tune_concurrency(config, cluster)
     capacity.check(f"tune {name}", capacity.tune_needs(config, concurrency), cluster)  # before any trial starts
+    required_weights(config, [name])  # a missing weights file fails here once, not in every trial
     quiet_ray_progress()
     storage = f"{run.uri}/tune/ray" if run.is_remote else str(run.tune / "ray")
     experiment = f"{storage}/{EXPERIMENT}"

@@ -222,6 +222,9 @@ def run_workflow(config: Config, run: RunDir, table: StageTable | None = None) -
     cluster = capacity.Cluster.of_ray(autoscaling=config.workflow.autoscaling)
     nodes = build_graph(config, cluster)
     check_graph(nodes, cluster)
+    from pipelines.train import required_weights
+
+    required_weights(config, [node.variant for node in nodes if isinstance(node, Train)])  # before any stage starts
     for node in nodes:
         if node.name not in table.rows:
             table.add(node.name, describe_needs(node))

@@ -126,6 +126,10 @@ def test_every_enumerated_field_is_checked_when_read(values, path, bad, allowed,
     ({"tune": {"search_space": {"lr": {"type": "uniform", "low": 0.1}}}},
      r"^tune\.search_space\.lr: a uniform entry needs exactly type, low, high; missing \['high'\]"),
     ({"serve": {"port": 70000}}, r"^serve\.port: expected a number in \[1, 65535\]; got 70000"),
+    ({"train": {"weights_dir": " "}}, r"^train\.weights_dir: expected a non-empty path; got ' '"),
+    ({"train": {"weights_dir": 3}}, r"^train\.weights_dir: expected str or null, got 3"),
+    ({"train": {"models": {"resnet50": {"weights_dir": ""}}}},
+     r"^train\.models\.resnet50\.weights_dir: expected a non-empty path"),
     ({"serve": {"min_replicas": 3, "max_replicas": 2}}, r"^serve\.max_replicas: expected at least min_replicas \(3\)"),
     ({"serve": {"target_sensitivity": 0}}, r"^serve\.target_sensitivity: expected a number in \(0, 1\]; got 0"),
 ])
@@ -275,3 +279,34 @@ def test_console_script_config_show_and_set(recorded_run):
     change = subprocess.run([*lesion, "config", "set", "--run", str(recorded_run.root), "data.task=ternary"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert change.returncode == 2 and "data.task: expected one of multiclass, binary; got 'ternary'" in change.stderr
+
+
+TRANSFER_ARCHS = {"resnet50", "densenet121", "mobilenetv2", "efficientnet_b0"}  # the studies fine-tuned these
+
+
+@pytest.mark.parametrize("name", ["ham10000.yaml", "isic-binary.yaml"])
+def test_the_study_configs_fine_tune_the_transfer_models_from_imagenet(name):
+    """As the reference studies did: each transfer variant says `pretrained: true` itself (not a section default
+    that a later edit could drop), and the CNNs start from scratch."""
+    import yaml
+
+    path = ROOT / "cluster" / "configs" / name
+    written = yaml.safe_load(path.read_text())["train"]["models"]
+    study = load_config(path)
+    archs = {variant: study.model_config(variant).arch for variant in study.train.models}
+    transfer = [variant for variant, arch in archs.items() if arch in TRANSFER_ARCHS]
+    assert {archs[v] for v in transfer} == (TRANSFER_ARCHS if name == "ham10000.yaml"
+                                            else {"mobilenetv2", "efficientnet_b0"})
+    for variant in transfer:
+        assert written[variant].get("pretrained") is True, variant
+        assert study.model_config(variant).weights is None  # timm's hub weights, or train.weights_dir
+    for variant, arch in archs.items():
+        if arch in ("custom_cnn", "scratch_cnn"):
+            assert not study.model_config(variant).pretrained, variant
+    assert study.train.weights_dir is None  # set on an air-gapped cluster only
+
+
+def test_weights_dir_is_in_the_schema_with_its_description():
+    field = config_module.config_schema()["properties"]["train"]["properties"]["weights_dir"]
+    assert field["type"] == ["string", "null"] and field["minLength"] == 1 and "pretrained" in field["description"]
+    assert config_from_dict({"train": {"weights_dir": "/mnt/w"}}).train.weights_dir == "/mnt/w"

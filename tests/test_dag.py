@@ -108,8 +108,9 @@ DAG = {
     "train": {
         "epochs": 2, "batch_size": 32, "lr": 2e-3, "workers": 2, "cpus_per_worker": 0.25,
         "models": {"custom_cnn": {"conv_widths": [8, 16, 32, 64], "fc_widths": [64, 32]}, "scratch_cnn": {},
-                   # fails on its worker when the model is built: no such weights file
-                   "mobilenetv2": {"weights": "/nonexistent/mobilenetv2.pth", "max_failures": 0}},
+                   # fails on its worker when the model is built: the test writes a file there that the driver's
+                   # check finds and no torch can read
+                   "mobilenetv2": {"weights": "mobilenetv2.pth", "max_failures": 0}},
     },
     "evaluate": {"bootstrap": 20, "cam_methods": ["gradcam"], "cam_images": 4, "cam_score_images": 8},
     "workflow": {"tune": False},
@@ -124,7 +125,10 @@ def _window(history: pd.DataFrame) -> tuple[float, float]:
 @pytest.mark.timeout(900)
 def test_two_trainings_run_at_once_and_a_failed_one_leaves_the_others(tmp_path, ray_local, capfd):
     config_file = tmp_path / "dag.yaml"
-    config_file.write_text(yaml.safe_dump(DAG, sort_keys=False))  # custom_cnn and scratch_cnn start first
+    broken = tmp_path / "mobilenetv2.pth"
+    broken.write_bytes(b"not a weights file")
+    dag = yaml.safe_dump(DAG, sort_keys=False).replace("mobilenetv2.pth", str(broken))
+    config_file.write_text(dag)  # custom_cnn and scratch_cnn start first
     run = RunDir(tmp_path / "run")
     argv = ["run", "--run", str(run.root), "--config", str(config_file)]
     assert main(argv) == 1

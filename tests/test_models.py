@@ -199,7 +199,7 @@ def test_pretrained_resnet50_offline_fails_clearly(monkeypatch, tmp_path):
     if not hf.HF_HUB_OFFLINE:
         pytest.skip("HF_HUB_OFFLINE is not set: timm would try to download")
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine holds
-    with pytest.raises(WeightsError, match=r"resnet50.*--weights PATH"):
+    with pytest.raises(WeightsError, match=r"resnet50.*HF_HUB_OFFLINE is set.*lesion weights fetch.*weights_dir"):
         create_model("resnet50", 7, pretrained=True)
 
 
@@ -304,3 +304,21 @@ def test_logits_to_probs():
         logits_to_probs(torch.randn(2, 2), "binary")
     with pytest.raises(ValueError, match="task must be"):
         logits_to_probs(logits, "regression")
+
+
+def test_a_trained_imagenet_model_reloads_as_its_checkpoint_not_as_scratch(tmp_path, caplog):
+    import logging
+
+    model = create_model("efficientnet_lite0", 7, pretrained=True, input_size=32)
+    origin = f"imagenet:{PACKAGED_WEIGHTS['efficientnet_lite0'][0]}"
+    record = CheckpointRecord(name="lite", arch="efficientnet_lite0", task="multiclass", classes=DX_CLASSES,
+                              num_classes=7, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                              arch_kwargs={"dropout": [0.3, 0.5]}, pretrained_origin=model.pretrained_origin)
+    save_checkpoint(tmp_path / "lite" / "best.pt", model, record)
+    with caplog.at_level(logging.INFO, logger="lesion.models"):
+        loaded, loaded_record = load_trained(tmp_path / "lite")
+    assert loaded.pretrained_origin == loaded_record.pretrained_origin == origin
+    assert f"loading the trained weights of {tmp_path / 'lite' / 'best.pt'} (its training started from {origin})" \
+        in caplog.text
+    assert "scratch" not in caplog.text
+    assert torch.equal(loaded.backbone.conv_stem.weight, model.backbone.conv_stem.weight)
