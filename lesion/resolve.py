@@ -9,6 +9,7 @@ folder with ``metadata.json``) or a registry URI (``models:/NAME@ALIAS``, ``mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def load_inference(uri: str | Path, config: Config | str | Path | None = None, *
     """
     text = str(uri)
     if text.startswith("models:/"):
-        uri = _download_registered(text)
+        uri = registered_run(text)
     path = Path(uri).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run directory or export bundle")
@@ -97,8 +98,10 @@ def bundle_core(bundle: Path, config: Config, models: list[str] | None, tta: boo
     return core, bool(meta.get("quantization"))
 
 
-def _download_registered(uri: str) -> Path:
-    """A registered model's run directory (the ``run`` artifact of ``lesion.mlflow_model``), downloaded by MLflow."""
+@functools.lru_cache(maxsize=8)
+def registered_run(uri: str) -> Path:
+    """A registered model's run directory (the ``run`` artifact of ``lesion.mlflow_model``), downloaded by MLflow
+    once per process and URI."""
     try:
         from mlflow.artifacts import download_artifacts
     except ImportError:

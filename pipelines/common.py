@@ -168,8 +168,9 @@ def model_uri_of(args) -> str:
 
 def models_config(args, overrides: dict[str, Any] | None = None) -> Config:
     """The config of a command that uses trained models: a run's (``resolve_config``, ``--save-config`` honoured),
-    else for a bundle or registered model ``--config`` or the defaults; then the flags, ``--engine`` among them."""
-    from lesion.resolve import is_bundle
+    else for a bundle ``--config`` or the defaults, for a registered model ``--config`` or the config of the run it
+    was registered from; then the flags, ``--engine`` among them."""
+    from lesion.resolve import is_bundle, registered_run
 
     uri = model_uri_of(args)
     flags = {**(overrides or {}), "inference.engine": getattr(args, "engine", None)}
@@ -177,6 +178,8 @@ def models_config(args, overrides: dict[str, Any] | None = None) -> Config:
         if getattr(args, "save_config", False):
             raise ValueError("--save-config records a run's config: it needs --run, not a bundle")
         config_path = getattr(args, "config", None)
+        if not config_path and uri.startswith("models:/") and (registered_run(uri) / RUN_CONFIG).is_file():
+            config_path = registered_run(uri) / RUN_CONFIG  # its ensemble spec was fitted for these settings
         return apply_overrides(load_config(config_path) if config_path else Config(), flags)
     return resolve_config(RunDir(uri), getattr(args, "config", None), flags,
                           save=getattr(args, "save_config", False))
@@ -188,3 +191,26 @@ def core_from_args(args, config: Config, **kwargs):
     from lesion.resolve import load_inference
 
     return load_inference(model_uri_of(args), config, **kwargs)
+
+
+def inference_actor_options(config: Config) -> dict[str, Any]:
+    """``map_batches`` arguments of the batch-inference actors that run the inference core (``evaluate`` and
+    ``predict`` alike): ``evaluate.actors`` actors of ``evaluate.cpus_per_actor`` / ``evaluate.gpus_per_actor``, batches
+    of ``evaluate.batch_size``."""
+    import ray
+
+    ev = config.evaluate
+    return {"compute": ray.data.ActorPoolStrategy(size=ev.actors), "num_cpus": ev.cpus_per_actor,
+            "num_gpus": ev.gpus_per_actor, "batch_size": ev.batch_size}
+
+
+def load_core_in_actor(core, use_gpu: bool, threads: int | None = None):
+    """Load an unloaded inference core's members inside a batch-inference actor: on the GPU when it was given one
+    (``use_gpu``) and CUDA is there, else on the CPU with ``threads`` torch threads (None: Ray's default)."""
+    import torch
+
+    from lesion.models import set_cpu_threads
+
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    set_cpu_threads(threads, device)
+    return core.load(device=device)

@@ -29,18 +29,18 @@ import pyarrow.parquet as pq
 
 from lesion import ensemble, explain, metrics, report
 from lesion.calibration import apply_temperature
-from lesion.config import Config, apply_overrides
+from lesion.config import Config, DataConfig, apply_overrides
 from lesion.explain_quality import explanation_quality
 from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, split_files
 from lesion.inference import Inference, checkpoint_sha256, data_config_of
 from lesion.labels import class_names
-from lesion.models import read_model_record, set_cpu_threads
+from lesion.models import read_model_record
 from lesion.records import DataRecord
 from lesion.resolve import load_inference
 from lesion.rundir import RunDir, atomic_path, fingerprint, package_versions, write_atomic
-from lesion.vocabulary import ENGINES
 from pipelines import capacity
-from pipelines.common import StageTimes, init_ray, resolve_config
+from pipelines.common import (StageTimes, add_model_source_arguments, inference_actor_options, init_ray,
+                              load_core_in_actor, model_uri_of, models_config)
 from pipelines.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,7 @@ class Predictor:
     member's class probabilities (N, members, C) in the core's inference mode."""
 
     def __init__(self, core: Inference, image_size: int, use_gpu: bool, threads: int | None = None):
-        import torch
-
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        set_cpu_threads(threads, device)
-        self.core, self.image_size = core.load(device=device), image_size
+        self.core, self.image_size = load_core_in_actor(core, use_gpu, threads), image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = decode_images(list(batch["image"]), self.image_size)
@@ -117,11 +113,8 @@ def batch_predict(files: list[str], core: Inference, image_size: int, config: Co
         Predictor,
         fn_constructor_kwargs={"core": core.unloaded(), "image_size": image_size,
                                "use_gpu": ev.gpus_per_actor > 0, "threads": ev.threads_per_actor},
-        compute=ray.data.ActorPoolStrategy(size=ev.actors),
-        num_cpus=ev.cpus_per_actor,
-        num_gpus=ev.gpus_per_actor,
-        batch_size=ev.batch_size,
         batch_format="numpy",
+        **inference_actor_options(config),
     )
     ids, probs = [], []
     with capacity.waiting_notice("evaluate"):
@@ -151,10 +144,10 @@ def isic_table(image_ids, probs: np.ndarray, task: str) -> pd.DataFrame:
     return table
 
 
-def _histories(run: RunDir, models: list[str]) -> dict[str, pd.DataFrame]:
+def _histories(model_dirs: dict[str, str]) -> dict[str, pd.DataFrame]:
     out = {}
-    for name in models:
-        path = run.model_dir(name) / "history.csv"
+    for name, folder in model_dirs.items():
+        path = Path(folder) / "history.csv"
         if path.is_file():
             out[name] = pd.read_csv(path)
     return out
@@ -181,12 +174,12 @@ def evaluation_fingerprint(config: Config, run: RunDir, split: str, data_run: Ru
                        sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin)
 
 
-def model_results(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarray], run: RunDir,
-                  report_kwargs: dict) -> dict[str, dict]:
+def model_results(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarray], report_kwargs: dict
+                  ) -> dict[str, dict]:
     """metrics.json's entry of every member: metrics, calibration by its temperature, provenance, weight."""
     spec, results = core.spec, {}
     for name in core.names:
-        record = read_model_record(run.model_dir(name))
+        record = read_model_record(core.model_dirs[name])
         calibrated = apply_temperature(probs[name], spec.temperatures[name])
         results[name] = {
             **metrics.classification_report(labels, probs[name], spec.task, **report_kwargs),
@@ -199,24 +192,25 @@ def model_results(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarr
     return results
 
 
-def variants_by_arch(run: RunDir, names: list[str]) -> dict[str, list[str]]:
-    """The evaluated models grouped by architecture (``model.json``'s ``arch``; older runs: its name)."""
+def variants_by_arch(model_dirs: dict[str, str]) -> dict[str, list[str]]:
+    """The evaluated models (name -> model folder) grouped by architecture (``model.json``'s ``arch``; older runs:
+    its name)."""
     groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(read_model_record(run.model_dir(name)).arch, []).append(name)
+    for name, folder in model_dirs.items():
+        groups.setdefault(read_model_record(folder).arch, []).append(name)
     return groups
 
 
-def comparison(run: RunDir, task: str, labels: np.ndarray, probs: dict[str, np.ndarray], groups: np.ndarray,
-               config: Config) -> dict[str, dict]:
+def comparison(model_dirs: dict[str, str], task: str, labels: np.ndarray, probs: dict[str, np.ndarray],
+               groups: np.ndarray, config: Config) -> dict[str, dict]:
     """metrics.json's ``comparison``: for each architecture with two or more variants, each variant's balance and
     weights origin, and ``lesion.metrics.paired_bootstrap`` of the variants (each one's balanced accuracy, macro F1,
     per-class recall, malignant AUC with intervals; the paired difference of each pair with its interval)."""
     out = {}
-    for arch, variants in variants_by_arch(run, list(probs)).items():
+    for arch, variants in variants_by_arch({name: model_dirs[name] for name in probs}).items():
         if len(variants) < 2:
             continue
-        records = {v: read_model_record(run.model_dir(v)) for v in variants}
+        records = {v: read_model_record(model_dirs[v]) for v in variants}
         out[arch] = {
             "variants": {v: {"balance": records[v].balance, "pretrained": records[v].pretrained_origin}
                          for v in variants},
@@ -339,12 +333,36 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     times = StageTimes()
     with times("ensemble spec"):
         core = load_inference(run.root, config, load=False)  # on inference.engine; Grad-CAM scores on torch
-    info = read_info(data_run.root)
-    if info.task != core.spec.task:
-        raise ValueError(f"{data_run.root} holds a {info.task} data set but the models of {run.root} are "
-                         f"{core.spec.task}")
     if split == "val" and not external:
         log.warning("evaluating on the validation split, which the ensemble was fitted on: its scores are optimistic")
+    augment = run.data / "augment_examples.png"
+    result = write_evaluation(core, config, data_run, split, out, external=external, times=times,
+                              augment=augment if augment.is_file() else None)
+    run.record(artefact, config=config.to_dict(), fingerprint=fp, split=split, data=str(data_run.root),
+               models=core.names, output=str(out))
+    return result
+
+
+def evaluate_models(config: Config, model_uri: str, data_run: RunDir, out: str | Path, split: str = "all") -> dict:
+    """Score the models at ``model_uri`` (an export bundle or ``models:/NAME@ALIAS``: anything
+    ``lesion.resolve.load_inference`` takes) and their ensemble on ``split`` of the ingested ``data_run``, with no
+    run directory: metrics.json, predictions, figures, report.html and model_card.md go into ``out``."""
+    times = StageTimes()
+    with times("ensemble spec"):
+        core = load_inference(model_uri, config, load=False)
+    return write_evaluation(core, config, data_run, split, Path(out), external=True, times=times,
+                            model_uri=str(model_uri))
+
+
+def write_evaluation(core: Inference, config: Config, data_run: RunDir, split: str, out: Path, *, external: bool,
+                     times: StageTimes, augment: Path | None = None, model_uri: str | None = None) -> dict:
+    """Score ``core`` (unloaded) on ``split`` of ``data_run`` with Ray Data and write the evaluation folder ``out``:
+    metrics.json (with ``model_uri`` when the models are not a run's), predictions, figures (``augment``: the
+    training augmentation examples, when there are), Grad-CAM scores, report.html and model_card.md; returns
+    metrics.json's content."""
+    info = read_info(data_run.root)
+    if info.task != core.spec.task:
+        raise ValueError(f"{data_run.root} holds a {info.task} data set but the models are {core.spec.task}")
     files = evaluation_files(data_run.root, split)
     meta = read_meta(files)
     labels = meta["label"].to_numpy(np.int64)
@@ -357,15 +375,17 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     report_kwargs = {"groups": groups, "meta": meta, "n_bootstrap": config.evaluate.bootstrap,
                      "seed": config.data.seed}
     with times("metrics"):
-        results = model_results(core, labels, probs, run, report_kwargs)
+        results = model_results(core, labels, probs, report_kwargs)
         results["ensemble"] = ensemble_result(core, labels, probs, answers, report_kwargs)
         all_probs = {**probs, "ensemble": final}
         _write_predictions(out, meta, core.classes, core.spec.task, all_probs, answers)
         result = _result_document(core, split, external, data_run, info, meta, groups, results)
-        result["comparison"] = comparison(run, core.spec.task, labels, probs, groups, config)
+        result["comparison"] = comparison(core.model_dirs, core.spec.task, labels, probs, groups, config)
+        if model_uri is not None:
+            result["model_uri"] = model_uri
     with times("figures"):
-        figures = _figures(out, run, core.names, labels, all_probs, ensemble.mix(probs, core.spec.weights),
-                           malignant_of(answers), core.classes, core.spec.task, results)
+        figures = _figures(out, core.model_dirs, labels, all_probs, ensemble.mix(probs, core.spec.weights),
+                           malignant_of(answers), core.classes, core.spec.task, results, augment)
     compared = {arch: list(section["variants"]) for arch, section in result["comparison"].items()}
     with times("explanations"):
         result["explanations"], cam_figures = _cam_figures(core, files, meta, info.image_size, final, out,
@@ -377,8 +397,6 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
         report.render_html(metrics.json_safe(result), figures, out / "report.html")
         report.render_model_card(metrics.json_safe(result), out / "model_card.md")
     log.info("evaluation time: %s", times)
-    run.record(artefact, config=config.to_dict(), fingerprint=fp, split=split, data=str(data_run.root),
-               models=core.names, output=str(out))
     log.info("evaluation written to %s", out)
     return metrics.json_safe(result)
 
@@ -435,12 +453,13 @@ def _write_predictions(out: Path, meta: pd.DataFrame, classes: list[str], task: 
         long.to_csv(tmp, index=False)
 
 
-def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, probs: dict[str, np.ndarray],
+def _figures(out: Path, model_dirs: dict[str, str], labels: np.ndarray, probs: dict[str, np.ndarray],
              uncalibrated: np.ndarray, ensemble_malignant: np.ndarray, classes: list[str], task: str,
-             results: dict) -> dict[str, Path]:
+             results: dict, augment: Path | None = None) -> dict[str, Path]:
     plots = out / "plots"
+    models = list(model_dirs)
     figures: dict[str, Path] = {}
-    histories = _histories(run, models)
+    histories = _histories(model_dirs)
     if histories:
         figures["Learning curves (train and validation)"] = report.plot_learning_curves(
             histories, plots / "learning_curves.png")
@@ -451,8 +470,7 @@ def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, prob
     figures["Reliability diagrams (models uncalibrated; ensemble before and after temperature scaling)"] = (
         report.plot_reliability(labels, {**{n: probs[n] for n in models}, "ensemble (uncalibrated)": uncalibrated,
                                          "ensemble": probs["ensemble"]}, plots / "reliability.png"))
-    augment = run.data / "augment_examples.png"
-    if augment.is_file():
+    if augment is not None:
         with atomic_path(plots / "augment_examples.png") as tmp:
             shutil.copyfile(augment, tmp)
         figures["Original / augmented pairs (training augmentation)"] = plots / "augment_examples.png"
@@ -462,18 +480,22 @@ def _figures(out: Path, run: RunDir, models: list[str], labels: np.ndarray, prob
 def ingest_external(config: Config, run: RunDir, source: str, root: str | None) -> RunDir:
     """Ingest another data set into ``RUN/eval/external/<name>`` with the preprocessing the run's own images had
     (``lesion.inference.data_config_of``: cache size, border crop, hair removal, resizing, colour constancy)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name if root else source).strip("_.") or source
+    return ingest_with(config, data_config_of(run, config), source, root, RunDir(run.eval / "external" / name))
+
+
+def ingest_with(config: Config, preprocessing: DataConfig, source: str, root: str | None, target: RunDir) -> RunDir:
+    """Ingest ``source`` (at ``root``) into ``target`` with the task and ``PREPROCESSING`` settings of
+    ``preprocessing`` (the models' own: a run's ``data_config_of``, a bundle's recorded data section)."""
     from pipelines.ingest import ingest
 
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name if root else source).strip("_.") or source
-    target = RunDir(run.eval / "external" / name)
-    recorded = data_config_of(run, config)
-    preprocessing = {f"data.{key}": getattr(recorded, key) for key in ("task", *PREPROCESSING)}
-    ingest(apply_overrides(config, {**preprocessing, "data.source": source, "data.root": root}), target)
+    settings = {f"data.{key}": getattr(preprocessing, key) for key in ("task", *PREPROCESSING)}
+    ingest(apply_overrides(config, {**settings, "data.source": source, "data.root": root}), target)
     return target
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run directory with trained models")
+    parser.add_argument("--run", help="run directory with trained models")
     parser.add_argument("--config", help="config file (default: RUN/config.yaml)")
     parser.add_argument("--split", choices=[*SPLITS, "all"],
                         help="split to score (default: evaluate.split; 'all' for an external data set)")
@@ -482,29 +504,57 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="ingest and score another data set of this source kind "
                                          "(ham10000, isic-task3, isic-binary, folder, parquet)")
     parser.add_argument("--root", help="folder or file of --source")
+    parser.add_argument("--out", help="evaluation folder, for --model-uri BUNDLE or models:/...: models with no run "
+                                      "directory (a run's evaluation goes to RUN/eval)")
     parser.add_argument("--force", action="store_true", help="re-evaluate even if nothing changed")
-    parser.add_argument("--engine", choices=ENGINES, help="what scores the models (default: inference.engine, torch)")
+    add_model_source_arguments(parser)
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
-    run = RunDir(args.run)
+    from lesion.resolve import is_bundle
+
     if args.data and args.source:
         raise ValueError("give either --data (an ingested run) or --source/--root, not both")
-    config = resolve_config(run, args.config, {"evaluate.tta": args.tta, "inference.engine": args.engine},
-                            save=args.save_config)
-    data_run = None
-    if args.data:
-        data_run = RunDir(args.data)
-    elif args.source:
-        data_run = ingest_external(config, run, args.source, args.root)
-    split = args.split or ("all" if data_run is not None else config.evaluate.split)
-    result = evaluate(config, run, split, data_run, force=args.force)
+    uri = model_uri_of(args)
+    config = models_config(args, {"evaluate.tta": args.tta})
+    if uri.startswith("models:/") or is_bundle(uri):
+        result, report_file = _evaluate_without_run(config, uri, args)
+    else:
+        if args.out:
+            raise ValueError("--out is for --model-uri BUNDLE or models:/...; a run's evaluation goes to RUN/eval "
+                             "(RUN/eval/external/NAME for --data/--source)")
+        run = RunDir(uri)
+        data_run = None
+        if args.data:
+            data_run = RunDir(args.data)
+        elif args.source:
+            data_run = ingest_external(config, run, args.source, args.root)
+        split = args.split or ("all" if data_run is not None else config.evaluate.split)
+        result = evaluate(config, run, split, data_run, force=args.force)
+        report_file = output_dir(run, data_run) / "report.html"
     print(f"{'model':<22} {'acc':>6} {'bal.acc':>8} {'macroAUC':>9} {'malAUC':>7} {'ECE':>6}")
     for model, m in result["models"].items():
         print(f"{model:<22} {_num(m['accuracy']):>6} {_num(m['balanced_accuracy']):>8} {_num(m['macro']['auc']):>9} "
               f"{_num(m['binary']['auc']):>7} {_num(m['calibration']['ece_after']):>6}")
-    print(f"report: {output_dir(run, data_run) / 'report.html'}")
+    print(f"report: {report_file}")
     return 0
+
+
+def _evaluate_without_run(config: Config, uri: str, args: argparse.Namespace) -> tuple[dict, Path]:
+    """``--model-uri BUNDLE --source S --out DIR`` (or ``--data``): the labelled source ingested into
+    ``DIR/ingested`` with the models' own preprocessing, then scored into ``DIR``."""
+    if not args.out:
+        raise ValueError(f"{uri} is not a run directory: give --out DIR for the evaluation")
+    if not (args.data or args.source):
+        raise ValueError(f"{uri} carries no data of its own: give a labelled --source (with --root) or --data")
+    out = Path(args.out)
+    if args.data:
+        data_run = RunDir(args.data)
+    else:
+        preprocessing = load_inference(uri, config, load=False).data_config
+        data_run = ingest_with(config, preprocessing, args.source, args.root, RunDir(out / "ingested"))
+    result = evaluate_models(config, uri, data_run, out, args.split or "all")
+    return result, out / "report.html"
 
 
 def _num(value) -> str:

@@ -215,3 +215,48 @@ def test_ensemble_maps_reuse_member_maps_only_where_the_classes_agree(evaluated)
         np.testing.assert_allclose(cams["gradcam"][name][agree], fresh[name][agree], atol=1e-6)
     expected = explain.ensemble_cam(fresh, core.spec.weights, size=images.shape[1:3])
     np.testing.assert_allclose(cams["gradcam"]["ensemble"], expected, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_evaluate_a_bundle_on_a_labelled_source_without_a_run(trained_run, ham10000_fullres, tmp_path, capsys):
+    """`lesion evaluate --model-uri BUNDLE --source ham10000 --root DIR --out OUT`: an exported ensemble scored on
+    real HAM10000 images with no run directory; the source is ingested with the bundle's own preprocessing."""
+    from lesion.export import export_bundle
+    from lesion.resolve import read_metadata
+
+    run = RunDir(shutil.copytree(trained_run.root, tmp_path / "run"))  # exporting may fit the ensemble spec
+    bundle = tmp_path / "bundle"
+    export_bundle(run.root, bundle, tiny_config())
+    config = tiny_config()
+    config.evaluate.bootstrap = 0
+    config.evaluate.cam_score_images = 0
+    dump_yaml(config.to_dict(), tmp_path / "config.yaml")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model-uri", str(bundle), "--config", str(tmp_path / "config.yaml"),
+                 "--source", "ham10000", "--root", str(ham10000_fullres), "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "metrics.json").read_text())
+    n_images = len(pd.read_csv(ham10000_fullres / "metadata.csv"))
+    assert result["model_uri"] == str(bundle) and result["external"] is True and result["split"] == "all"
+    assert result["data"]["n_images"] == n_images and result["data"]["source"] == "ham10000"
+    assert set(result["models"]) == {"custom_cnn", "scratch_cnn", "ensemble"}
+    assert result["models"]["ensemble"]["n"] == n_images
+    ingested = read_info(out / "ingested")
+    recorded = read_metadata(bundle)["preprocessing"]["data_config"]
+    assert ingested.image_size == recorded["image_size"]
+    assert len(pd.read_csv(out / "predictions" / "ensemble.csv")) == n_images
+    assert (out / "report.html").is_file() and (out / "model_card.md").is_file()
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    # the evaluation needed nothing from the run the bundle came from
+    assert not (run.eval / "external").exists()
+
+
+def test_evaluate_a_bundle_needs_out_and_a_source(tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "metadata.json").write_text("{}")
+    assert main(["evaluate", "--model-uri", str(bundle), "--source", "ham10000", "--root", str(tmp_path)]) == 2
+    assert "--out DIR" in capsys.readouterr().err
+    assert main(["evaluate", "--model-uri", str(bundle), "--out", str(tmp_path / "eval")]) == 2
+    assert "labelled --source" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import lesion
 from lesion.rundir import RunDir
 from pipelines.cli import main
 from pipelines.predict import predict_files
@@ -52,6 +53,85 @@ def test_predict_offline_real_images_with_bad_files_reported(run_copy, ham10000_
                                .sum(axis=1), atol=1e-4)
     printed = capsys.readouterr().out
     assert "empty.jpg" in printed and "error" in printed
+
+
+def _moto_s3(monkeypatch, bucket: str, objects: dict[str, bytes]):
+    """A moto S3 server on a free port holding ``objects`` in ``bucket``; this process's AWS settings point at it."""
+    boto3 = pytest.importorskip("boto3")
+    server = pytest.importorskip("moto.server").ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+    s3.create_bucket(Bucket=bucket)
+    for key, data in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    return server
+
+
+@pytest.mark.timeout(900)  # includes training the session's trained_run fixture when this test runs first
+def test_predict_lists_bytes_and_s3_with_provenance_to_parquet(run_copy, ham10000_fullres, tmp_path, monkeypatch,
+                                                              capsys):
+    """A CSV list of local paths and s3:// URIs and a Parquet of image bytes in one batch: every image predicted
+    alike wherever it came from, unreadable ones listed with their reasons, provenance on every row."""
+    images = sorted((ham10000_fullres / "images").glob("*.jpg"))[:3]
+    server = _moto_s3(monkeypatch, "derm", {f"cases/{p.name}": p.read_bytes() for p in images})
+    try:
+        pd.DataFrame({"path": [str(images[0]), f"s3://derm/cases/{images[1].name}", "s3://derm/cases/missing.jpg",
+                               "gone.jpg"]}).to_csv(tmp_path / "list.csv", index=False)
+        pd.DataFrame({"image_id": ["b0", "b1", "junk"],
+                      "image": [images[0].read_bytes(), images[2].read_bytes(), b"not an image"]}
+                     ).to_parquet(tmp_path / "bytes.parquet")
+        out = tmp_path / "preds.parquet"
+        code = main(["predict", "--run", str(run_copy.root), str(tmp_path / "list.csv"),
+                     str(tmp_path / "bytes.parquet"), "--out", str(out)])
+    finally:
+        server.stop()
+    assert code == 1
+    table = pd.read_parquet(out)
+    assert table["file"].tolist() == [str(images[0]), f"s3://derm/cases/{images[1].name}",
+                                      "s3://derm/cases/missing.jpg", str(tmp_path / "gone.jpg"), "b0", "b1", "junk"]
+    by_file = table.set_index("file")
+    assert by_file.loc[["s3://derm/cases/missing.jpg", str(tmp_path / "gone.jpg"), "junk"], "status"].eq("error").all()
+    ok = table[table["status"] == "ok"]
+    assert len(ok) == 4
+    # the same image from a path and from Parquet bytes gets the same answer
+    assert by_file.loc["b0", "ensemble:mel"] == by_file.loc[str(images[0]), "ensemble:mel"]
+    assert set(table["model_uri"]) == {str(run_copy.root)} and set(table["engine"]) == {"torch"}
+    assert set(table["lesion_version"]) == {lesion.__version__}
+    assert json.loads(table["model_versions"][0]).keys() == set(run_copy.trained_models())
+    err = capsys.readouterr().err
+    first = next(line for line in err.splitlines() if line.startswith("predict: "))
+    assert first == "predict: 7 images in this process (7 images, at most the in-process limit of 700)"
+    assert "predict: 7/7 images (100%)" in err and "images/s, ETA" in err
+    assert "3 of 7 images could not be predicted" in err and "junk: " in err and "missing.jpg" in err
+
+
+def test_predict_refuses_local_paths_for_a_remote_cluster_before_starting(ham10000_fullres, tmp_path, capsys):
+    """Refused before any model is loaded or any cluster joined (the run here has no models at all)."""
+    folder = ham10000_fullres / "images"
+    code = main(["predict", "--run", str(tmp_path), str(folder), "--address", "ray://10.255.255.1:10001"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "are local files" in err and "10.255.255.1" in err and "s3://" in err
+    assert main(["predict", "--run", str(tmp_path), str(folder), "--out", "preds.txt"]) == 2
+    assert ".csv or .parquet" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_predict_on_ray_data_answers_as_in_process(run_copy, ham10000_fullres, ray_local, capsys):
+    """The Ray Data path is map_batches over the same inference core: the same rows, in input order."""
+    images = [str(p) for p in sorted((ham10000_fullres / "images").glob("*.jpg"))[:5]] + ["/no/such.jpg"]
+    local = predict_files(run_copy, images)
+    on_ray = predict_files(run_copy, images, executor="ray-data")
+    assert "on Ray Data (--executor ray-data)" in capsys.readouterr().err
+    assert on_ray["file"].tolist() == images
+    columns = [c for c in local.columns if c != "error"]
+    pd.testing.assert_frame_equal(on_ray[columns], local[columns])
 
 
 def test_predict_offline_is_deterministic_per_file(run_copy, ham10000_fullres):
