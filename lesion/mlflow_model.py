@@ -14,6 +14,7 @@ calibrated probability).
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ except ImportError:  # lesion imports without the mlflow extra; logging or loadi
 
 RUN_ARTIFACT = "run"  # the artifact key of the slim run directory
 LICENCE_FILE = "DATA_LICENCE.txt"
+REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))")  # models:/NAME@ALIAS or models:/NAME/VERSION
 INFERENCE_REQUIREMENTS = ["torch>=2.9", "torchvision>=0.24", "timm>=1.0", "numpy", "scipy", "pandas>=2.0",
                           "pillow>=10", "opencv-python-headless>=4.8", "pyarrow>=15", "pyyaml>=6",
                           "mlflow-skinny>=3.0"]
@@ -68,6 +70,24 @@ def core_of(root: str | Path) -> Inference:
     from lesion.resolve import load_inference
 
     return load_inference(root)
+
+
+def registered_version(uri: str) -> dict[str, str | None]:
+    """The version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names now, in the registry at
+    ``$MLFLOW_TRACKING_URI``: ``name``, ``version``, ``alias`` (or None), ``run_id`` (the MLflow run that logged it)
+    and ``uri`` pinned to that version (``models:/NAME/VERSION``: an alias moved later does not change it)."""
+    match = REGISTRY_URI.fullmatch(uri)
+    if match is None:
+        raise ValueError(f"{uri}: expected a registered model as models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = match.groups()
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise ImportError(f"{uri}: registry URIs need the MLflow extra: pip install 'lesion[mlflow]'") from None
+    client = MlflowClient()
+    found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    return {"name": name, "version": str(found.version), "alias": alias, "run_id": found.run_id,
+            "uri": f"models:/{name}/{found.version}"}
 
 
 def image_bytes(model_input: Any) -> list[bytes]:

@@ -168,6 +168,7 @@ class LoopSpec:
     step_hook: Callable[..., None] | None = None  # hook(epoch=, step=, rank=, world_size=) after each optimiser step
     progress: bool = True  # rank 0 logs one progress line per epoch
     verbose: bool = False  # Ray Train's own per-report lines are shown
+    tracking: tuple[str, str] | None = None  # (MLflow tracking URI, run id): rank 0 logs each epoch there, live
 
     @property
     def outputs(self) -> int:
@@ -177,7 +178,7 @@ class LoopSpec:
     @classmethod
     def build(cls, cfg: TrainConfig, name: str, data: DataRecord, **places) -> LoopSpec:
         """The spec of variant ``name`` trained with ``cfg`` on ``data``; ``places``: tb_dir, step_hook, progress,
-        verbose."""
+        verbose, tracking."""
         return cls(name=name, arch=cfg.arch or name, train=dataclasses.replace(cfg, models={}), task=data.task,
                    classes=tuple(data.classes), image_size=int(data.image_size),
                    input_size=int(cfg.input_size or data.image_size), train_counts=tuple(data.class_counts("train")),

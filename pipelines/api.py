@@ -104,10 +104,13 @@ class ApiSettings:
     methods: list[str]
     max_pending_requests: int | None = None  # requests answered at once; past it 503 (None: no bound)
     answer_timeout_s: float | None = None  # an admitted request unanswered after this gets 503 (None: no deadline)
+    registered_model: dict[str, str | None] | None = None  # served from the MLflow registry: name, version, ...
 
     @classmethod
-    def of(cls, core: Inference, serve_config: ServeConfig) -> ApiSettings:
-        """The settings for serving ``core`` with the limits and security of ``serve_config``."""
+    def of(cls, core: Inference, serve_config: ServeConfig,
+           registered_model: dict[str, str | None] | None = None) -> ApiSettings:
+        """The settings for serving ``core`` with the limits and security of ``serve_config``; ``registered_model``
+        (name, version, alias, run_id) when it is a registered MLflow model version, named in every answer."""
         return cls(
             data_config=dataclasses.replace(core.data_config, max_image_pixels=serve_config.max_image_pixels),
             models=core.names,
@@ -118,6 +121,7 @@ class ApiSettings:
             methods=list(METHODS),
             max_pending_requests=serve_config.max_pending_requests,
             answer_timeout_s=serve_config.answer_timeout_s,
+            registered_model=registered_model,
         )
 
 
@@ -176,6 +180,15 @@ class ModelVersion(BaseModel):
     run_id: str | None
 
 
+class RegisteredModel(BaseModel):
+    """The MLflow registry's model version the server answers with."""
+
+    name: str
+    version: str
+    alias: str | None  # the alias it was served by (read at start: a later move needs a redeploy)
+    run_id: str | None  # the MLflow run that logged it
+
+
 class DicomIds(BaseModel):
     SOPInstanceUID: str | None
     StudyInstanceUID: str | None
@@ -199,6 +212,7 @@ class Prediction(BaseModel):
     model_versions: dict[str, ModelVersion]
     image_size: list[int]  # width, height of the preprocessed image the models saw
     dicom: DicomIds | None = None  # a DICOM image's UIDs, for an archive to match the answer (no patient data)
+    registered_model: RegisteredModel | None = None  # when served from the MLflow registry
     latency_ms: float  # time in the server, from request to answer
 
 
@@ -372,6 +386,8 @@ async def _answer_image(data: bytes, fields: dict[str, str], endpoint: str, back
     else:
         result = await backend.predict(image)
     result["image_size"] = [int(image.shape[1]), int(image.shape[0])]
+    if settings.registered_model is not None:
+        result["registered_model"] = settings.registered_model
     if uids is not None:
         result["dicom"] = uids.as_dict()
     return result
@@ -493,7 +509,8 @@ def build_api(backend, settings: ApiSettings, observe: Observe | None = None,
 
     @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models(request: Request) -> dict:
-        """The served models with their versions, the ensemble's thresholds, the CAM methods and the limits."""
+        """The served models with their versions (and the registered model version, when served from the MLflow
+        registry), the ensemble's thresholds, the CAM methods and the limits."""
         check_key(request, settings)
         described = await backend.describe()
         classes = list(class_names(settings.task))
@@ -506,6 +523,7 @@ def build_api(backend, settings: ApiSettings, observe: Observe | None = None,
             "methods": settings.methods,
             "image_size": settings.data_config.image_size,
             "max_body_bytes": settings.max_body_bytes,
+            **({"registered_model": settings.registered_model} if settings.registered_model else {}),
         }
 
     @app.get("/healthz")

@@ -9,7 +9,8 @@ a restarted worker group resumes from the last checkpoint.
 The loop's input is a ``lesion.records.LoopSpec`` (``loop_spec``): the resolved training config, facts about the
 data and output places. Its optional ``step_hook`` is a picklable callable ``hook(epoch=, step=, rank=,
 world_size=)`` called on every worker after each optimiser step: instrumentation from the caller's side (the tests
-inject faults with it).
+inject faults with it). When the variant's train stage is tracked, its MLflow run travels in the spec and rank 0
+logs every epoch's metrics to it live, from a background thread (``pipelines.tracking.EpochLogger``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from lesion.training import (
     train_epoch,
 )
 from pipelines.datasets import ImageBatchCollate, data_config
+from pipelines.tracking import EpochLogger, live_run
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +226,10 @@ class TuneSession:
 def loop_spec(cfg: TrainConfig, name: str, data: DataRecord, *, tb_dir: Path | None = None,
               step_hook: StepHook | None = None, progress: bool = True) -> LoopSpec:
     """Everything a worker needs: the resolved training config of variant ``name``, facts about ``data``, output
-    places, an optional step hook, and whether rank 0 logs one progress line per epoch (``progress``)."""
+    places, an optional step hook, whether rank 0 logs one progress line per epoch (``progress``), and the MLflow run
+    of the variant's train stage when it is tracked (``pipelines.tracking.live_run``)."""
     return LoopSpec.build(cfg, name, data, tb_dir=str(tb_dir) if tb_dir else None, step_hook=step_hook,
-                          progress=progress, verbose=verbose())
+                          progress=progress, verbose=verbose(), tracking=live_run(name))
 
 
 def build_model(loop: LoopSpec, *, pretrained: bool | str | None = None) -> torch.nn.Module:
@@ -310,6 +313,7 @@ class TrainingRun:
         """Train from ``start`` to the configured epochs (or early stopping), reporting every epoch."""
         cfg, session = self.cfg, self.session
         writer = tensorboard_writer(self.loop.tb_dir) if session.rank == 0 and self.loop.tb_dir else None
+        tracked = EpochLogger(*self.loop.tracking) if session.rank == 0 and self.loop.tracking else None
         try:
             for epoch in range(self.start, cfg.epochs):
                 phase = phase_of(epoch, unwrap(self.net), cfg)
@@ -322,6 +326,8 @@ class TrainingRun:
                     log.info("%s", progress_line(self.loop.name, row, cfg.epochs, sum(timed) / len(timed)))
                 if writer is not None:
                     add_scalars(writer, row)
+                if tracked is not None:
+                    tracked.log(row)
                 self.report(row)
                 if self.stopper.should_stop:
                     log.info("early stopping at epoch %d: best %s %.4f at epoch %d", epoch, cfg.monitor,
@@ -330,6 +336,8 @@ class TrainingRun:
         finally:
             if writer is not None:
                 writer.close()
+            if tracked is not None:
+                tracked.close()
 
     def epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch and validate: the epoch's history row."""

@@ -6,9 +6,11 @@ Turned on by ``--tracking-uri`` (ingest, run, train, tune, evaluate), the config
 - ``lesion run`` is one parent MLflow run, each stage of the graph a child run (a stage skipped as current is a child
   tagged ``cached``); a stage command run alone on a run directory that already has a parent nests under it;
   ``--resume`` continues the stage's own MLflow run. ``RUN/manifest.json`` records the ids (entry ``tracking``).
-- What a stage logs is read from the artefacts it wrote, once it is done (``log_stage``): the driver never talks to
-  MLflow inside the step loop, and the workers never do. Per-epoch metrics come from the history the training's
-  rank 0 wrote, with ``step=epoch``; each tuning trial is a nested run.
+- Per-epoch training metrics are logged live, with ``step=epoch``: the train stage's child run exists before the
+  Ray Train workers start, its id travels in the loop's ``LoopSpec`` (``live_run``), and rank 0 hands each epoch's
+  history row to a background thread (``EpochLogger``), off the step loop. Everything else a stage logs is read from
+  the artefacts it wrote, once it is done (``STAGE_LOGGERS``), and so are only the epochs live logging missed (a
+  server that was away, a training that is not live-logged). Each tuning trial is a nested run.
 - Tags link both ways: lesion version, the code's git commit (from a checkout), the run directory's URI, each
   stage's fingerprint. The client's HTTP timeout and retries are short (``CLIENT_ENV``); the first failure (a server
   down at start or gone mid-run) logs one warning line and turns tracking off for the rest of the command.
@@ -23,6 +25,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import subprocess
 import threading
@@ -196,11 +199,10 @@ class Tracker:
                 self.call("log metrics", self.client.log_batch, run_id, metrics=items[start:start + _BATCH])
 
     def history(self, run_id: str | None, rows: list[dict[str, Any]]) -> None:
-        """Per-epoch metrics: each row's numbers with ``step=row['epoch']``."""
-        from mlflow.entities import Metric
-
-        items = [Metric(_key(k), float(v), int(row.get("time", time.time()) * 1000), int(row["epoch"]))
-                 for row in rows for k, v in row.items() if k != "epoch" and _number(v)]
+        """Per-epoch metrics: each row's numbers with ``step=row['epoch']``, for the epochs ``run_id`` lacks."""
+        logged = self.call("read history", self.client.get_metric_history, run_id, EPOCH_KEY) if run_id else None
+        steps = {m.step for m in logged or []}
+        items = history_metrics([row for row in rows if int(row["epoch"]) not in steps])
         for start in range(0, len(items), _BATCH):
             if run_id:
                 self.call("log history", self.client.log_batch, run_id, metrics=items[start:start + _BATCH])
@@ -222,6 +224,50 @@ class Tracker:
                                                                  "time")}
             self.run.record(MANIFEST_ENTRY, config={"uri": self.uri, "experiment": self.experiment},
                             fingerprint="", **extra)
+
+
+EPOCH_KEY = "epoch_seconds"  # a metric every history row has: the epochs a run holds are its steps
+
+
+def history_metrics(rows: list[dict[str, Any]]) -> list:
+    """MLflow metrics of history rows: each row's finite numbers, ``step=row['epoch']``, stamped with its time."""
+    from mlflow.entities import Metric
+
+    return [Metric(_key(k), float(v), int(row.get("time", time.time()) * 1000), int(row["epoch"]))
+            for row in rows for k, v in row.items() if k != "epoch" and _number(v)]
+
+
+class EpochLogger:
+    """Live per-epoch logging to one MLflow run, for a training's rank 0: ``log(row)`` queues the epoch's history
+    row and returns at once; a background thread sends it (``step=epoch``) with the short client timeouts. The first
+    failure logs one warning and ends live logging (the stage's end logs the missing epochs if the server is back);
+    ``close`` waits at most ``CLOSE_WAIT_S`` for what is still queued."""
+
+    CLOSE_WAIT_S = 10.0
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.rows: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._send, name="mlflow-epochs", daemon=True)
+        self.thread.start()
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Queue one epoch's history row."""
+        self.rows.put(dict(row))
+
+    def close(self) -> None:
+        """Send what is queued, waiting at most ``CLOSE_WAIT_S``."""
+        self.rows.put(None)
+        self.thread.join(self.CLOSE_WAIT_S)
+
+    def _send(self) -> None:
+        try:
+            client = client_for(self.uri)
+            while (row := self.rows.get()) is not None:
+                client.log_batch(self.run_id, metrics=history_metrics([row]))
+        except Exception as exc:  # live logging never fails a training
+            log.warning("MLflow live logging off for this training (%s, run %s: %s)", self.uri, self.run_id,
+                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
 
 
 def _key(name: str) -> str:
@@ -358,11 +404,15 @@ class Session:
         earlier = run.manifest().get(MANIFEST_ENTRY, {}).get("stages", {}).get(name) if resume else None
         run_id = tracker.start(name, parent=self.parent, resume=earlier,
                                tags={"lesion.stage": kind, **({"cached": "true"} if cached else {})})
+        live = name.removeprefix("train ") if kind == "train" and run_id and not cached else None
+        if live:
+            _LIVE[live] = (tracker.uri, run_id)
         failed = True
         try:
             yield
             failed = False
         finally:
+            _LIVE.pop(live, None)
             if run_id:
                 entry = run.manifest().get(artefact, {})
                 tracker.tag(run_id, {"lesion.fingerprint": entry.get("fingerprint", ""), "lesion.artefact": artefact,
@@ -374,6 +424,12 @@ class Session:
 
 
 _ACTIVE: dict[str, Session] = {}  # run directory -> the session of the command running on it
+_LIVE: dict[str, tuple[str, str]] = {}  # variant -> (tracking URI, run id) of its train stage running in this process
+
+
+def live_run(variant: str) -> tuple[str, str] | None:
+    """The (tracking URI, run id) that the training of ``variant`` logs its epochs to, live (None: not tracked)."""
+    return _LIVE.get(variant)
 
 
 def active(run: RunDir) -> Session | None:

@@ -120,7 +120,8 @@ KUBERAY_SCHEMAS = {
         "additionalProperties": False,
     }),
 }
-KUBERAY_FILES = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "rayservice.yaml": "RayService"}
+KUBERAY_FILES = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "rayservice.yaml": "RayService",
+                 "rayservice-registry.yaml": "RayService"}
 
 
 def _kuberay(name: str) -> dict:
@@ -313,3 +314,27 @@ def test_rayservice_serves_the_lesion_application_of_the_serve_config():
     assert names == {"LesionApi", "GradCamDeployment"} | {f"model_{m}" for m in served}
     assert all(d.ray_actor_options.num_gpus > 0 for d in app.deployments if d.name.startswith("model_"))
     assert app.args["run"] == _kuberay("rayjob.yaml")["spec"]["entrypoint"].split("--run ")[1].split()[0]
+
+
+def test_registry_rayservice_serves_a_registered_model_with_the_serve_configs_application():
+    from ray.serve.schema import ServeDeploySchema
+
+    from lesion.mlflow_model import REGISTRY_URI
+    from pipelines.serve import app_builder
+
+    service = _kuberay("rayservice-registry.yaml")
+    (app,) = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"])).applications
+    (source_app,) = ServeDeploySchema.model_validate(
+        yaml.safe_load((CLUSTER / "serve" / "lesion.yaml").read_text())).applications
+    assert (app.name, app.import_path, app.route_prefix) == (source_app.name, source_app.import_path,
+                                                             source_app.route_prefix)
+    assert REGISTRY_URI.fullmatch(app.args["model_uri"]) and "run" not in app.args
+    with pytest.raises(ValueError, match="unknown \\[\\]"):  # the builder takes these args (and needs one source)
+        app_builder({**app.args, "run": "also-a-run"})
+    assert any(p.startswith("mlflow") for p in app.runtime_env["pip"])  # the image carries no mlflow client
+    assert {d.name for d in app.deployments} <= {"LesionApi", "GradCamDeployment"}
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:  # every pod, where replicas download the model, knows the registry
+        env = {e["name"] for c in pod["spec"]["containers"] for e in c.get("env", [])}
+        assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN"} <= env

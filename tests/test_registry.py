@@ -1,24 +1,30 @@
-"""End to end on a real MLflow server: ``lesion run`` with tracking on, then ``lesion register``, the registered model
-loaded by alias in a fresh process, and its answers against ``lesion predict`` on real HAM10000 images."""
+"""End to end on a real MLflow server: ``lesion run`` with tracking on (its run page rendered by the MLflow UI in
+headless Chromium), then ``lesion register``, the registered model loaded by alias in a fresh process and served by
+``lesion serve --model-uri models:/NAME@ALIAS``, and their answers against ``lesion predict`` on real HAM10000
+images."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import requests
 
 pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install 'lesion[mlflow]')")
 
 from lesion.config import dump_yaml  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
-from tests.mlflow_server import ROOT, MlflowServer, tags  # noqa: E402
+from tests.mlflow_server import ROOT, MlflowServer, free_port, tags  # noqa: E402
 
 HAM10000 = ROOT.parent / "shared" / "data" / "ham10000" / "images"
+CHROMIUM = Path("/usr/bin/chromium")
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
        "HF_HUB_OFFLINE": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}
 
@@ -44,6 +50,49 @@ def server(tmp_path_factory):
     started = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield started
     started.stop()
+
+
+def rendered_page(url: str) -> str:
+    """The DOM of ``url`` after headless Chromium ran its scripts (the MLflow UI is a single-page app)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"the MLflow UI check needs {CHROMIUM} (apt-get install chromium)")
+    done = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def serving_registered(uri: str, tracking_uri: str, image: Path) -> tuple[dict, dict]:
+    """``lesion serve --model-uri uri`` as a user runs it (Ctrl-C stops it): its /v1/models and the /v1/predict
+    answer for ``image``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serving = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model-uri", uri, "--port",
+                                str(port)], cwd=ROOT, env={**ENV, "MLFLOW_TRACKING_URI": tracking_uri},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and serving.poll() is None:
+            try:
+                if requests.get(f"{url}/readyz", timeout=5).ok:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert serving.poll() is None, serving.stdout.read()[-3000:]
+        models = requests.get(f"{url}/v1/models", timeout=60).json()
+        answer = requests.post(f"{url}/v1/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")},
+                               timeout=120)
+        assert answer.ok, answer.text
+        return models, answer.json()
+    finally:
+        serving.send_signal(signal.SIGINT)
+        try:
+            serving.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+            serving.wait(timeout=30)
 
 
 def register_and_compare(run, uri: str, images: list[Path]) -> None:
@@ -108,6 +157,8 @@ def test_tracked_run_registered_and_loaded_by_alias_answers_as_lesion_predict(tm
     manifest = json.loads((run / "manifest.json").read_text())["artefacts"]["tracking"]
     assert manifest["parent_run_id"] == parent_id and manifest["stages"]["evaluate"] == children["evaluate"]["info"][
         "run_id"]
+    page = rendered_page(f"{server.url}/#/experiments/{parents[0]['info']['experiment_id']}/runs/{parent_id}")
+    assert parents[0]["info"]["run_name"] in page  # the MLflow UI shows the run
 
     done = lesion("register", "--run", str(run), "--name", "lesion-demo", "--alias", "champion",
                   "--tracking-uri", server.url)
@@ -121,3 +172,8 @@ def test_tracked_run_registered_and_loaded_by_alias_answers_as_lesion_predict(tm
     classes = list(registered[0])
     for mine, theirs in zip(registered, predicted, strict=True):
         assert max(abs(mine[c] - theirs[f"ensemble:{c}"]) for c in classes) < 1e-5
+
+    models, served = serving_registered("models:/lesion-demo@champion", server.url, images[0])
+    named = {"name": "lesion-demo", "version": "1", "alias": "champion"}
+    assert named.items() <= models["registered_model"].items() and named.items() <= served["registered_model"].items()
+    assert max(abs(served["probabilities"][c] - predicted[0][f"ensemble:{c}"]) for c in classes) < 1e-5

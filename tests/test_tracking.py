@@ -176,6 +176,34 @@ def test_a_stage_command_nests_under_the_recorded_parent_and_resume_continues_it
     assert {p["key"]: p["value"] for p in trials[0]["data"]["params"]}.keys() == {"lr"}
 
 
+def test_epochs_are_logged_live_during_training_and_never_twice(tmp_path, server):
+    run = fake_run(tmp_path / "run")
+    session = tracking.open_session(run, server.url, "lesion", workflow={})
+    assert tracking.live_run("custom_cnn") is None
+    with session.stage("train custom_cnn", "train"):
+        uri, run_id = tracking.live_run("custom_cnn")  # what loop_spec hands the training's rank 0
+        live = tracking.EpochLogger(uri, run_id)
+        live.log({"epoch": 0, "val_loss": 1.0, "epoch_seconds": 2.0, "phase": "all"})
+        live.close()
+        during = server.api("metrics/get-history", run_id=run_id, metric_key="val_loss")["metrics"]
+        assert [(m["step"], m["value"]) for m in during] == [(0, 1.0)]  # in MLflow while the stage still runs
+    assert tracking.live_run("custom_cnn") is None
+    history = server.api("metrics/get-history", run_id=run_id, metric_key="val_loss")["metrics"]
+    assert sorted(m["step"] for m in history) == [0, 1, 2]  # the stage's end added only what live logging lacked
+
+
+def test_live_logging_to_a_dead_server_warns_once_and_never_holds_the_training(caplog):
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking"):
+        started = time.perf_counter()
+        live = tracking.EpochLogger(f"http://127.0.0.1:{free_port()}", "0" * 32)
+        for epoch in range(3):
+            live.log({"epoch": epoch, "val_loss": 1.0})
+        queued = time.perf_counter() - started
+        live.close()
+    assert queued < 0.1 and time.perf_counter() - started < tracking.EpochLogger.CLOSE_WAIT_S
+    assert len(caplog.records) == 1 and "live logging off" in caplog.records[0].message
+
+
 class _TokenProxy(BaseHTTPRequestHandler):
     """Forwards to the MLflow server only requests that carry ``Authorization: Bearer <token>``."""
 
