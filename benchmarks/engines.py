@@ -120,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-end-to-end", action="store_true", help="only (a)")
     parser.add_argument("--note", default="", help="how the run was trained, recorded in the result")
+    parser.add_argument("--max-drop", type=float, default=0.01,
+                        help="the bundle's INT8 refusal threshold (lesion export --max-drop); raise it only for a "
+                             "throughput measurement of a briefly trained run (the drop is recorded either way)")
     args = parser.parse_args(argv)
     run = RunDir(args.run)
     bundle = Path(args.bundle or run.root.parent / f"{run.root.name}-bundle")
     if not bundle.exists():
-        export_bundle(run.root, bundle, formats="onnx", quantize="int8")
+        export_bundle(run.root, bundle, formats="onnx", quantize="int8", max_drop=args.max_drop)
     images = load_split(run.root, "test").images
     load_before = os.getloadavg()
     rows = member_stage(bundle, args.threads, images, (1, 32), args.rounds)
