@@ -22,6 +22,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ok(url: str, timeout: float, process: subprocess.Popen) -> bool:
+    """Poll ``url`` until it answers 2xx (True), or ``process`` exits or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if requests.get(url, timeout=5).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 class MlflowServer:
     """``mlflow server`` as a subprocess; ``url`` once it answers ``/health``."""
 
@@ -44,16 +57,10 @@ class MlflowServer:
         self._wait(timeout=240)
 
     def _wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        if wait_until_ok(f"{self.url}/health", timeout, self.process):
+            return
+        if self.process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
         self.stop()
         raise TimeoutError(f"mlflow server not up after {timeout:.0f} s: {self.log.read_text()[-2000:]}")
 

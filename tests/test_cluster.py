@@ -100,14 +100,18 @@ def three_nodes():
 PARALLEL = {**TINY, "workflow": {"tune": False},
             "train": {**TINY["train"], "cpus_per_worker": 0.5,
                       "models": {**TINY["train"]["models"],
-                                 "mobilenetv2": {"weights": "/nonexistent/mobilenetv2.pth", "max_failures": 0}}}}
+                                 # fails on its worker: the test writes a file there that the driver's weights
+                                 # check finds and no torch can read
+                                 "mobilenetv2": {"weights": "mobilenetv2.pth", "max_failures": 0}}}}
 
 
 @pytest.mark.timeout(1800)
 def test_two_trainings_run_at_once_on_three_nodes_and_a_failure_keeps_the_rest(three_nodes):
     state, client, work = three_nodes
     config = work / "parallel.yaml"
-    config.write_text(yaml.safe_dump(PARALLEL))
+    broken = work / "mobilenetv2.pth"
+    broken.write_bytes(b"not a weights file")
+    config.write_text(yaml.safe_dump(PARALLEL).replace("mobilenetv2.pth", str(broken)))
     run = work / "run"
     runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     job = client.submit_job(entrypoint=f"{LESION} run --run {run} --config {config}",

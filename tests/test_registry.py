@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +20,7 @@ pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip ins
 
 from lesion.config import dump_yaml  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
-from tests.mlflow_server import ROOT, MlflowServer, free_port, tags  # noqa: E402
+from tests.mlflow_server import ROOT, MlflowServer, free_port, tags, wait_until_ok  # noqa: E402
 
 HAM10000 = ROOT.parent / "shared" / "data" / "ham10000" / "images"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -72,14 +71,7 @@ def serving_registered(uri: str, tracking_uri: str, image: Path) -> tuple[dict, 
                                 str(port)], cwd=ROOT, env={**ENV, "MLFLOW_TRACKING_URI": tracking_uri},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and serving.poll() is None:
-            try:
-                if requests.get(f"{url}/readyz", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
+        wait_until_ok(f"{url}/readyz", 600, serving)
         assert serving.poll() is None, serving.stdout.read()[-3000:]
         models = requests.get(f"{url}/v1/models", timeout=60).json()
         answer = requests.post(f"{url}/v1/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")},
