@@ -97,6 +97,16 @@ class OnnxMember(Member):
 
     session: Any = None
     onnx_file: str = ""
+    threads: int = 2
+
+    def __getstate__(self) -> dict:
+        """Pickled without its session, which cannot be (Ray Serve pickles a replica's attributes to scan them);
+        unpickling reopens it from ``onnx_file``."""
+        return {**self.__dict__, "session": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.session = onnx_session(self.onnx_file, self.threads)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits of normalised float32 images (N, 3, S, S)."""
@@ -143,7 +153,7 @@ class OnnxRuntimeLoader:
             path = self._cached(name, model_dir, record.checkpoint_sha256)
         session = onnx_session(path, self.threads)
         log.info("%s: ONNX Runtime session on %s (%d threads)", name, path, self.threads)
-        return OnnxMember(name, None, record, "cpu", session=session, onnx_file=str(path))
+        return OnnxMember(name, None, record, "cpu", session=session, onnx_file=str(path), threads=self.threads)
 
     def _cached(self, name: str, model_dir: Path, sha256: str) -> Path:
         """The run member's ONNX export in the cache, written (atomically) when missing."""

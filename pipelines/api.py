@@ -157,7 +157,8 @@ class LocalBackend:
 
     def __init__(self, core: Inference):
         self.core = core.load()
-        self.explainer = Explainer(self.core)
+        # Grad-CAM needs gradients: eager torch whatever engine predicts (as the Grad-CAM deployment)
+        self.explainer = Explainer(self.core.on_torch().load())
 
     async def predict(self, image: np.ndarray) -> dict:
         return (await asyncio.to_thread(self.core.predict, image[None]))[0]

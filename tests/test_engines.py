@@ -3,6 +3,8 @@ torch's probabilities on real HAM10000 images; the ONNX Runtime loader caches a 
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -117,6 +119,14 @@ def test_the_core_answers_alike_on_both_engines(tmp_path):
     assert [x["decision"] for x in a] == [x["decision"] for x in b]
     assert max(abs(x["malignant_probability"] - y["malignant_probability"]) for x, y in zip(a, b)) <= 1e-4
     assert onnx_core.on_torch().engine == "torch" and not onnx_core.on_torch().members
+    # the one-process server predicts on ONNX Runtime and explains on eager torch (Grad-CAM needs gradients)
+    import asyncio
+
+    from pipelines.api import LocalBackend
+
+    backend = LocalBackend(onnx_core.unloaded())
+    explained = asyncio.run(backend.explain(images[0], "a", "gradcam"))
+    assert backend.core.engine == "onnxruntime" and explained["overlay_png"]
 
 
 @pytest.mark.slow
@@ -142,3 +152,14 @@ def test_the_laptop_members_keep_parity_at_their_sizes(ham10000, tmp_path):
         program = export_program(eager.net, size, folder.name)
         pt2 = predict_proba(program.module(), eager.checkpoint, images, tta=True, batch_size=16)
         assert np.abs(pt2 - reference).max() <= PARITY_TOLERANCE
+
+
+def test_an_onnx_member_pickles_and_answers_alike_after(tmp_path):
+    # Ray Serve pickles a replica's attributes (to find handles in them): a loaded ORT member must survive that
+    import cloudpickle
+
+    save_member(tmp_path / "m", "scratch_cnn")
+    member = OnnxRuntimeLoader(cache_dir=str(tmp_path / "cache"), threads=1)("m", tmp_path / "m")
+    copy = pickle.loads(cloudpickle.dumps(member))
+    batch = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    assert copy.threads == 1 and np.array_equal(copy.probs(batch, tta=False), member.probs(batch, tta=False))
