@@ -178,8 +178,9 @@ def models_config(args, overrides: dict[str, Any] | None = None) -> Config:
         if getattr(args, "save_config", False):
             raise ValueError("--save-config records a run's config: it needs --run, not a bundle")
         config_path = getattr(args, "config", None)
-        if not config_path and uri.startswith("models:/") and (registered_run(uri) / RUN_CONFIG).is_file():
-            config_path = registered_run(uri) / RUN_CONFIG  # its ensemble spec was fitted for these settings
+        if not config_path and uri.startswith("models:/"):
+            recorded = registered_run(uri) / RUN_CONFIG  # its ensemble spec was fitted for these settings
+            config_path = recorded if recorded.is_file() else None
         return apply_overrides(load_config(config_path) if config_path else Config(), flags)
     return resolve_config(RunDir(uri), getattr(args, "config", None), flags,
                           save=getattr(args, "save_config", False))

@@ -77,9 +77,10 @@ def _first(columns, wanted: tuple[str, ...]) -> str | None:
 
 def _resolved(entry: str, listing: Path) -> str:
     """A list entry as a readable location: URIs as given, relative paths from the list's folder."""
-    if "://" in entry or Path(entry).expanduser().is_absolute():
-        return str(Path(entry).expanduser()) if "://" not in entry else entry
-    return str(listing.parent / entry)
+    if "://" in entry:
+        return entry
+    path = Path(entry).expanduser()
+    return str(path if path.is_absolute() else listing.parent / entry)
 
 
 def _path_list(table: pd.DataFrame, listing: Path) -> pd.DataFrame:
@@ -333,11 +334,17 @@ def predict_files(models: RunDir | str | Path, inputs: list[str], config: Config
     return table.assign(**provenance(core, uri))
 
 
-def write_predictions(table: pd.DataFrame, out: str | Path) -> None:
-    """The predictions as CSV or Parquet, by ``out``'s suffix, written atomically."""
+def output_suffix(out: str | Path) -> str:
+    """``.csv`` or ``.parquet``: the format ``out`` names; ValueError for any other."""
     suffix = Path(out).suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {out}: expected a .csv or .parquet file")
+    return suffix
+
+
+def write_predictions(table: pd.DataFrame, out: str | Path) -> None:
+    """The predictions as CSV or Parquet, by ``out``'s suffix, written atomically."""
+    suffix = output_suffix(out)
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False) if suffix == ".csv" else table.to_parquet(tmp, index=False)
 
@@ -427,8 +434,8 @@ def run_command(name: str, args: argparse.Namespace) -> int:
         rows = predict_url(args.url, args.inputs, args.api_key)
         print(json.dumps(rows, indent=2) if args.json else format_table(rows))
         return int(any(r.get("error") for r in rows))
-    if args.out and Path(args.out).suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"--out {args.out}: expected a .csv or .parquet file")
+    if args.out:
+        output_suffix(args.out)  # refused before anything runs
     config = models_config(args, {"evaluate.actors": args.actors, "evaluate.gpus_per_actor": args.gpus_per_actor})
     table = predict_files(model_uri_of(args), args.inputs, config, executor=args.executor, address=args.address,
                           paths_shared=args.paths_shared)
