@@ -62,6 +62,7 @@ class Prediction:
     ood_score: float  # out-of-distribution score, against ``ood_threshold`` chosen on validation
     model_probabilities: dict[str, dict[str, float]]  # each model's own (uncalibrated) probabilities
     model_versions: dict[str, dict[str, Any]]  # which models answered: checkpoint sha256 and training run id
+    site: str | None = None  # the site profile the answer was calibrated with (``lesion calibrate``), None: as trained
     source: str | None = None  # the file, when the input was a path
     sop_instance_uid: str | None = None  # DICOM input: SOP Instance UID, to match the answer in an archive
     study_instance_uid: str | None = None  # DICOM input: Study Instance UID
@@ -79,6 +80,7 @@ class Prediction:
             reason=answer["decision_reason"],
             margin=answer["margin"],
             ood_score=answer["ood_score"],
+            site=answer.get("site"),
             model_probabilities={name: dict(p) for name, p in answer["models"].items()},
             model_versions={name: dict(v) for name, v in answer["model_versions"].items()},
             source=source,
@@ -222,12 +224,13 @@ class Classifier:
 
 
 def load(uri: str | Path, config: Any = None, *, engine: str | None = None, device: str = "cpu",
-         models: list[str] | None = None, tta: bool | None = None) -> Classifier:
+         models: list[str] | None = None, tta: bool | None = None, site: str | None = None) -> Classifier:
     """A ``Classifier`` of the trained models at ``uri``: a run directory, an export bundle or a registry URI
     (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), through ``lesion.resolve.load_inference``. ``config``: a
     config file or ``Config`` (default: the one recorded with the models); ``engine``: ``torch`` or ``onnxruntime``
     (default: ``inference.engine``; explanations run on torch); ``device``: a torch device; ``models``: a subset of a
-    run's models; ``tta``: a run's inference mode (default: the config's).
+    run's models; ``tta``: a run's inference mode (default: the config's); ``site``: a site profile made by
+    ``lesion calibrate`` (default: ``inference.site``, none).
 
         >>> import os, lesion
         >>> clf = lesion.load(os.environ["LESION_RUN"], device="cpu")
@@ -236,4 +239,5 @@ def load(uri: str | Path, config: Any = None, *, engine: str | None = None, devi
     """
     from lesion.resolve import load_inference
 
-    return Classifier(load_inference(uri, config, engine=engine, device=device, models=models, tta=tta), device)
+    return Classifier(load_inference(uri, config, engine=engine, device=device, models=models, tta=tta,
+                                     site=site), device)

@@ -333,6 +333,7 @@ class InferenceConfig:
 
     engine: str = checked("torch", one_of(*ENGINES))  # torch (eager) or onnxruntime (CPU; members exported to ONNX)
     threads: int = checked(2, POSITIVE)  # ONNX Runtime intra-op threads per member session
+    site: str | None = None  # a site profile of the models (``lesion calibrate``; MODELS/sites/NAME), None: as trained
 
 
 @dataclass

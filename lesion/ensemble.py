@@ -3,7 +3,8 @@ and the out-of-distribution threshold, all fitted on the validation split only.
 
 ``combine(probs_by_model, spec)`` turns the members' probabilities into the ensemble's calibrated probabilities:
 each member's probabilities are temperature-scaled (``softmax(log p / T_m)``), averaged with the weights, the
-mixture is scaled by the ensemble temperature and, when fitted, adjusted for the class prior (``prior_bias``: logit
+mixture is scaled by the ensemble temperature, moved to a calibrated site's class mix (``prior_shift``, from
+``lesion.sites``) and, when fitted, adjusted for the class prior (``prior_bias``: logit
 adjustment towards balanced classes, which trades calibration to the data's class mix for balanced accuracy).
 The adjustment serves the class decision only: ``malignant_probability`` undoes it, so the malignant probability
 (thresholded, ranked by the malignant AUC, returned by the API) is the calibrated posterior at the data's class mix.
@@ -52,6 +53,8 @@ class EnsembleSpec:
     validation: dict[str, Any] = field(default_factory=dict)  # n images and NLL/ECE before and after calibration
     prior_tau: float = 0.0  # logit adjustment strength chosen on validation (0: none)
     prior_bias: list[float] = field(default_factory=list)  # per-class log offsets, -prior_tau x log(class prior)
+    # per-class log offsets to another site's class mix (lesion.sites, ``lesion calibrate`` with diagnoses)
+    prior_shift: list[float] = field(default_factory=list)
 
 
 def mix(probs_by_model: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -66,7 +69,8 @@ def combine(probs_by_model: dict[str, np.ndarray], spec: EnsembleSpec) -> np.nda
         raise KeyError(f"combine: no probabilities for ensemble member(s) {', '.join(missing)}")
     scaled = {name: calibration.apply_temperature(probs_by_model[name], spec.temperatures[name])
               for name in spec.models}
-    return adjust_prior(calibration.apply_temperature(mix(scaled, spec.weights), spec.temperature), spec.prior_bias)
+    calibrated = calibration.apply_temperature(mix(scaled, spec.weights), spec.temperature)
+    return adjust_prior(adjust_prior(calibrated, spec.prior_shift), spec.prior_bias)
 
 
 def adjust_prior(probs: np.ndarray, bias: list[float] | np.ndarray) -> np.ndarray:
@@ -116,7 +120,8 @@ def decide(probs: np.ndarray, spec: EnsembleSpec) -> tuple[list[str], list[str]]
         elif p_mal[k] >= spec.malignant_threshold:
             decisions.append("malignant")
             reasons.append(f"malignant probability {p_mal[k]:.3f} >= threshold {spec.malignant_threshold:.3f} "
-                           f"(chosen for {spec.target_sensitivity:.0%} sensitivity on validation)")
+                           f"(chosen for {spec.target_sensitivity:.0%} sensitivity on "
+                           f"{'validation' if spec.fitted_on == 'val' else spec.fitted_on})")
         else:
             decisions.append("benign")
             reasons.append(f"malignant probability {p_mal[k]:.3f} < threshold {spec.malignant_threshold:.3f}")

@@ -40,6 +40,7 @@ from lesion.labels import class_names
 from lesion.models import load_trained, logits_to_probs
 from lesion.records import CheckpointRecord
 from lesion.rundir import RunDir, fingerprint
+from lesion.sites import SiteProfile, check_site
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ class Inference:
     members: dict[str, Member] = field(default_factory=dict)  # the loaded ones (see ``load``)
     # what loads a member (lesion.engines): None is eager torch (``Member.load``); the answers are the core's either way
     loader: Any = None
+    site: SiteProfile | None = None  # the site profile applied (``with_site``), None: as trained
 
     @classmethod
     def from_run(cls, run: RunDir, config: Config, models: list[str] | None = None, *, tta: bool | None = None,
@@ -244,6 +246,12 @@ class Inference:
         """This core on eager torch, members unloaded (Grad-CAM needs gradients, whatever engine predicts)."""
         return self if self.loader is None else dataclasses.replace(self, members={}, loader=None)
 
+    def with_site(self, profile: SiteProfile) -> Inference:
+        """This core adapted to a calibrated site (``lesion.sites``): its colour gains before the models and its
+        refitted spec fields; refused when the profile was made for other checkpoints or another inference mode."""
+        check_site(profile, self.versions(), self.tta)
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, **profile.spec), site=profile)
+
     def member(self, name: str) -> Member:
         """A loaded member."""
         if name not in self.members:
@@ -256,6 +264,7 @@ class Inference:
 
     def member_probs(self, name: str, images: np.ndarray) -> np.ndarray:
         """One member's raw probabilities (N, C) of preprocessed images, in the spec's inference mode."""
+        images = self.site.adjust(images) if self.site is not None else images
         return self.member(name).probs(images, tta=self.tta, batch_size=self.batch_size)
 
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -296,6 +305,7 @@ class Inference:
             "tta": spec.tta,
             "models": {name: {c: float(p) for c, p in zip(classes, probs_by_model[name][k])} for name in self.names},
             "model_versions": {name: versions[name] for name in self.names},
+            "site": self.site.name if self.site is not None else None,
         } for k in range(len(final))]
 
     def predict(self, images: np.ndarray) -> list[dict]:
@@ -315,4 +325,5 @@ class Inference:
             "uncertain_margin": spec.uncertain_margin,
             "temperature": spec.temperature,
             "tta": spec.tta,
+            "site": self.site.summary() if self.site is not None else None,
         }

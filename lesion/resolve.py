@@ -18,6 +18,7 @@ from lesion.config import Config, DataConfig, config_from_dict, load_config
 from lesion.engines import loader_for
 from lesion.inference import Inference
 from lesion.rundir import RunDir
+from lesion.sites import load_site
 
 
 BUNDLE_METADATA = "metadata.json"
@@ -41,14 +42,15 @@ def _config_of(config: Config | str | Path | None, recorded: Path | None) -> Con
 
 def load_inference(uri: str | Path, config: Config | str | Path | None = None, *, engine: str | None = None,
                    device: str = "cpu", models: list[str] | None = None, tta: bool | None = None,
-                   load: bool = True) -> Inference:
+                   load: bool = True, site: str | None = None) -> Inference:
     """The inference core of the models at ``uri``: a run directory, an export bundle or ``models:/NAME@ALIAS``.
 
     ``config``: a Config or config file (default: the run's ``config.yaml``; for a bundle, the defaults beside the
     settings it carries); ``engine``: ``torch`` or ``onnxruntime`` (default: ``config.inference.engine``);
     ``models``: a subset of a run's trained models (a bundle is one ensemble: all of its members); ``tta``: a run's
     inference mode (default: ``config.evaluate.tta``; a bundle carries the spec of the mode it was exported with);
-    ``load``: load every member on ``device`` now (else each process calls ``core.load``, e.g. in Ray actors).
+    ``load``: load every member on ``device`` now (else each process calls ``core.load``, e.g. in Ray actors);
+    ``site``: a site profile of the models (``lesion calibrate``; default: ``config.inference.site``).
     """
     text = str(uri)
     if text.startswith("models:/"):
@@ -67,6 +69,9 @@ def load_inference(uri: str | Path, config: Config | str | Path | None = None, *
     engine = engine or resolved.inference.engine
     loader = loader_for(engine, cache, threads=resolved.inference.threads, int8=int8 and engine == "onnxruntime")
     core = dataclasses.replace(core, loader=loader)
+    site = resolved.inference.site if site is None else site
+    if site:
+        core = core.with_site(load_site(path, site))
     return core.load(device=device) if load else core
 
 

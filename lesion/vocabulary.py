@@ -6,7 +6,9 @@ from here. Importing this module imports nothing else, so reading a config needs
 from __future__ import annotations
 
 TASKS = ("multiclass", "binary")
-SOURCES = ("ham10000", "isic-task3", "isic-binary", "folder", "parquet", "synthetic")
+# ph2: the PH2 database; ph2-selection / ph2-report: its two fixed halves (lesion.data.sources.ph2_halves)
+SOURCES = ("ham10000", "isic-task3", "isic-binary", "folder", "parquet", "synthetic", "ph2", "ph2-selection",
+           "ph2-report")
 RESIZE_FITS = ("crop", "pad")  # how preprocessing makes an image square without stretching it
 COLOR_CONSTANCY = ("none", "shades_of_gray")  # colour constancy applied at ingest, evaluation and serving
 

@@ -34,6 +34,7 @@ COMMANDS = {
     "status": ("status", "show the stage table of a `lesion run` in progress or done (`lesion status --run RUN`)"),
     "cluster": ("local_cluster", "start or stop a local multi-node Ray cluster (`lesion cluster up|down`)"),
     "register": ("register", "register a run's ensemble as an MLflow model version, or move an alias"),
+    "calibrate": ("calibrate", "adapt a run's ensemble to another site's dermatoscope (`--site NAME` uses it)"),
     "export": ("export", "export a run's ensemble as a bundle: ONNX / torch.export members, parity-checked"),
     "verify": ("export", "check an export bundle's checksums and re-run its samples"),
     "config": ("config_cmd", "show a run's effective config and where each value came from, or change it "

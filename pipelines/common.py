@@ -144,7 +144,8 @@ class StageTimes:
 
 
 def add_model_source_arguments(parser) -> None:
-    """``--model-uri`` and ``--engine``: where a command's trained models come from and what runs them."""
+    """``--model-uri``, ``--engine`` and ``--site``: where a command's trained models come from, what runs them and
+    the site they are calibrated for."""
     from lesion.vocabulary import ENGINES
 
     parser.add_argument("--model-uri", metavar="URI",
@@ -153,6 +154,8 @@ def add_model_source_arguments(parser) -> None:
     parser.add_argument("--engine", choices=ENGINES,
                         help="what runs the models' forward passes (default: inference.engine, torch); Grad-CAM "
                              "always runs on torch")
+    parser.add_argument("--site", metavar="NAME",
+                        help="a site profile of the models (lesion calibrate; default: inference.site, none)")
 
 
 def model_uri_of(args) -> str:
@@ -173,7 +176,8 @@ def models_config(args, overrides: dict[str, Any] | None = None) -> Config:
     from lesion.resolve import is_bundle, registered_run
 
     uri = model_uri_of(args)
-    flags = {**(overrides or {}), "inference.engine": getattr(args, "engine", None)}
+    flags = {**(overrides or {}), "inference.engine": getattr(args, "engine", None),
+             "inference.site": getattr(args, "site", None)}
     if uri.startswith("models:/") or is_bundle(uri):
         if getattr(args, "save_config", False):
             raise ValueError("--save-config records a run's config: it needs --run, not a bundle")

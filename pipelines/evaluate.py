@@ -32,12 +32,14 @@ from lesion.calibration import apply_temperature
 from lesion.config import Config, DataConfig, apply_overrides
 from lesion.explain_quality import explanation_quality
 from lesion.data.shards import SPLITS, decode_images, decode_masks, read_info, split_files
-from lesion.inference import Inference, checkpoint_sha256, data_config_of
+from lesion.inference import Inference, checkpoint_sha256, data_config_of, file_sha256
 from lesion.labels import class_names
 from lesion.models import read_model_record
 from lesion.records import DataRecord
 from lesion.resolve import load_inference
 from lesion.rundir import RunDir, atomic_path, fingerprint, package_versions, write_atomic
+from lesion.sites import PROFILE_FILE, site_folder
+from lesion.vocabulary import SOURCES
 from pipelines import capacity
 from pipelines.common import (StageTimes, add_model_source_arguments, inference_actor_options, init_ray,
                               load_core_in_actor, model_uri_of, models_config)
@@ -153,14 +155,17 @@ def _histories(model_dirs: dict[str, str]) -> dict[str, pd.DataFrame]:
     return out
 
 
-def output_dir(run: RunDir, data_run: RunDir | None) -> Path:
-    """``RUN/eval`` for the run's own data, else ``RUN/eval/external/<name>``."""
-    if data_run is None or data_run.root == run.root:
-        return run.eval
+def output_dir(run: RunDir, data_run: RunDir | None, site: str | None = None) -> Path:
+    """``RUN/eval`` for the run's own data, else ``RUN/eval/external/<name>``; with a site profile its
+    ``site-<NAME>`` folder inside."""
     external = run.eval / "external"
-    if data_run.root.parent == external:
-        return data_run.root
-    return external / data_run.root.name
+    if data_run is None or data_run.root == run.root:
+        base = run.eval
+    elif data_run.root.parent == external:
+        base = data_run.root
+    else:
+        base = external / data_run.root.name
+    return base / f"site-{site}" if site else base
 
 
 def evaluation_fingerprint(config: Config, run: RunDir, split: str, data_run: RunDir | None = None) -> str:
@@ -169,9 +174,11 @@ def evaluation_fingerprint(config: Config, run: RunDir, split: str, data_run: Ru
     data_run = data_run or run
     shas = {name: checkpoint_sha256(run.model_dir(name)) for name in run.trained_models()}
     sv = config.serve
+    site = config.inference.site
+    profile = file_sha256(site_folder(run.root, site) / PROFILE_FILE) if site else None
     return fingerprint(EVALUATE_VERSION, shas, read_info(run.root).fingerprint,
                        read_info(data_run.root).fingerprint, split, config.to_dict()["evaluate"],
-                       sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin)
+                       sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin, profile)
 
 
 def model_results(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarray], report_kwargs: dict
@@ -292,17 +299,17 @@ class Evaluate(Stage):
 
     split: str | None = None
     data_run: RunDir | None = None
+    site: str | None = None
     kind = "evaluate"
 
     def _split(self, config: Config) -> str:
         return self.split or config.evaluate.split
 
     def artefact(self, run: RunDir) -> str:
-        out = output_dir(run, self.data_run)
-        return "eval" if out == run.eval else f"eval/external/{out.name}"
+        return output_dir(run, self.data_run, self.site).relative_to(run.root).as_posix()
 
     def artefacts(self, run: RunDir) -> list[Path]:
-        return [output_dir(run, self.data_run) / "metrics.json"]
+        return [output_dir(run, self.data_run, self.site) / "metrics.json"]
 
     def fingerprint(self, config: Config, run: RunDir) -> str:
         return evaluation_fingerprint(config, run, self._split(config), self.data_run)
@@ -322,8 +329,8 @@ def evaluate(config: Config, run: RunDir, split: str = "test", data_run: RunDir 
     data; ``all`` = every split, for an external set). Writes the evaluation folder and returns metrics.json's
     content. With ``force=False`` an evaluation already made with the same fingerprint is returned unchanged."""
     data_run = data_run or run
-    stage = Evaluate(split=split, data_run=data_run)
-    out = output_dir(run, data_run)
+    stage = Evaluate(split=split, data_run=data_run, site=config.inference.site)
+    out = output_dir(run, data_run, config.inference.site)
     external = out != run.eval
     artefact = stage.artefact(run)
     fp = stage.fingerprint(config, run)
@@ -418,6 +425,7 @@ def _result_document(core: Inference, split: str, external: bool, data_run: RunD
         },
         "ensemble_spec": {"file": core.spec_file, "fitted_on": spec.fitted_on, "tta": spec.tta,
                           "validation": spec.validation},
+        "site": core.site.summary() if core.site is not None else None,
         "models": results,
         "explanations": {},
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -480,7 +488,10 @@ def _figures(out: Path, model_dirs: dict[str, str], labels: np.ndarray, probs: d
 def ingest_external(config: Config, run: RunDir, source: str, root: str | None) -> RunDir:
     """Ingest another data set into ``RUN/eval/external/<name>`` with the preprocessing the run's own images had
     (``lesion.inference.data_config_of``: cache size, border crop, hair removal, resizing, colour constancy)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name if root else source).strip("_.") or source
+    name = Path(root).name if root else source
+    if source.startswith("ph2-"):  # a part of its root: the part is in the name
+        name = f"{name}-{source.partition('-')[2]}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or source
     return ingest_with(config, data_config_of(run, config), source, root, RunDir(run.eval / "external" / name))
 
 
@@ -502,7 +513,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", default=None, help="test-time augmentation (flips)")
     parser.add_argument("--data", help="score another already ingested run directory (an external test set)")
     parser.add_argument("--source", help="ingest and score another data set of this source kind "
-                                         "(ham10000, isic-task3, isic-binary, folder, parquet)")
+                                         f"({', '.join(s for s in SOURCES if s != 'synthetic')})")
     parser.add_argument("--root", help="folder or file of --source")
     parser.add_argument("--out", help="evaluation folder, for --model-uri BUNDLE or models:/...: models with no run "
                                       "directory (a run's evaluation goes to RUN/eval)")
@@ -531,7 +542,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
             data_run = ingest_external(config, run, args.source, args.root)
         split = args.split or ("all" if data_run is not None else config.evaluate.split)
         result = evaluate(config, run, split, data_run, force=args.force)
-        report_file = output_dir(run, data_run) / "report.html"
+        report_file = output_dir(run, data_run, config.inference.site) / "report.html"
     print(f"{'model':<22} {'acc':>6} {'bal.acc':>8} {'macroAUC':>9} {'malAUC':>7} {'ECE':>6}")
     for model, m in result["models"].items():
         print(f"{model:<22} {_num(m['accuracy']):>6} {_num(m['balanced_accuracy']):>8} {_num(m['macro']['auc']):>9} "

@@ -259,10 +259,10 @@ def predict_on_ray(core: Inference, items: pd.DataFrame, config: Config, progres
 
 def provenance(core: Inference, uri: str) -> dict[str, str]:
     """The columns every prediction row carries: where the models came from, each member's checkpoint, the lesion
-    version and the engine."""
+    version, the engine and the site profile ("" for none)."""
     versions = {name: (v.get("checkpoint_sha256") or "")[:12] for name, v in core.versions().items()}
     return {"model_uri": uri, "model_versions": json.dumps(versions, sort_keys=True), "lesion_version": __version__,
-            "engine": core.engine}
+            "engine": core.engine, "site": core.site.name if core.site is not None else ""}
 
 
 def is_local_address(address: str | None) -> bool:

@@ -90,7 +90,8 @@ def build_graph(config: Config, cluster: capacity.Cluster) -> list[Stage]:
         nodes.append(Train(variant=name, inputs=inputs,
                            needs=tuple(capacity.train_needs(name, config.model_config(name)))))
     trainings = tuple(node.name for node in nodes if node.kind == "train")
-    nodes.append(Evaluate(inputs=trainings or ("ingest",), needs=tuple(capacity.evaluate_needs(config))))
+    nodes.append(Evaluate(inputs=trainings or ("ingest",), needs=tuple(capacity.evaluate_needs(config)),
+                          site=config.inference.site))
     return nodes
 
 

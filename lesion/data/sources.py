@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from lesion.labels import BINARY_CLASSES, DX_CLASSES, DX_NAMES, class_names, is_malignant
+from lesion.vocabulary import SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 HAM_METADATA = ("HAM10000_metadata.csv", "metadata.csv")  # looked for, in this order, at the root
 HAM_REQUIRED = ("image_id", "lesion_id", "dx")
 ONE_HOT = tuple(dx.upper() for dx in DX_CLASSES)  # ISIC 2018 Task 3 columns MEL, NV, BCC, AKIEC, BKL, DF, VASC
+PH2_DX = {"common_nevus": "nv", "atypical_nevus": "nv", "melanoma": "mel"}  # PH2's clinical diagnosis -> dx
+PH2_HALVES = ("selection", "report")
 MASK_SUFFIX = "_segmentation"  # HAM10000 lesion segmentation release: ISIC_xxxxxxx_segmentation.png
 META_FIELDS = ("dx_type", "age", "sex", "localization")
 
@@ -49,6 +52,7 @@ _LABEL_ALIASES = {
     **{dx: dx for dx in DX_CLASSES},
     **{name.lower(): dx for dx, name in DX_NAMES.items()},
     **{name: name for name in BINARY_CLASSES},
+    **{name: dx for name, dx in PH2_DX.items()},
 }
 
 
@@ -279,6 +283,49 @@ def read_isic_task3(root: str | Path) -> tuple[list[dict], Rejected]:
     return records, rejected
 
 
+def ph2_halves(image_ids: list[str], diagnoses: list[str], seed: int = 0) -> dict[str, str]:
+    """PH2's two fixed halves: image_id -> ``selection`` (to choose among candidates) or ``report`` (scored only
+    for the figures). Stratified by PH2's own diagnosis (common nevus, atypical nevus, melanoma), so each half holds
+    half of each; the order within a diagnosis is a hash of (seed, image_id), independent of the file's row order."""
+    from lesion.data.splits import stable_hash
+
+    halves: dict[str, str] = {}
+    for diagnosis in sorted(set(diagnoses)):
+        ids = sorted((i for i, d in zip(image_ids, diagnoses) if d == diagnosis), key=lambda i: stable_hash(seed, i))
+        for k, image_id in enumerate(ids):
+            halves[image_id] = PH2_HALVES[k % 2]
+    return halves
+
+
+def read_ph2(root: str | Path, half: str = "all") -> tuple[list[dict], Rejected]:
+    """The PH2 database (Hospital Pedro Hispano; another clinic and dermatoscope than HAM10000): ``metadata.csv``
+    at ``root`` with image_id and dx (``common_nevus``, ``atypical_nevus``: both ``nv``; ``melanoma``: ``mel``),
+    images ``<image_id>.*`` anywhere under ``root``. One image per lesion. ``half``: ``all``, or one of
+    ``PH2_HALVES`` (``ph2_halves``)."""
+    root = _root(root, "ph2")
+    metadata = root / "metadata.csv"
+    if not metadata.is_file():
+        raise FileNotFoundError(f"ph2: no metadata.csv in {root}")
+    frame = _read_csv(metadata, ("image_id", "dx"))
+    images, _ = _index_images(root)
+    diagnoses = [str(d).strip().lower() for d in frame["dx"]]
+    ids = [str(i).strip() for i in frame["image_id"]]
+    halves = ph2_halves(ids, diagnoses)
+    records, rejected = [], []
+    for row_number, (image_id, diagnosis) in enumerate(zip(ids, diagnoses), start=2):
+        where = f"{image_id} ({metadata} line {row_number})"
+        if diagnosis not in PH2_DX:
+            rejected.append((where, f"unknown PH2 diagnosis {diagnosis!r}; expected one of {', '.join(PH2_DX)}"))
+        elif image_id not in images:
+            rejected.append((where, f"listed in metadata.csv but no image file {image_id}.* under {root}"))
+        elif half in ("all", halves[image_id]):
+            dx = PH2_DX[diagnosis]
+            records.append(_record(image_id, str(images[image_id]), dx, _benign_malignant(dx), lesion_id=image_id,
+                                   path=str(images[image_id]), dx_type=diagnosis))
+    log.info("ph2 (%s): %d of %d images", half, len(records), len(frame))
+    return records, rejected
+
+
 def _class_folders(root: Path, accept) -> tuple[list[dict], Rejected]:
     """Records of images in class folders ``(folder, dx, benign_malignant)`` from ``accept``; image_id = path relative
     to ``root`` without extension (unique even when two folders hold the same file name)."""
@@ -468,11 +515,12 @@ def read_source(data_config) -> tuple[list[dict], Rejected]:
         records, rejected = read_folder(root, data_config.task)
     elif source == "parquet":
         records, rejected = read_parquet(root, *columns, int_classes=class_names(data_config.task))
+    elif source.startswith("ph2"):
+        records, rejected = read_ph2(root, source.partition("-")[2] or "all")
     elif source == "synthetic":
         records, rejected = read_synthetic(data_config.synthetic_count, data_config.image_size, data_config.seed)
     else:
-        raise ValueError(f"unknown source {source!r}; expected one of ham10000, isic-task3, isic-binary, folder, "
-                         "parquet, synthetic")
+        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     records, duplicates = drop_duplicates(records)
     return assign_labels(records, data_config.task, source), rejected + duplicates
 

@@ -46,7 +46,7 @@ def split_by_lesion(labels: Sequence, groups: Sequence, fractions: Sequence[floa
 
     assigned = np.empty(len(labels), dtype=object)
     for label in sorted(by_class, key=str):
-        keys = sorted(by_class[label], key=lambda k: (-len(rows_of[k]), _tiebreak(seed, k)))
+        keys = sorted(by_class[label], key=lambda k: (-len(rows_of[k]), stable_hash(seed, k)))
         total = sum(len(rows_of[k]) for k in keys)
         targets = [f * total for f in fractions]
         filled = [0, 0, 0]
@@ -69,5 +69,6 @@ def _majority(values: list) -> object:
     return min(counts, key=lambda v: (-counts[v], str(v)))
 
 
-def _tiebreak(seed: int, key: str) -> str:
+def stable_hash(seed: int, key: str) -> str:
+    """An order for ``key`` that depends on ``seed`` and the key only (not on the row order or the process)."""
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
