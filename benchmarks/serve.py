@@ -170,6 +170,57 @@ def ray_serve_processes(baseline_pid: int) -> list[int]:
     return [pid for pid in process_tree(os.getpid()) if pid not in others]
 
 
+def serve_processes() -> dict[str, int]:
+    """The local Ray Serve application's processes: each replica (``ServeReplica:APP:DEPLOYMENT``) and the proxy, by
+    name -> pid."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return {f"{a.class_name}#{k}" if a.class_name != "ProxyActor" else "proxy": a.pid for k, a in enumerate(actors)
+            if a.class_name.startswith("ServeReplica") or a.class_name == "ProxyActor"}
+
+
+def collapsed_profile(path: Path, seconds: float, rate: int, top: int = 8) -> dict:
+    """A py-spy ``--format raw`` file as: the CPU it shows busy (sampled non-idle stacks over samples taken; above 1
+    when several threads run at once) and the functions with the most self time (share of the busy samples)."""
+    self_time: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frame = stack.split(";")[-1]
+        self_time[frame] = self_time.get(frame, 0) + int(count)
+        total += int(count)
+    ranked = sorted(self_time.items(), key=lambda item: -item[1])[:top]
+    return {"busy_cpu": round(total / (seconds * rate), 3),
+            "top_self": [{"function": frame, "share": round(count / max(total, 1), 3)} for frame, count in ranked]}
+
+
+def profile_serve(url: str, images: list[bytes], clients: int, per_client: int, folder: Path,
+                  rate: int = 50) -> dict:
+    """py-spy (``record --format raw``, non-idle stacks) on the proxy and every replica while ``clients`` clients
+    send /v1/predict: where each process spends its CPU, next to the burst's throughput."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pids = serve_processes()
+    spy_bin = str(Path(sys.executable).parent / "py-spy")
+    spies = {name: subprocess.Popen([spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", str(rate),
+                                     "--pid", str(pid), "--output", str(folder / f"{name}.txt")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, pid in pids.items()}
+    time.sleep(2)  # py-spy attached
+    started = time.perf_counter()
+    burst = load(url, "predict", images, clients, per_client)
+    seconds = time.perf_counter() - started
+    for spy in spies.values():
+        spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
+    for spy in spies.values():
+        spy.wait(timeout=60)
+    return {"clients": clients, "burst": burst,
+            "processes": {name: collapsed_profile(folder / f"{name}.txt", seconds + 2, rate)
+                          for name in pids if (folder / f"{name}.txt").is_file()}}
+
+
 def summarise(samples: list[dict]) -> list[dict]:
     """One row per server, endpoint and concurrency: medians over the repeats, best and worst throughput, and for
     Ray Serve the ``ratio`` of its median throughput to the baseline's and its p50 overhead (ms)."""
@@ -207,6 +258,9 @@ def main() -> int:
                         "config)")
     parser.add_argument("--out", default="serve_cpu", help="result name: benchmarks/results/OUT.json")
     parser.add_argument("--repeats", type=int, default=2, help="both servers measured in turn this many times")
+    parser.add_argument("--profile", type=int, metavar="CLIENTS",
+                        help="after the measurements, profile the Ray Serve processes with py-spy under this many "
+                             "clients (the result's 'profile')")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,6 +306,8 @@ def main() -> int:
                 with PeakMemory(pids=processes[server]) as memory:
                     rows = measure(server, url, images, args.clients, args.requests)
                 samples += [{**row, "peak_mb": memory.peak_mb} for row in rows]
+        profile = (profile_serve(serve_url, images, args.profile, args.requests * 2,
+                                 ROOT / "test-artifacts" / "serve-profile") if args.profile else None)
     result = {
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
         "versions": package_versions(),
@@ -266,6 +322,7 @@ def main() -> int:
         "load_average": {"before": before, "after": [round(x, 2) for x in os.getloadavg()]},
         "ray_serve_startup_s": round(startup, 1),
         "results": summarise(samples),
+        "profile": profile,
         "samples": samples,
     }
     out = ROOT / "benchmarks" / "results" / f"{args.out}.json"

@@ -56,6 +56,7 @@ from lesion.labels import malignant_indices
 from lesion.metrics import balanced_accuracy, binary_auc
 from lesion.models import MODEL_RECORD, load_trained
 from lesion.resolve import BUNDLE_METADATA, load_inference, read_metadata
+from lesion.sites import copy_sites
 from lesion.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, config: Config | str | P
     out, run = Path(out), RunDir(run_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists: choose a new folder for the bundle")
-    core = load_inference(run.root, config, engine="torch")
+    core = load_inference(run.root, config, engine="torch", site="")  # the models as trained; sites travel as files
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle
@@ -113,6 +114,7 @@ def _write_bundle(run: RunDir, core: Inference, tmp: Path, formats: str, quantiz
     ensemble.save(core.spec, tmp / "ensemble.json")
     meta = _metadata(run, core, members, parity, quantization, formats)
     meta["samples"] = _write_samples(core, tmp, test, onnx, bool(quantization))
+    meta["sites"] = copy_sites(run.root, tmp)  # lesion calibrate's profiles: --site NAME works on the bundle
     (tmp / REFERENCE_SCRIPT).write_text(reference_script())
     (tmp / "README.md").write_text(model_card(meta))
     meta["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

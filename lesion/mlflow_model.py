@@ -25,6 +25,7 @@ import pandas as pd
 from lesion.config import Config, dump_yaml
 from lesion.inference import Inference, spec_path
 from lesion.rundir import RunDir
+from lesion.sites import copy_sites
 
 try:
     from mlflow.pyfunc import PythonModel
@@ -61,6 +62,7 @@ def slim_run(run: RunDir, config: Config, dest: Path, licence: str) -> Inference
         if (run.eval / file).is_file():
             shutil.copy2(run.eval / file, dest / "eval" / file)
     dump_yaml(config.to_dict(), dest / "config.yaml")
+    copy_sites(run.root, dest)
     (dest / LICENCE_FILE).write_text(licence + "\n")
     return core_of(dest)
 

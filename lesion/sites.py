@@ -1,13 +1,10 @@
 """Site profiles: a trained ensemble adapted to another clinic's dermatoscope (``lesion calibrate``).
 
-A profile lives in ``MODELS/sites/NAME/`` (MODELS: a run directory or an export bundle) as ``site.json`` plus, where
-it adapts them, each member's BatchNorm statistics re-estimated on the site's images (``bn/<member>.pt``). It holds:
+A profile lives in ``MODELS/sites/NAME/site.json`` (MODELS: a run directory or an export bundle). It holds:
 
 - ``colour_gains``: per-channel gains that move the site's mean colour (of its preprocessed images) onto the training
   images' mean colour, applied to every preprocessed image before the models (a site-level white balance; what
   unlabelled images of a new device allow without retraining);
-- ``batchnorm``: members whose BatchNorm running statistics come from the site's images (eager torch only: an ONNX
-  graph has them folded into its weights);
 - ``spec``: what labelled images refit in the ensemble spec: the ensemble temperature, the malignancy threshold
   for the run's target sensitivity and, with diagnosis labels, the class prior (``prior_shift``);
 - ``distance``: how far the site's images lie from the training data; ``figures``: the labelled images' scores from
@@ -18,7 +15,6 @@ it adapts them, each member's BatchNorm statistics re-estimated on the site's im
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -26,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from lesion import calibration, ensemble
 from lesion.labels import malignant_indices
@@ -49,7 +43,6 @@ class SiteProfile:
     labelled: int = 0  # of them with a label
     labels: str | None = None  # "dx" (diagnoses) or "binary" (benign / malignant), None without labels
     colour_gains: list[float] | None = None  # R, G, B gains applied to preprocessed images
-    batchnorm: list[str] = field(default_factory=list)  # members with site BatchNorm statistics in bn/<name>.pt
     spec: dict[str, Any] = field(default_factory=dict)  # ensemble spec fields refitted on labelled images
     distance: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
@@ -64,16 +57,10 @@ class SiteProfile:
             return images
         return apply_gains(images, self.colour_gains)
 
-    def batchnorm_state(self, member: str) -> dict[str, torch.Tensor] | None:
-        """The member's site BatchNorm buffers, or None where the profile keeps the trained ones."""
-        if member not in self.batchnorm:
-            return None
-        return torch.load(Path(self.folder) / "bn" / f"{member}.pt", map_location="cpu", weights_only=True)
-
     def summary(self) -> dict[str, Any]:
         """What answers and reports say about the profile used."""
         return {"name": self.name, "labelled": self.labelled, "colour_gains": self.colour_gains,
-                "batchnorm": bool(self.batchnorm), "refitted": sorted(self.spec), "created": self.created}
+                "refitted": sorted(self.spec), "created": self.created}
 
 
 def site_folder(models_root: str | Path, name: str) -> Path:
@@ -103,14 +90,10 @@ def load_site(models_root: str | Path, name: str) -> SiteProfile:
     return SiteProfile(**values, folder=str(path.parent))
 
 
-def save_site(profile: SiteProfile, models_root: str | Path, batchnorm: dict[str, dict] | None = None) -> Path:
-    """Write ``profile`` (and members' BatchNorm buffers) to ``MODELS/sites/NAME/``; returns the folder."""
+def save_site(profile: SiteProfile, models_root: str | Path) -> Path:
+    """Write ``profile`` to ``MODELS/sites/NAME/site.json``; returns the folder."""
     folder = site_folder(models_root, profile.name)
-    (folder / "bn").mkdir(parents=True, exist_ok=True)
-    for stale in (folder / "bn").glob("*.pt"):
-        stale.unlink()
-    for member, state in (batchnorm or {}).items():
-        torch.save(state, folder / "bn" / f"{member}.pt")
+    folder.mkdir(parents=True, exist_ok=True)
     values = {k: v for k, v in dataclasses.asdict(profile).items() if k != "folder"}
     write_atomic(folder / PROFILE_FILE, json.dumps(values, indent=2))
     profile.folder = str(folder)
@@ -153,25 +136,6 @@ def lab_distance(site_images: np.ndarray, train_images: np.ndarray) -> float:
         return cv2.cvtColor(mean, cv2.COLOR_RGB2LAB).reshape(3).astype(np.float64)
 
     return float(np.linalg.norm(lab(site_images) - lab(train_images)))
-
-
-def reestimate_batchnorm(net: nn.Module, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BatchNorm running statistics re-estimated on ``inputs`` (model input batches), the rest of the network
-    untouched (AdaBN, Li et al. 2016): the buffers of a copy of ``net``, as a state dict fragment."""
-    adapted = copy.deepcopy(net).eval()
-    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return {}
-    for module in norms:
-        module.reset_running_stats()
-        module.momentum = None  # a cumulative average over every batch
-        module.train()
-    with torch.no_grad():
-        for x in inputs:
-            adapted(x)
-    names = {id(m): n for n, m in adapted.named_modules()}
-    return {f"{names[id(m)]}.{buffer}": getattr(m, buffer).detach().clone()
-            for m in norms for buffer in ("running_mean", "running_var")}
 
 
 def prior_shift(labels: np.ndarray, probs: np.ndarray, alpha: float = 0.5) -> list[float]:
@@ -280,3 +244,14 @@ def repeated_splits(spec, probs_for, labels: np.ndarray, is_malignant: np.ndarra
                 "low": round(float(np.nanpercentile(values, 2.5)), 4),
                 "high": round(float(np.nanpercentile(values, 97.5)), 4)}
     return summary
+
+
+def copy_sites(models_root: str | Path, dest_root: str | Path) -> list[str]:
+    """Copy every site profile of the models at ``models_root`` to ``dest_root/sites`` (an export bundle, a
+    registered model's run); returns their names."""
+    import shutil
+
+    names = list_sites(models_root)
+    for name in names:
+        shutil.copytree(site_folder(models_root, name), site_folder(dest_root, name))
+    return names

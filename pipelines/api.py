@@ -214,6 +214,7 @@ class Prediction(BaseModel):
     image_size: list[int]  # width, height of the preprocessed image the models saw
     dicom: DicomIds | None = None  # a DICOM image's UIDs, for an archive to match the answer (no patient data)
     registered_model: RegisteredModel | None = None  # when served from the MLflow registry
+    site: str | None = None  # the site profile the answer is calibrated with (lesion calibrate; --site)
     latency_ms: float  # time in the server, from request to answer
 
 

@@ -158,3 +158,32 @@ def test_labels_naming_no_site_image_are_refused_naming_the_line(trained_run, si
     assert main(["calibrate", "--run", str(run), "--site", "x", "--root", str(root), "--labels", str(bad)]) == 2
     assert "line 62: no site image 'nowhere'" in capsys.readouterr().err
     assert not (run / "sites" / "x").exists()
+
+
+def test_site_profiles_travel_with_an_export_bundle(calibrated, site, tmp_path):
+    from lesion.export import export_bundle
+
+    meta = export_bundle(calibrated, tmp_path / "bundle", formats="onnx")
+    assert meta["sites"] == ["clinic-b"]
+    image = next(site[0].glob("*.png"))
+    from_run = lesion.load(calibrated, site="clinic-b").predict(image)
+    for engine in ("torch", "onnxruntime"):
+        answer = lesion.load(tmp_path / "bundle", site="clinic-b", engine=engine).predict(image)
+        assert answer.site == "clinic-b"
+        assert answer.malignant_probability == pytest.approx(from_run.malignant_probability, abs=1e-4)
+
+
+def test_the_http_api_names_the_site_in_answers_and_models(calibrated, site):
+    from fastapi.testclient import TestClient
+
+    from lesion.resolve import load_inference
+    from pipelines.api import ApiSettings, LocalBackend, build_api
+    from pipelines.common import resolve_config
+
+    config = resolve_config(calibrated)
+    core = load_inference(calibrated, config, site="clinic-b", load=False)
+    client = TestClient(build_api(LocalBackend(core), ApiSettings.of(core, config.serve)))
+    image = next(site[0].glob("*.png")).read_bytes()
+    answer = client.post("/v1/predict", files={"file": ("x.png", image, "image/png")}).json()
+    assert answer["site"] == "clinic-b"
+    assert client.get("/v1/models").json()["site"]["name"] == "clinic-b"
