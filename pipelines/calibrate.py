@@ -126,10 +126,11 @@ def site_distance(core: Inference, images: np.ndarray, probs: dict[str, np.ndarr
 
 
 def calibrate(uri: str | Path, site: str, root: str | Path, labels: str | Path | None = None, config=None, *,
-              adapt: tuple[str, ...] = (), fit_share: float = 0.4, repeats: int = 100, seed: int = 0
-              ) -> sites.SiteProfile:
+              adapt: tuple[str, ...] = (), target_sensitivity: float | None = None, fit_share: float = 0.4,
+              repeats: int = 100, seed: int = 0) -> sites.SiteProfile:
     """Make and save the site profile ``site`` of the models at ``uri`` (a run directory or an export bundle) from
-    the images under ``root`` (see the module docstring); returns it."""
+    the images under ``root`` (see the module docstring); returns it. ``target_sensitivity``: the sensitivity the
+    site's malignancy threshold is fitted for (default: the run's, ``serve.target_sensitivity``)."""
     unknown = sorted(set(adapt) - set(ADAPTATIONS))
     if unknown:
         raise ValueError(f"--adapt: unknown adaptation(s) {', '.join(unknown)}; expected {', '.join(ADAPTATIONS)}")
@@ -137,6 +138,8 @@ def calibrate(uri: str | Path, site: str, root: str | Path, labels: str | Path |
         raise ValueError("calibrate a run directory or an export bundle (a registered model is read-only): "
                          "calibrate its run, then register it again")
     core = load_inference(uri, config, engine="torch", site="")  # the models as trained, whatever inference.site says
+    if target_sensitivity is not None:
+        core.spec = dataclasses.replace(core.spec, target_sensitivity=target_sensitivity)
     models_root = Path(uri)
     train = training_sample(core, None if (models_root / "metadata.json").is_file() else models_root)
     if "colour" in adapt and train is None:
@@ -163,6 +166,7 @@ def calibrate(uri: str | Path, site: str, root: str | Path, labels: str | Path |
         profile.labelled, profile.labels = int(known.sum()), kind
         labelled = {name: p[known] for name, p in probs.items()}
         profile.spec = {**sites.refit_spec(core.spec, labelled, y[known], malignant[known], kind == "dx"),
+                        "target_sensitivity": core.spec.target_sensitivity,
                         "fitted_on": f"the labelled images of site {site}"}
         profile.figures = labelled_figures(core, found, known, y, malignant, kind, adapted,
                                            fit_share=fit_share, repeats=repeats, seed=seed)
@@ -197,6 +201,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="CSV of image_id and dx or binary for some or all of the site's images")
     parser.add_argument("--adapt", nargs="*", default=[], choices=ADAPTATIONS,
                         help="unlabelled adaptations: colour (a site white balance)")
+    parser.add_argument("--target-sensitivity", type=float,
+                        help="sensitivity the site's malignancy threshold is fitted for (default: the run's "
+                             "serve.target_sensitivity)")
     parser.add_argument("--fit-share", type=float, default=0.4,
                         help="share of the labelled images each repeated split fits on (default 0.4)")
     parser.add_argument("--repeats", type=int, default=100, help="repeated splits of the labelled images")
@@ -212,7 +219,8 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     uri = model_uri_of(args)
     config = models_config(args)
     profile = calibrate(uri, args.site, args.root, args.labels, config, adapt=tuple(args.adapt),
-                        fit_share=args.fit_share, repeats=args.repeats, seed=args.seed)
+                        target_sensitivity=args.target_sensitivity, fit_share=args.fit_share,
+                        repeats=args.repeats, seed=args.seed)
     distance = profile.distance
     print(f"site {profile.name}: {profile.images} images, {profile.labelled} labelled -> {profile.folder}")
     print(f"  out of distribution: {distance['ood_share']:.1%} of the site's images "
@@ -222,7 +230,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
         print(f"  colour gains R, G, B: {', '.join(f'{g:.3f}' for g in profile.colour_gains)}")
     if profile.spec:
         print(f"  refitted: temperature {profile.spec['temperature']:.3f}, malignancy threshold "
-              f"{profile.spec['malignant_threshold']:.4f}" + (", class prior" if profile.spec["prior_shift"] else ""))
+              f"{profile.spec['malignant_threshold']:.4f} (for {profile.spec['target_sensitivity']:.0%} sensitivity)" + (", class prior" if profile.spec["prior_shift"] else ""))
         figures = profile.figures
         print(f"  {figures['repeats']} splits, fitted on {figures['fit_count']}, scored on {figures['scored_count']} "
               "(mean [2.5%, 97.5%]):")
