@@ -63,15 +63,17 @@ def candidates(runs: list[RunDir], which: str, ph2: str) -> tuple[dict[str, np.n
     return probs, labels, reference["lesion_id"].fillna(reference["image_id"]).to_numpy()
 
 
-def rows_of(block: dict, name: str) -> dict:
-    """One candidate's figures and its paired difference from the baseline on one data set."""
+def rows_of(block: dict, name: str, prefix: str) -> dict:
+    """One candidate's figures on one data set (``prefix``), [estimate, low, high], and its paired difference from
+    the baseline."""
     own = block["models"][name]
-    row = {"malignant_auc": interval(own["malignant_auc"]), "balanced_accuracy": interval(own["balanced_accuracy"])}
+    row = {f"{prefix}_malignant_auc": interval(own["malignant_auc"]),
+           f"{prefix}_balanced_accuracy": interval(own["balanced_accuracy"])}
     if name != BASELINE:
-        pair = block["differences"].get(f"{BASELINE} - {name}")
+        pair = block["differences"][f"{BASELINE} - {name}"]
         flipped = {m: {"estimate": -v["estimate"], "low": -v["high"], "high": -v["low"]} for m, v in pair.items()}
-        row["malignant_auc_minus_baseline"] = interval(flipped["malignant_auc"])
-        row["balanced_accuracy_minus_baseline"] = interval(flipped["balanced_accuracy"])
+        row[f"{prefix}_malignant_auc_minus_baseline"] = interval(flipped["malignant_auc"])
+        row[f"{prefix}_balanced_accuracy_minus_baseline"] = interval(flipped["balanced_accuracy"])
     return row
 
 
@@ -89,8 +91,8 @@ def main() -> int:
         probs = {BASELINE: probs.pop(BASELINE), **probs}
         blocks[which] = paired_bootstrap(labels, probs, groups, "multiclass", n_resamples=args.resamples)
     names = list(blocks["val"]["models"])
-    rows = [{"candidate": name, "ham10000_val": rows_of(blocks["val"], name),
-             "ph2_selection": rows_of(blocks["ph2"], name)} for name in names]
+    rows = [{"candidate": name, **rows_of(blocks["val"], name, "ham10000_val"),
+             **rows_of(blocks["ph2"], name, "ph2_selection")} for name in names]
     base_auc = blocks["val"]["models"][BASELINE]["malignant_auc"]["estimate"]
     allowed = [r for r in rows if blocks["val"]["models"][r["candidate"]]["malignant_auc"]["estimate"]
                >= base_auc - MAX_HAM_DROP]
@@ -112,9 +114,9 @@ def main() -> int:
     }
     path = save_result(args.name, result)
     for row in rows:
-        print(f"{row['candidate']:<26} HAM val mal.AUC {row['ham10000_val']['malignant_auc']}  "
-              f"PH2 selection mal.AUC {row['ph2_selection']['malignant_auc']}  "
-              f"diff {row['ph2_selection'].get('malignant_auc_minus_baseline', '-')}")
+        print(f"{row['candidate']:<26} HAM val mal.AUC {row['ham10000_val_malignant_auc']}  "
+              f"PH2 selection mal.AUC {row['ph2_selection_malignant_auc']}  "
+              f"diff {row.get('ph2_selection_malignant_auc_minus_baseline', '-')}")
     print(f"winner: {winner['candidate']} -> {path}")
     return 0
 

@@ -30,7 +30,7 @@ from lesion import calibration, sites
 from lesion.data.sources import parse_label
 from lesion.inference import Inference
 from lesion.labels import class_names
-from lesion.resolve import load_inference
+from lesion.resolve import is_bundle, load_inference
 from pipelines.common import model_uri_of, models_config
 from pipelines.predict import collect_files, read_image
 
@@ -72,8 +72,8 @@ def read_site_images(root: str | Path, core: Inference) -> SiteImages:
 
 def read_site_labels(path: str | Path, image_ids: list[str], task: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Labels of a site's images from a CSV with ``image_id`` and ``dx`` (a diagnosis, any spelling
-    ``lesion.data.sources.parse_label`` knows) or ``binary`` (benign / malignant): (class index per image or -1
-    when unlabelled, malignant per image, "dx" or "binary"). Rows that name no site image, or a label it cannot
+    ``lesion.data.sources.parse_label`` knows) or ``binary`` (benign / malignant): (per image the class index for
+    "dx", 1 / 0 for "binary", -1 when unlabelled; malignant per image; "dx" or "binary"). Rows that name no site image, or a label it cannot
     read, are a ValueError listing them."""
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "image_id" not in table.columns or not {"dx", "binary"} & set(table.columns):
@@ -93,20 +93,22 @@ def read_site_labels(path: str | Path, image_ids: list[str], task: str) -> tuple
             problems.append(f"line {row}: {column} {value!r} is not a known label")
         else:
             k = position[image_id]
-            labels[k] = names.index(parsed[0] if kind == "dx" else parsed[1])
+            labels[k] = names.index(parsed[0]) if kind == "dx" else int(parsed[1] == "malignant")
             malignant[k] = parsed[1] == "malignant"
     if problems:
         raise ValueError(f"{path}: {len(problems)} row(s) cannot be used: " + "; ".join(problems[:10]))
+    if not (labels >= 0).any():
+        raise ValueError(f"{path}: labels no site image")
     return labels, malignant, kind
 
 
-def training_sample(core: Inference, run_root: Path | None) -> np.ndarray | None:
-    """Up to ``TRAINING_SAMPLE`` of the run's training images (None for a bundle: it carries no training data)."""
+def training_sample(models_root: Path) -> np.ndarray | None:
+    """Up to ``TRAINING_SAMPLE`` of a run's training images (None for a bundle: it carries no training data)."""
     from lesion.data.shards import load_split
 
-    if run_root is None or not (run_root / "data").is_dir():
+    if is_bundle(models_root) or not (models_root / "data").is_dir():
         return None
-    images = load_split(run_root, "train").images
+    images = load_split(models_root, "train").images
     pick = np.random.default_rng(0).choice(len(images), min(TRAINING_SAMPLE, len(images)), replace=False)
     return images[np.sort(pick)]
 
@@ -141,7 +143,7 @@ def calibrate(uri: str | Path, site: str, root: str | Path, labels: str | Path |
     if target_sensitivity is not None:
         core.spec = dataclasses.replace(core.spec, target_sensitivity=target_sensitivity)
     models_root = Path(uri)
-    train = training_sample(core, None if (models_root / "metadata.json").is_file() else models_root)
+    train = training_sample(models_root)
     if "colour" in adapt and train is None:
         raise ValueError(f"{uri}: --adapt colour needs the training images (a run directory, not a bundle)")
     found = read_site_images(root, core)

@@ -187,3 +187,18 @@ def test_the_http_api_names_the_site_in_answers_and_models(calibrated, site):
     answer = client.post("/v1/predict", files={"file": ("x.png", image, "image/png")}).json()
     assert answer["site"] == "clinic-b"
     assert client.get("/v1/models").json()["site"]["name"] == "clinic-b"
+
+
+def test_site_labels_read_diagnoses_or_benign_malignant(tmp_path):
+    from pipelines.calibrate import read_site_labels
+
+    ids = ["a", "b", "c"]
+    (tmp_path / "dx.csv").write_text("image_id,dx\na,atypical_nevus\nc,melanoma\n")
+    labels, malignant, kind = read_site_labels(tmp_path / "dx.csv", ids, "multiclass")
+    assert kind == "dx" and labels.tolist() == [1, -1, 0] and malignant.tolist() == [False, False, True]
+    (tmp_path / "binary.csv").write_text("image_id,binary\na,benign\nb,malignant\n")
+    labels, malignant, kind = read_site_labels(tmp_path / "binary.csv", ids, "multiclass")
+    assert kind == "binary" and labels.tolist() == [0, 1, -1] and malignant.tolist() == [False, True, False]
+    (tmp_path / "bad.csv").write_text("image_id,dx\na,lentigo\n")
+    with pytest.raises(ValueError, match="line 2: dx 'lentigo' is not a known label"):
+        read_site_labels(tmp_path / "bad.csv", ids, "multiclass")
