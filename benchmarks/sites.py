@@ -42,7 +42,7 @@ def site_folder(ph2: str, half: str, out: Path) -> tuple[Path, Path]:
     for record in records:
         link = folder / Path(record["path"]).name
         if not link.exists():
-            link.symlink_to(record["path"])
+            link.symlink_to(Path(record["path"]).resolve())
     metadata = pd.read_csv(Path(ph2) / "metadata.csv", dtype=str)
     labels = out / f"ph2-{half}.csv"
     metadata[metadata["image_id"].isin({r["image_id"] for r in records})].to_csv(labels, index=False)

@@ -180,7 +180,9 @@ def test_the_http_api_names_the_site_in_answers_and_models(calibrated, site):
     from pipelines.api import ApiSettings, LocalBackend, build_api
     from pipelines.common import resolve_config
 
-    config = resolve_config(calibrated)
+    from lesion.rundir import RunDir
+
+    config = resolve_config(RunDir(calibrated))
     core = load_inference(calibrated, config, site="clinic-b", load=False)
     client = TestClient(build_api(LocalBackend(core), ApiSettings.of(core, config.serve)))
     image = next(site[0].glob("*.png")).read_bytes()
