@@ -150,17 +150,14 @@ def calibrate(uri: str | Path, site: str, root: str | Path, labels: str | Path |
     for file, reason in found.rejected:
         log.warning("%s: left out: %s", file, reason)
 
-    def adapted(rows: np.ndarray) -> tuple[np.ndarray, list[float] | None]:
-        gains = sites.colour_gains(found.images[rows], train) if "colour" in adapt else None
-        return (found.images if gains is None else sites.apply_gains(found.images, gains)), gains
-
-    everything = np.arange(len(found.images))
-    images, gains = adapted(everything)
-    probs = core.probabilities(images)
+    gains_from = (lambda rows: sites.colour_gains(found.images[rows], train)) if "colour" in adapt else None
+    gains = gains_from(np.arange(len(found.images))) if gains_from else None
+    probs = core.probabilities(found.images if gains is None else sites.apply_gains(found.images, gains))
     profile = sites.SiteProfile(
         name=site, made_for={n: v.get("checkpoint_sha256") for n, v in core.versions().items()}, tta=core.tta,
         images=len(found.images), colour_gains=gains, root=str(Path(root).resolve()),
-        distance=site_distance(core, found.images, core.probabilities(found.images) if gains else probs, train),
+        distance=site_distance(core, found.images, probs if gains is None else core.probabilities(found.images),
+                               train),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if labels is not None:
         y, malignant, kind = read_site_labels(labels, found.image_ids, core.spec.task)
@@ -170,24 +167,24 @@ def calibrate(uri: str | Path, site: str, root: str | Path, labels: str | Path |
         profile.spec = {**sites.refit_spec(core.spec, labelled, y[known], malignant[known], kind == "dx"),
                         "target_sensitivity": core.spec.target_sensitivity,
                         "fitted_on": f"the labelled images of site {site}"}
-        profile.figures = labelled_figures(core, found, known, y, malignant, kind, adapted,
+        profile.figures = labelled_figures(core, found.images, known, y, malignant, kind, labelled, gains_from,
                                            fit_share=fit_share, repeats=repeats, seed=seed)
     sites.save_site(profile, models_root)
     return profile
 
 
-def labelled_figures(core: Inference, found: SiteImages, known: np.ndarray, y: np.ndarray, malignant: np.ndarray,
-                     kind: str, adapted, *, fit_share: float, repeats: int, seed: int) -> dict:
-    """``lesion.sites.repeated_splits`` over the labelled images; a colour adaptation is estimated from each
-    split's fitting part only, so the scored part never informs it."""
+def labelled_figures(core: Inference, images: np.ndarray, known: np.ndarray, y: np.ndarray, malignant: np.ndarray,
+                     kind: str, labelled: dict[str, np.ndarray], gains_from, *, fit_share: float, repeats: int,
+                     seed: int) -> dict:
+    """``lesion.sites.repeated_splits`` over the labelled images (``labelled``: the members' probabilities of them);
+    with a colour adaptation (``gains_from(rows)``) the gains come from each split's fitting part only, so the
+    scored part never informs them."""
     rows = np.flatnonzero(known)
-    fixed = None if adapted(rows)[1] is not None else {
-        name: p[rows] for name, p in core.probabilities(found.images[rows]).items()}
 
     def probs_for(fit: np.ndarray) -> dict[str, np.ndarray]:
-        if fixed is not None:
-            return fixed
-        return {name: p[rows] for name, p in core.probabilities(adapted(rows[fit])[0][rows]).items()}
+        if gains_from is None:
+            return labelled
+        return core.probabilities(sites.apply_gains(images[rows], gains_from(rows[fit])))
 
     return sites.repeated_splits(core.spec, probs_for, y[rows], malignant[rows], kind == "dx",
                                  int(round(fit_share * len(rows))), repeats, seed)

@@ -174,11 +174,11 @@ def evaluation_fingerprint(config: Config, run: RunDir, split: str, data_run: Ru
     data_run = data_run or run
     shas = {name: checkpoint_sha256(run.model_dir(name)) for name in run.trained_models()}
     sv = config.serve
-    site = config.inference.site
-    profile = file_sha256(site_folder(run.root, site) / PROFILE_FILE) if site else None
+    site = config.inference.site  # a site's profile only where one is used: other evaluations stay current
+    profile = [file_sha256(site_folder(run.root, site) / PROFILE_FILE)] if site else []
     return fingerprint(EVALUATE_VERSION, shas, read_info(run.root).fingerprint,
                        read_info(data_run.root).fingerprint, split, config.to_dict()["evaluate"],
-                       sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin, profile)
+                       sv.target_sensitivity, sv.ood_quantile, sv.uncertain_margin, *profile)
 
 
 def model_results(core: Inference, labels: np.ndarray, probs: dict[str, np.ndarray], report_kwargs: dict

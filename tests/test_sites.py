@@ -204,3 +204,19 @@ def test_site_labels_read_diagnoses_or_benign_malignant(tmp_path):
     (tmp_path / "bad.csv").write_text("image_id,dx\na,lentigo\n")
     with pytest.raises(ValueError, match="line 2: dx 'lentigo' is not a known label"):
         read_site_labels(tmp_path / "bad.csv", ids, "multiclass")
+
+
+def test_colour_adaptation_moves_the_site_mean_colour_onto_the_training_images(calibrated, site):
+    from lesion.data.shards import load_split
+
+    root, labels = site
+    assert main(["calibrate", "--run", str(calibrated), "--site", "clinic-b-colour", "--root", str(root),
+                 "--labels", str(labels), "--adapt", "colour", "--repeats", "5"]) == 0
+    profile = sites.load_site(calibrated, "clinic-b-colour")
+    assert profile.colour_gains[0] < 1 < profile.colour_gains[2]  # the cast raised red and lowered blue
+    train = load_split(calibrated, "train").images
+    site_images = np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(root.glob("*.png"))])
+    moved = sites.mean_colour(sites.apply_gains(site_images, profile.colour_gains))
+    assert np.abs(moved - sites.mean_colour(train)).max() < np.abs(sites.mean_colour(site_images)
+                                                                   - sites.mean_colour(train)).max()
+    assert profile.figures["repeats"] == 5
